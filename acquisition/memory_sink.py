@@ -1,0 +1,131 @@
+"""In-memory `LabelSink`: the reference behaviour of the protocol, for tests and notebooks."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from acquisition.cell_table import CellTable
+from acquisition.sink import (
+    AcquisitionProgress,
+    AcquisitionSpec,
+    FrameId,
+    PreparedFrame,
+    check_acquisition_id,
+    prepare_frame,
+)
+from acquisition.sink_errors import (
+    AcquisitionClosedError,
+    AcquisitionNotOpenError,
+    FrameNotWrittenError,
+    IncompatibleStoreError,
+)
+
+__all__ = ["MemoryLabelSink"]
+
+
+@dataclass
+class _Acquisition:
+    spec: AcquisitionSpec
+    frames: dict[tuple[int, int, int], PreparedFrame] = field(default_factory=dict)
+    closed: bool = False
+    summary: Mapping[str, Any] | None = None
+
+
+class MemoryLabelSink:
+    """Keeps every frame in a dict keyed by (p, t, z); thread-safe; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._acquisitions: dict[str, _Acquisition] = {}
+
+    def open_acquisition(self, spec: AcquisitionSpec) -> None:
+        check_acquisition_id(spec.acquisition)
+        with self._lock:
+            existing = self._acquisitions.get(spec.acquisition)
+            if existing is None:
+                self._acquisitions[spec.acquisition] = _Acquisition(spec=spec)
+                return
+            if existing.spec != spec:
+                raise IncompatibleStoreError(
+                    f"acquisition {spec.acquisition!r} exists with a different spec; "
+                    "use a new acquisition id or the original spec"
+                )
+            existing.closed = False
+
+    def write(
+        self,
+        frame_id: FrameId,
+        labels: NDArray[Any],
+        image: NDArray[Any] | None = None,
+        cells: CellTable | None = None,
+    ) -> None:
+        acq = self._get(frame_id.acquisition)
+        frame = prepare_frame(acq.spec, frame_id, labels, image, cells)
+        # Copies so later mutation of the caller's arrays cannot change stored frames.
+        stored = PreparedFrame(
+            labels=frame.labels.copy(),
+            image=None if frame.image is None else frame.image.copy(),
+            cells=CellTable.from_array(frame.cells.to_array()),
+        )
+        with self._lock:
+            if acq.closed:
+                raise AcquisitionClosedError(
+                    f"acquisition {frame_id.acquisition!r} is closed; open_acquisition() it again to add frames"
+                )
+            acq.frames[(int(frame_id.p), int(frame_id.t), int(frame_id.z))] = stored
+
+    def close_acquisition(self, acquisition: str, summary: Mapping[str, Any] | None = None) -> None:
+        acq = self._get(acquisition)
+        with self._lock:
+            acq.closed = True
+            acq.summary = copy.deepcopy(dict(summary)) if summary is not None else None
+
+    def is_done(self, frame_id: FrameId) -> bool:
+        acq = self._get(frame_id.acquisition)
+        with self._lock:
+            return (frame_id.p, frame_id.t, frame_id.z) in acq.frames
+
+    def read_labels(self, frame_id: FrameId) -> NDArray[np.uint32]:
+        return self._frame(frame_id).labels.copy()
+
+    def read_image(self, frame_id: FrameId) -> NDArray[Any] | None:
+        image = self._frame(frame_id).image
+        return None if image is None else image.copy()
+
+    def read_cells(self, frame_id: FrameId) -> CellTable:
+        return self._frame(frame_id).cells
+
+    def progress(self, acquisition: str) -> AcquisitionProgress:
+        acq = self._get(acquisition)
+        with self._lock:
+            keys = sorted(acq.frames)
+            return AcquisitionProgress(
+                acquisition=acquisition,
+                done=tuple(FrameId(acquisition, p, t, z) for p, t, z in keys),
+                t_size=max((t for _, t, _ in keys), default=-1) + 1,
+                closed=acq.closed,
+                summary=acq.summary,
+            )
+
+    def _get(self, acquisition: str) -> _Acquisition:
+        check_acquisition_id(acquisition)
+        with self._lock:
+            acq = self._acquisitions.get(acquisition)
+        if acq is None:
+            raise AcquisitionNotOpenError(f"acquisition {acquisition!r} is not open; call open_acquisition first")
+        return acq
+
+    def _frame(self, frame_id: FrameId) -> PreparedFrame:
+        acq = self._get(frame_id.acquisition)
+        with self._lock:
+            frame = acq.frames.get((frame_id.p, frame_id.t, frame_id.z))
+        if frame is None:
+            raise FrameNotWrittenError(f"frame {frame_id!r} is not done")
+        return frame

@@ -1,0 +1,461 @@
+"""Wire protocol v1: message models, encoding, decoding and validation (spec: ``docs/protocol.md``).
+
+Pure functions and pydantic models; no sockets. ``decode_message`` turns the parts of one received
+multipart message into a validated :class:`FrameMessage`, :class:`StartMessage` or :class:`EndMessage`,
+or raises :class:`~acquisition.errors.ProtocolError` with a stable reason code. The pixel buffer is never
+copied: the array returned is a view on part 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from acquisition.errors import ProtocolError
+
+__all__ = [
+    "ACQUISITION_ID_PATTERN",
+    "DEFAULT_FRAME_ENDPOINT",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_RESULT_ENDPOINT",
+    "MAX_CHANNELS",
+    "MAX_HEADER_BYTES",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_DTYPES",
+    "AcquisitionSizes",
+    "AcquisitionSummary",
+    "Channels",
+    "EndMessage",
+    "FrameHeader",
+    "FrameMessage",
+    "FrameResult",
+    "Hello",
+    "Index",
+    "LabelsInfo",
+    "Reason",
+    "StartMessage",
+    "decode_message",
+    "default_channels",
+    "encode_control",
+    "encode_frame",
+    "frame_header",
+    "validate_acquisition_id",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CHANNELS = 16
+DEFAULT_MAX_FRAME_BYTES = 1 << 30
+ACQUISITION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_ID_RE = re.compile(ACQUISITION_ID_PATTERN)
+SUPPORTED_DTYPES: frozenset[str] = frozenset(
+    {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"}
+)
+
+
+class Reason(str, Enum):
+    """Stable reason codes for rejected messages (metric label values; see ``docs/protocol.md``)."""
+
+    BAD_MULTIPART = "bad_multipart"
+    HEADER_TOO_LARGE = "header_too_large"
+    BAD_JSON = "bad_json"
+    BAD_VERSION = "bad_version"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_ACQUISITION_ID = "bad_acquisition_id"
+    BAD_INDEX = "bad_index"
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    BAD_FIELD = "bad_field"
+    TOO_LARGE = "too_large"
+    SIZE_MISMATCH = "size_mismatch"
+    NON_FINITE = "non_finite"
+    ACQUISITION_ENDED = "acquisition_ended"
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_WIRE = ConfigDict(frozen=True, extra="ignore")  # unknown fields are ignored within a version
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+_NonNeg = Field(default=0, ge=0, strict=True)
+
+
+class Index(BaseModel):
+    """Position of a frame in the acquisition; missing axes mean 0, ``c=None`` means all channels."""
+
+    model_config = _STRICT
+    t: int = Field(default=0, ge=0, strict=True, description="Time point.")
+    p: int = Field(default=0, ge=0, strict=True, description="Stage position.")
+    z: int = Field(default=0, ge=0, strict=True, description="Z slice.")
+    c: int | None = Field(default=None, ge=0, strict=True, description="Channel, or None for all.")
+
+
+class Channels(BaseModel):
+    """Channel names along the C axis and which channel index is nuclear / whole-cell."""
+
+    model_config = _STRICT
+    names: tuple[str, ...] = Field(default=(), description="Channel names, in C-axis order.")
+    nuclear: int | None = Field(default=None, ge=0, description="C index of the nuclear channel.")
+    whole_cell: int | None = Field(default=None, ge=0, description="C index of the whole-cell channel.")
+
+
+def default_channels(n_channels: int) -> Channels:
+    """Channel roles assumed when neither the frame nor its acquisition declared them.
+
+    One channel: role unspecified (the model's single-channel default); two: ``[nuclear, whole_cell]``;
+    otherwise unspecified.
+    """
+    if n_channels == 2:
+        return Channels(nuclear=0, whole_cell=1)
+    return Channels()
+
+
+class AcquisitionSizes(BaseModel):
+    """Expected extents per axis; ``None`` means open-ended."""
+
+    model_config = _STRICT
+    t: int | None = Field(default=None, ge=1, description="Number of time points.")
+    p: int | None = Field(default=None, ge=1, description="Number of positions.")
+    z: int | None = Field(default=None, ge=1, description="Number of z slices.")
+    c: int | None = Field(default=None, ge=1, description="Number of channels sent as separate frames.")
+
+
+class FrameHeader(BaseModel):
+    """Part 0 of a frame message."""
+
+    model_config = _WIRE
+    type: Literal["frame"] = Field(default="frame", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
+    index: Index = Field(default_factory=Index, description="Frame index (t, p, z, c).")
+    shape: tuple[int, ...] = Field(description="(H, W) or (H, W, C) of the pixel buffer.")
+    dtype: str = Field(description="numpy dtype name of the pixel buffer (little-endian).")
+    timestamp: float | None = Field(default=None, description="Acquisition time, seconds since epoch.")
+    channels: Channels | None = Field(default=None, description="Channel names and roles, if declared.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes the pixel buffer must have."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class StartMessage(BaseModel):
+    """Declares (or re-opens) an acquisition."""
+
+    model_config = _WIRE
+    type: Literal["start"] = Field(default="start", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
+    sizes: AcquisitionSizes = Field(default_factory=AcquisitionSizes, description="Expected extents.")
+    channels: Channels | None = Field(default=None, description="Channel names and roles.")
+    shape: tuple[int, ...] | None = Field(default=None, description="Expected frame shape, if known.")
+    dtype: str | None = Field(default=None, description="Expected frame dtype, if known.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Per-acquisition model settings.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
+
+
+class EndMessage(BaseModel):
+    """Closes an acquisition."""
+
+    model_config = _WIRE
+    type: Literal["end"] = Field(default="end", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
+    frames: int | None = Field(default=None, ge=0, description="Frames the sender sent, if it counted.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
+
+
+class LabelsInfo(BaseModel):
+    """Describes the label buffer attached as part 2 of a result message."""
+
+    model_config = _STRICT
+    shape: tuple[int, ...] = Field(description="(H, W) of the label image.")
+    dtype: str = Field(default="uint32", description="numpy dtype name, little-endian.")
+
+
+class FrameResult(BaseModel):
+    """Per-frame result published on ``r/<acquisition>`` (and ``l/<acquisition>``).
+
+    ``boxes`` are XYXY in input pixels, ``centroids`` (y, x) in pixels, ``areas`` in pixels; entry ``i``
+    of each list belongs to label value ``i + 1``. ``latency`` is seconds per stage.
+    """
+
+    model_config = _STRICT
+    type: Literal["result"] = Field(default="result", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
+    index: Index | None = Field(default=None, description="Frame index; None if it could not be read.")
+    status: Literal["ok", "failed", "rejected"] = Field(default="ok", description="Outcome.")
+    reason: str | None = Field(default=None, description="Reason code when not ok.")
+    detail: str | None = Field(default=None, description="Human-readable explanation when not ok.")
+    n_cells: int = Field(default=0, ge=0, description="Number of cells found.")
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="XYXY px.")
+    centroids: list[tuple[float, float]] = Field(default_factory=list, description="(y, x) px.")
+    areas: list[int] = Field(default_factory=list, description="Cell areas in pixels.")
+    scores: list[float] = Field(default_factory=list, description="Detector scores.")
+    latency: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    model: str | None = Field(default=None, description="Model name that produced the result.")
+    timestamp: float | None = Field(default=None, description="Publication time, seconds since epoch.")
+    labels: LabelsInfo | None = Field(default=None, description="Set when part 2 carries labels.")
+
+
+class AcquisitionSummary(BaseModel):
+    """End-of-acquisition summary published after ``end`` and the last accepted frame."""
+
+    model_config = _STRICT
+    type: Literal["summary"] = Field(default="summary", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
+    frames_declared: int | None = Field(default=None, description="`frames` of the end message.")
+    frames_received: int = Field(default=0, ge=0, description="Frames accepted by the listener.")
+    frames_ok: int = Field(default=0, ge=0, description="Frames segmented.")
+    frames_failed: int = Field(default=0, ge=0, description="Frames whose segmentation failed.")
+    frames_rejected: int = Field(default=0, ge=0, description="Frames rejected by validation.")
+    frames_dropped: int = Field(default=0, ge=0, description="Frames dropped in live mode.")
+    n_cells_total: int = Field(default=0, ge=0, description="Cells over all frames.")
+    started_at: float | None = Field(default=None, description="First message, seconds since epoch.")
+    ended_at: float | None = Field(default=None, description="End message, seconds since epoch.")
+
+
+class Hello(BaseModel):
+    """Heartbeat published on topic ``h``; receiving one proves earlier subscriptions are active."""
+
+    model_config = _STRICT
+    type: Literal["hello"] = Field(default="hello", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    time: float = Field(description="Publication time, seconds since epoch.")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMessage:
+    """A decoded, validated frame: header plus a zero-copy, read-only view of the pixel buffer.
+
+    ``data`` has shape ``header.shape`` ((H, W) or (H, W, C)) and dtype ``header.dtype`` (little-endian).
+    """
+
+    header: FrameHeader
+    data: np.ndarray
+
+
+def validate_acquisition_id(value: object) -> str:
+    """Return ``value`` if it is a safe acquisition id, else raise ``ProtocolError(bad_acquisition_id)``.
+
+    Safe means a string matching ``[A-Za-z0-9._-]{1,128}`` that is not ``.`` or ``..``: it can be used as
+    a directory name without escaping the output directory.
+    """
+    if not isinstance(value, str) or not _ID_RE.match(value) or value in {".", ".."}:
+        raise ProtocolError(
+            Reason.BAD_ACQUISITION_ID,
+            f"acquisition id {str(value)[:140]!r} must match {ACQUISITION_ID_PATTERN} and not be '.' or '..'",
+        )
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in headers")
+
+
+def _parse_header(part: Any) -> dict[str, Any]:
+    view = memoryview(part)
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            Reason.HEADER_TOO_LARGE, f"header is {view.nbytes} bytes; the limit is {MAX_HEADER_BYTES}"
+        )
+    try:
+        obj = json.loads(view.tobytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(Reason.BAD_JSON, f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(Reason.BAD_JSON, f"header must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+_LOC_REASON = {"index": Reason.BAD_INDEX, "shape": Reason.BAD_SHAPE, "dtype": Reason.BAD_DTYPE}
+
+
+def _model_error(exc: ValidationError, acquisition: str) -> ProtocolError:
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else "?"
+    if err["type"] == "missing" and len(err["loc"]) == 1:
+        reason = Reason.MISSING_FIELD
+        detail = f"required field {field!r} is missing"
+    else:
+        reason = _LOC_REASON.get(field, Reason.BAD_FIELD)
+        loc = ".".join(str(x) for x in err["loc"])
+        detail = f"field {loc!r}: {err['msg']}"
+    return ProtocolError(reason, detail, acquisition=acquisition)
+
+
+def _check_layout(header: FrameHeader) -> None:
+    ctx: dict[str, Any] = {"acquisition": header.acquisition, "index": header.index.model_dump()}
+    if header.dtype not in SUPPORTED_DTYPES:
+        raise ProtocolError(
+            Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}", **ctx
+        )
+    shape = header.shape
+    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
+        raise ProtocolError(Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1", **ctx)
+    if len(shape) == 3 and shape[2] > MAX_CHANNELS:
+        raise ProtocolError(Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed", **ctx)
+
+
+def decode_message(
+    parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> FrameMessage | StartMessage | EndMessage:
+    """Decode and validate one multipart message.
+
+    Parameters
+    ----------
+    parts : sequence of buffer-like
+        The message parts (``bytes``, ``memoryview`` or ``zmq.Frame``; anything exposing the buffer
+        protocol). Part 1 of a frame is wrapped, not copied.
+    max_frame_bytes : int
+        Largest accepted pixel buffer; larger frames are rejected with ``too_large``.
+
+    Returns
+    -------
+    FrameMessage or StartMessage or EndMessage
+
+    Raises
+    ------
+    ProtocolError
+        With ``reason`` one of :class:`Reason` and, when it was valid, the message's acquisition id.
+    """
+    if len(parts) == 0:
+        raise ProtocolError(Reason.BAD_MULTIPART, "empty message")
+    obj = _parse_header(parts[0])
+    if "v" not in obj:
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing")
+    if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(Reason.BAD_VERSION, f"version {obj['v']!r} is not supported; this is v1")
+    if "type" not in obj:
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'type' is missing")
+    kind = obj["type"]
+    if kind not in ("frame", "start", "end"):
+        raise ProtocolError(Reason.UNKNOWN_TYPE, f"type {kind!r} is not one of 'frame', 'start', 'end'")
+    if "acquisition" not in obj:
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'acquisition' is missing")
+    acquisition = validate_acquisition_id(obj["acquisition"])
+    expected_parts = 2 if kind == "frame" else 1
+    if len(parts) != expected_parts:
+        raise ProtocolError(
+            Reason.BAD_MULTIPART,
+            f"a {kind!r} message has {expected_parts} part(s), got {len(parts)}",
+            acquisition=acquisition,
+        )
+    if kind == "start":
+        try:
+            return StartMessage.model_validate(obj)
+        except ValidationError as exc:
+            raise _model_error(exc, acquisition) from None
+    if kind == "end":
+        try:
+            return EndMessage.model_validate(obj)
+        except ValidationError as exc:
+            raise _model_error(exc, acquisition) from None
+    if "index" not in obj:
+        # A missing index is a protocol error (the spec requires it), even though its axes default.
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'index' is missing", acquisition=acquisition)
+    try:
+        header = FrameHeader.model_validate(obj)
+    except ValidationError as exc:
+        raise _model_error(exc, acquisition) from None
+    return FrameMessage(header=header, data=_wrap_buffer(header, parts[1], max_frame_bytes))
+
+
+def _wrap_buffer(header: FrameHeader, part: Any, max_frame_bytes: int) -> np.ndarray:
+    _check_layout(header)
+    ctx: dict[str, Any] = {"acquisition": header.acquisition, "index": header.index.model_dump()}
+    view = memoryview(part)
+    declared = header.nbytes
+    if declared > max_frame_bytes or view.nbytes > max_frame_bytes:
+        raise ProtocolError(
+            Reason.TOO_LARGE,
+            f"frame of {max(declared, view.nbytes)} bytes exceeds the limit of {max_frame_bytes}",
+            **ctx,
+        )
+    if view.nbytes != declared:
+        raise ProtocolError(
+            Reason.SIZE_MISMATCH,
+            f"buffer has {view.nbytes} bytes; shape {list(header.shape)} of {header.dtype} needs {declared}",
+            **ctx,
+        )
+    dtype = np.dtype(header.dtype).newbyteorder("<")
+    data = np.frombuffer(view.cast("B"), dtype=dtype).reshape(header.shape)
+    data.flags.writeable = False
+    if dtype.kind == "f" and not np.isfinite(data).all():
+        raise ProtocolError(Reason.NON_FINITE, "float frame contains NaN or infinite values", **ctx)
+    return data
+
+
+def frame_header(
+    array_shape: Sequence[int],
+    dtype: np.dtype[Any] | str,
+    *,
+    acquisition: str,
+    index: Index | Mapping[str, int | None] | None = None,
+    timestamp: float | None = None,
+    channels: Channels | Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> FrameHeader:
+    """Build a validated :class:`FrameHeader` for an array of the given shape and dtype.
+
+    Raises ``ProtocolError`` (same reasons as the listener would use) for an unsendable shape or dtype.
+    """
+    acquisition = validate_acquisition_id(acquisition)
+    try:
+        header = FrameHeader(
+            acquisition=acquisition,
+            index=Index.model_validate(dict(index or {})) if not isinstance(index, Index) else index,
+            shape=tuple(int(n) for n in array_shape),
+            dtype=np.dtype(dtype).name,
+            timestamp=timestamp,
+            channels=Channels.model_validate(dict(channels)) if isinstance(channels, Mapping) else channels,
+            metadata=dict(metadata or {}),
+        )
+    except ValidationError as exc:
+        raise _model_error(exc, acquisition) from None
+    _check_layout(header)
+    return header
+
+
+def _dump(model: BaseModel) -> bytes:
+    try:
+        return json.dumps(model.model_dump(mode="json"), allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(Reason.BAD_FIELD, f"message is not JSON-serialisable: {exc}") from None
+
+
+def encode_frame(header: FrameHeader, data: np.ndarray) -> list[Any]:
+    """Return the two parts ``[header bytes, buffer]`` of a frame message.
+
+    ``data`` is passed through when it is C-contiguous and little-endian (zero-copy send); otherwise a
+    C-contiguous little-endian copy is made. Its shape and dtype must match the header.
+    """
+    if tuple(data.shape) != header.shape or data.dtype.name != header.dtype:
+        raise ProtocolError(
+            Reason.SIZE_MISMATCH,
+            f"array {data.shape} {data.dtype} does not match header {list(header.shape)} {header.dtype}",
+        )
+    le = data.dtype.newbyteorder("<")
+    if data.dtype != le:
+        data = data.astype(le)
+    return [_dump(header), np.ascontiguousarray(data)]
+
+
+def encode_control(message: StartMessage | EndMessage) -> list[bytes]:
+    """Return the single part of a control message."""
+    return [_dump(message)]

@@ -1,0 +1,1 @@
+"""Model building blocks (torch modules) of CellSAM: CellFinder (AnchorDETR) and the composed model."""

@@ -1,0 +1,241 @@
+"""Model sizes and builders: ``model_registry[name]()`` returns a randomly initialised :class:`CellSAM`.
+
+Every hyperparameter lives in a :class:`ModelConfig`; ``"cellsam_vit_b"`` is the official architecture
+(the layout of ``cellsam_general.pt``), ``"tiny"`` the same module tree with tiny sizes for fast CPU tests
+and demos. Weights are loaded separately (:mod:`cellsam_core.checkpoint`). Building is deterministic for a
+given ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from cellsam_core.errors import UnknownModelError
+from cellsam_core.modeling.anchor_detr import AnchorDETRTransformer
+from cellsam_core.modeling.cellfinder import Backbone, CellFinder, CellFinderDetector
+from cellsam_core.modeling.cellsam import CellSAM
+from cellsam_core.modeling.vit import ViTBackbone
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_CONFIGS",
+    "ModelConfig",
+    "build_from_config",
+    "build_model",
+    "model_registry",
+]
+
+# SAM's pixel statistics (0-255 scale); constants of the architecture, not weights.
+_PIXEL_MEAN = (123.675, 116.28, 103.53)
+_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ModelConfig(BaseModel):
+    """Sizes of every part of CellSAM. The three ViTs (two SAM encoders, CellFinder's backbone) share them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(1024, gt=0, description="Side S of the square model input, in pixels.")
+    patch_size: int = Field(16, gt=0, description="ViT patch side; the token grid is S / patch_size.")
+    vit_embed_dim: int = Field(768, gt=0, description="ViT width (768 for ViT-B).")
+    vit_depth: int = Field(12, gt=0, description="Number of ViT blocks.")
+    vit_num_heads: int = Field(12, gt=0, description="Attention heads per ViT block.")
+    vit_mlp_ratio: float = Field(4.0, gt=0, description="ViT MLP hidden width as a multiple of the width.")
+    vit_window_size: int = Field(14, gt=0, description="Window side (tokens) of windowed-attention blocks.")
+    vit_global_attn_indexes: tuple[int, ...] = Field(
+        (2, 5, 8, 11), description="Indexes of the ViT blocks with global attention."
+    )
+    prompt_embed_dim: int = Field(
+        256, gt=0, description="SAM embedding width: neck output, prompt tokens and mask decoder width."
+    )
+    mask_in_chans: int = Field(16, gt=0, description="Hidden channels of SAM's mask-prompt downscaler.")
+    decoder_depth: int = Field(2, gt=0, description="Layers of SAM's two-way mask-decoder transformer.")
+    decoder_num_heads: int = Field(8, gt=0, description="Attention heads of SAM's mask-decoder transformer.")
+    decoder_mlp_dim: int = Field(2048, gt=0, description="MLP hidden width of SAM's mask-decoder transformer.")
+    decoder_iou_head_hidden_dim: int = Field(256, gt=0, description="Hidden width of SAM's IoU head.")
+    num_multimask_outputs: int = Field(3, gt=0, description="SAM multimask outputs (mask tokens = this + 1).")
+    cellfinder_d_model: int = Field(
+        256, gt=0, description="CellFinder transformer width (multiple of 32, for the GroupNorm)."
+    )
+    cellfinder_nheads: int = Field(8, gt=0, description="Attention heads of every CellFinder attention.")
+    cellfinder_dim_feedforward: int = Field(1024, gt=0, description="CellFinder FFN hidden width.")
+    cellfinder_enc_layers: int = Field(6, gt=0, description="CellFinder transformer encoder layers.")
+    cellfinder_dec_layers: int = Field(6, gt=0, description="CellFinder transformer decoder layers.")
+    cellfinder_num_query_position: int = Field(3500, gt=0, description="Learned anchor points (queries).")
+    cellfinder_num_query_pattern: int = Field(1, gt=0, description="Query patterns per anchor point.")
+    cellfinder_num_classes: int = Field(2, gt=0, description="Class logits per query (sigmoid scores).")
+
+    @model_validator(mode="after")
+    def _check_divisibility(self) -> ModelConfig:
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vit_embed_dim % self.vit_num_heads:
+            problems.append(f"vit_embed_dim {self.vit_embed_dim} is not divisible by vit_num_heads")
+        if any(not 0 <= i < self.vit_depth for i in self.vit_global_attn_indexes):
+            problems.append(f"vit_global_attn_indexes {self.vit_global_attn_indexes} not all in [0, vit_depth)")
+        if self.prompt_embed_dim % 8:
+            problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
+        # SAM's cross-attentions work at half width.
+        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
+            problems.append("decoder_num_heads must divide prompt_embed_dim / 2")
+        if self.mask_in_chans % 4:
+            problems.append("mask_in_chans must be a multiple of 4")
+        if self.cellfinder_d_model % 32:
+            problems.append("cellfinder_d_model must be a multiple of 32 (GroupNorm with 32 groups)")
+        if self.cellfinder_d_model % self.cellfinder_nheads:
+            problems.append("cellfinder_nheads must divide cellfinder_d_model")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the ViT token grid, ``image_size // patch_size``."""
+        return self.image_size // self.patch_size
+
+
+def _build_sam(config: ModelConfig) -> Sam:
+    encoder = ImageEncoderViT(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=3,
+        embed_dim=config.vit_embed_dim,
+        depth=config.vit_depth,
+        num_heads=config.vit_num_heads,
+        mlp_ratio=config.vit_mlp_ratio,
+        out_chans=config.prompt_embed_dim,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=config.vit_window_size,
+        global_attn_indexes=config.vit_global_attn_indexes,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=config.prompt_embed_dim,
+        image_embedding_size=(config.grid_size, config.grid_size),
+        input_image_size=(config.image_size, config.image_size),
+        mask_in_chans=config.mask_in_chans,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=config.num_multimask_outputs,
+        transformer=TwoWayTransformer(
+            depth=config.decoder_depth,
+            embedding_dim=config.prompt_embed_dim,
+            mlp_dim=config.decoder_mlp_dim,
+            num_heads=config.decoder_num_heads,
+        ),
+        transformer_dim=config.prompt_embed_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=config.decoder_iou_head_hidden_dim,
+    )
+    return Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        pixel_mean=list(_PIXEL_MEAN),
+        pixel_std=list(_PIXEL_STD),
+    )
+
+
+def _build_cellfinder(config: ModelConfig) -> CellFinder:
+    body = ViTBackbone(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.vit_embed_dim,
+        depth=config.vit_depth,
+        num_heads=config.vit_num_heads,
+        mlp_ratio=config.vit_mlp_ratio,
+        window_size=config.vit_window_size,
+        global_attn_indexes=config.vit_global_attn_indexes,
+    )
+    transformer = AnchorDETRTransformer(
+        d_model=config.cellfinder_d_model,
+        nhead=config.cellfinder_nheads,
+        num_encoder_layers=config.cellfinder_enc_layers,
+        num_decoder_layers=config.cellfinder_dec_layers,
+        dim_feedforward=config.cellfinder_dim_feedforward,
+        num_query_position=config.cellfinder_num_query_position,
+        num_query_pattern=config.cellfinder_num_query_pattern,
+        num_classes=config.cellfinder_num_classes,
+    )
+    detector = CellFinderDetector(
+        backbone=Backbone(body=body), transformer=transformer, backbone_channels=config.vit_embed_dim
+    )
+    return CellFinder(decode_head=detector)
+
+
+def build_from_config(config: ModelConfig) -> CellSAM:
+    """Build a randomly initialised CellSAM of the given sizes, in eval mode.
+
+    ``model_cp`` starts as a copy of ``model`` (as in the reference) and ``adv_mode`` is True until a
+    checkpoint says otherwise.
+    """
+    sam = _build_sam(config)
+    cellfinder = _build_cellfinder(config)
+    model = CellSAM(model=sam, model_cp=copy.deepcopy(sam), cellfinder=cellfinder, config=config, adv_mode=True)
+    return model.eval()
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    # The official CellSAM (v1.x): ViT-B SAM ×2 and a ViT-B CellFinder backbone at 1024².
+    "cellsam_vit_b": ModelConfig(),
+    # Same module tree and key set, tiny sizes: a forward pass at 256² takes milliseconds on a CPU.
+    "tiny": ModelConfig(
+        image_size=256,
+        vit_embed_dim=64,
+        vit_depth=2,
+        vit_num_heads=2,
+        vit_window_size=8,
+        vit_global_attn_indexes=(1,),
+        prompt_embed_dim=64,
+        mask_in_chans=8,
+        decoder_num_heads=2,
+        decoder_mlp_dim=128,
+        decoder_iou_head_hidden_dim=64,
+        cellfinder_d_model=64,
+        cellfinder_nheads=2,
+        cellfinder_dim_feedforward=128,
+        cellfinder_enc_layers=1,
+        cellfinder_dec_layers=1,
+        cellfinder_num_query_position=300,
+    ),
+}
+"""Configuration of every registered model, by name."""
+
+DEFAULT_MODEL = "cellsam_vit_b"
+
+model_registry: dict[str, Callable[[], CellSAM]] = {
+    name: partial(build_from_config, cfg) for name, cfg in MODEL_CONFIGS.items()
+}
+"""Builders of randomly initialised models, by name (``model_registry["tiny"]()``)."""
+
+
+def build_model(name: str = DEFAULT_MODEL, *, config: ModelConfig | None = None) -> CellSAM:
+    """Build a registered model with random weights, or one of custom sizes.
+
+    Parameters
+    ----------
+    name : str
+        Key of :data:`model_registry`; ignored when ``config`` is given.
+    config : ModelConfig, optional
+        Custom sizes; takes precedence over ``name``.
+
+    Raises
+    ------
+    UnknownModelError
+        ``name`` is not registered (and no ``config`` was given).
+    """
+    if config is not None:
+        return build_from_config(config)
+    try:
+        builder = model_registry[name]
+    except KeyError:
+        raise UnknownModelError(name, list(model_registry)) from None
+    return builder()

@@ -1,0 +1,116 @@
+"""Choosing the model to run: explicit weights, the official cache, or (explicitly) random weights."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cellsam_core.modeling.cellsam import CellSAM
+
+__all__ = ["ModelInfo", "select_model", "file_sha256"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What model runs, for logs, result messages and the ``cellsam_model_info`` metric.
+
+    Attributes
+    ----------
+    name : str
+        Registry name of the architecture (``cellsam_vit_b``, ``tiny``, ...).
+    source : str
+        Where the weights came from: a file path, or ``"random"``.
+    sha256 : str
+        Checksum of the weights file (first 16 hex digits), or ``"random"``.
+    random_weights : bool
+        True when the weights are a random initialisation (labels are meaningless).
+    """
+
+    name: str
+    source: str
+    sha256: str
+    random_weights: bool
+
+    def describe(self) -> str:
+        if self.random_weights:
+            return (
+                f"model {self.name} with RANDOM weights: the labels only exercise the pipeline, "
+                "they are not a segmentation"
+            )
+        return f"model {self.name} with weights {self.source} (sha256 {self.sha256})"
+
+
+def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` to a torch dtype (ValueError otherwise)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def select_model(
+    *,
+    weights: str | Path | None = None,
+    model: str | None = None,
+    random_weights: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[CellSAM, ModelInfo]:
+    """Build or load the model the user asked for.
+
+    Parameters
+    ----------
+    weights : path, optional
+        Explicit weights file; otherwise ``CELLSAM_WEIGHTS`` and the official cache are searched
+        (:func:`cellsam_core.weights.resolve_weights`). Nothing is downloaded.
+    model : str, optional
+        Registry name. With weights it must match the file (it is inferred when omitted).
+    random_weights : bool
+        Build ``model`` (default ``tiny``) with a seeded random initialisation instead of loading weights.
+        For tests and pipeline smoke runs only.
+    device, dtype : str
+        Where and in which precision the model runs (bf16/fp16 are meant for GPUs).
+
+    Raises
+    ------
+    WeightsNotFoundError
+        No weights were found; the message says how to get them.
+    CheckpointError
+        The weights file does not match the architecture.
+    """
+    from cellsam_core.checkpoint import load_model
+    from cellsam_core.registry import build_model
+    from cellsam_core.weights import resolve_weights
+
+    torch_dtype = parse_dtype(dtype)
+    if random_weights:
+        name = model or "tiny"
+        torch.manual_seed(seed)
+        net = build_model(name)
+        info = ModelInfo(name=name, source="random", sha256="random", random_weights=True)
+    else:
+        path = resolve_weights(weights)
+        net = load_model(path, model)
+        info = ModelInfo(
+            name=net.config.name if getattr(net.config, "name", None) else (model or "cellsam_vit_b"),
+            source=str(path),
+            sha256=file_sha256(path)[:16],
+            random_weights=False,
+        )
+    net = net.to(device=device, dtype=torch_dtype).eval()
+    return net, info

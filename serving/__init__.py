@@ -1,0 +1,1 @@
+"""The Ray Serve application: encoder and decoder deployments, ingress, metrics."""

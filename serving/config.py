@@ -1,0 +1,163 @@
+"""Configuration of the service: one frozen pydantic model per component, composed in ``ServiceConfig``.
+
+Load from YAML with :meth:`ServiceConfig.from_file`; the CLI overrides fields with flags. The same dict is
+the ``args`` of the Serve application in ``deploy/serve_config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DecoderSettings",
+    "EncoderSettings",
+    "IngestSettings",
+    "MetricsSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "ResultsSettings",
+    "RetrySettings",
+    "ServiceConfig",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(BaseModel):
+    """Which model runs and where."""
+
+    model_config = _FROZEN
+
+    name: str | None = Field(None, description="Architecture (cellsam_vit_b, tiny); inferred from weights.")
+    weights: str | None = Field(
+        None, description="Weights file; default $CELLSAM_WEIGHTS, then the official cache."
+    )
+    random_weights: bool = Field(
+        False, description="Run a randomly initialised model (tests and smoke runs only)."
+    )
+    device: str = Field("cpu", description="Torch device of the encoder and decoder: cpu, cuda, cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Model precision; bfloat16 is meant for GPUs."
+    )
+
+
+class IngestSettings(BaseModel):
+    """The ZeroMQ PULL socket frames arrive on, and how much work may be in flight."""
+
+    model_config = _FROZEN
+
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ address the listener binds.")
+    max_in_flight: int = Field(
+        8, ge=1, description="Frames between listener and sink at once; beyond it the sender is blocked."
+    )
+    queue_size: int = Field(16, ge=1, description="Accepted frames waiting for a pipeline slot.")
+    live: bool = Field(
+        False, description="Live mode: when the queue is full drop the oldest waiting frame (counted)."
+    )
+    max_frame_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Larger frames are rejected with reason too_large."
+    )
+    rcvhwm: int = Field(4, ge=0, description="ZeroMQ receive high-water mark (messages).")
+
+
+class ResultsSettings(BaseModel):
+    """The ZeroMQ PUB socket per-frame results go out on."""
+
+    model_config = _FROZEN
+
+    endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ address the publisher binds.")
+
+
+class OutputSettings(BaseModel):
+    """Where labels go."""
+
+    model_config = _FROZEN
+
+    directory: str = Field("cellsam-output", description="One {acquisition}.ome.zarr per acquisition here.")
+    write_images: bool = Field(True, description="Store the raw frames next to the labels.")
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint (served by the ingress replica)."""
+
+    model_config = _FROZEN
+
+    host: str = Field("127.0.0.1", description="Address /metrics binds; 0.0.0.0 to be scraped remotely.")
+    port: int = Field(9090, ge=0, le=65535, description="Port of /metrics; 0 picks a free port.")
+
+
+class EncoderSettings(BaseModel):
+    """Dynamic batching of the encoder deployment (live-tunable through ``user_config``)."""
+
+    model_config = _FROZEN
+
+    replicas: int = Field(1, ge=1, description="Encoder replicas (a serve config may autoscale instead).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder replica; fractions share a GPU.")
+    max_batch_size: int = Field(4, ge=1, description="Most frames per encoder call.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a batch waits to fill before it runs anyway."
+    )
+
+
+class DecoderSettings(BaseModel):
+    """The decoder deployment."""
+
+    model_config = _FROZEN
+
+    replicas: int = Field(1, ge=1, description="Decoder replicas (a serve config may autoscale instead).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per decoder replica; fractions share a GPU.")
+    box_batch_size: int | None = Field(
+        None, ge=1, description="Boxes per SAM mask-decoder call; None picks a device default."
+    )
+    bbox_threshold: float = Field(0.4, ge=0, le=1, description="CellFinder base box threshold.")
+
+
+class RetrySettings(BaseModel):
+    """Retries of a frame whose replica died (Ray does not replay requests)."""
+
+    model_config = _FROZEN
+
+    max_attempts: int = Field(3, ge=1, description="Attempts per stage before the frame is failed.")
+    backoff_s: float = Field(0.5, ge=0, description="Pause before a retry, doubled each attempt.")
+
+
+class ServiceConfig(BaseModel):
+    """Everything the service needs; the ``args`` of ``serving.app:build_app``."""
+
+    model_config = _FROZEN
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    decoder: DecoderSettings = Field(default_factory=DecoderSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServiceConfig:
+        """Load a YAML (or JSON) file; a file with an ``args:`` key (a Serve app entry) uses that."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data.get("args", data))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ServiceConfig:
+        """A copy with dotted-key overrides applied, e.g. ``{"model.device": "cuda"}``."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            if leaf not in node:
+                raise KeyError(f"unknown setting {dotted!r}")
+            node[leaf] = value
+        return ServiceConfig.model_validate(data)

@@ -1,0 +1,167 @@
+"""The model deployments: :class:`Encoder` (both ViT passes, dynamically batched) and :class:`Decoder`.
+
+The ingress chains them without touching the embedding: it passes the encoder's ``DeploymentResponse``
+straight into the decoder call, so the embedding goes from the encoder replica to the decoder replica
+through Ray's object store and never through the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from cellsam_core.inference import DecodeOptions, EncodeOptions, ImageEmbedding, Segmentation
+from serving.config import DecoderSettings, EncoderSettings, ModelSettings
+
+__all__ = ["DecodedFrame", "Decoder", "EncodedFrame", "Encoder", "load_model_for"]
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """What the encoder hands the decoder: the embedding (CPU tensors) and how it was made."""
+
+    embedding: ImageEmbedding
+    encode_seconds: float
+    batch_size: int
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """What comes back to the ingress: the segmentation and the timings of both model stages."""
+
+    segmentation: Segmentation
+    encode_seconds: float
+    decode_seconds: float
+    batch_size: int
+    embedding_bytes: int
+
+
+def load_model_for(settings: ModelSettings) -> tuple[Any, Any]:
+    """Load the model a deployment runs (shared by encoder and decoder, so both use the same weights)."""
+    from cellsam_core.select import select_model
+
+    return select_model(
+        weights=settings.weights,
+        model=settings.name,
+        random_weights=settings.random_weights,
+        device=settings.device,
+        dtype=settings.dtype,
+    )
+
+
+def _replica_threads() -> None:
+    # Ray sets OMP_NUM_THREADS to the replica's CPU share; torch's intra-op pool follows it so that
+    # replicas sharing a node do not oversubscribe its cores.
+    import torch
+
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+
+
+@serve.deployment(name="Encoder", max_ongoing_requests=16)
+class Encoder:
+    """Both image encoders of CellSAM; frames arriving together are encoded in one batch.
+
+    ``user_config`` (live-tunable): ``{"max_batch_size": int, "batch_wait_timeout_s": float}``.
+    """
+
+    def __init__(self, model: dict[str, Any], encoder: dict[str, Any] | None = None) -> None:
+        _replica_threads()
+        self.settings = ModelSettings.model_validate(model)
+        self.model, self.info = load_model_for(self.settings)
+        self.reconfigure(EncoderSettings.model_validate(encoder or {}).model_dump())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        current = getattr(self, "batch_settings", EncoderSettings())
+        self.batch_settings = current.model_copy(update=user_config)
+        EncoderSettings.model_validate(self.batch_settings.model_dump())
+        self._encode_batch.set_max_batch_size(self.batch_settings.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+
+    def _run(self, images: list[np.ndarray], options: EncodeOptions) -> list[ImageEmbedding]:
+        from cellsam_core.inference import encode_batch
+
+        return [e.to("cpu") for e in encode_batch(images, self.model, options)]
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, requests: list[tuple[np.ndarray, dict[str, Any]]]) -> list[Any]:
+        t0 = time.perf_counter()
+        # Frames with different encode options cannot share a ViT call; group them.
+        groups: dict[str, list[int]] = {}
+        for i, (_, opts) in enumerate(requests):
+            groups.setdefault(repr(sorted(opts.items())), []).append(i)
+        out: list[Any] = [None] * len(requests)
+        for indices in groups.values():
+            options = EncodeOptions.model_validate(requests[indices[0]][1])
+            images = [requests[i][0] for i in indices]
+            try:
+                embeddings = await asyncio.to_thread(self._run, images, options)
+            except Exception as exc:
+                # One bad frame must not fail its batch-mates: retry them one by one.
+                if len(images) == 1:
+                    for i in indices:
+                        out[i] = exc
+                    continue
+                embeddings = []
+                for i, image in zip(indices, images, strict=True):
+                    try:
+                        embeddings.extend(await asyncio.to_thread(self._run, [image], options))
+                    except Exception as single_exc:
+                        out[i] = single_exc
+                        embeddings.append(None)
+            for i, emb in zip(indices, embeddings, strict=True):
+                if out[i] is None:
+                    out[i] = emb
+        seconds = time.perf_counter() - t0
+        return [
+            r if isinstance(r, Exception) else EncodedFrame(r, seconds, len(requests), requests[i][1])
+            for i, r in enumerate(out)
+        ]
+
+    async def __call__(self, image: np.ndarray, options: dict[str, Any] | None = None) -> EncodedFrame:
+        result = await self._encode_batch((image, options or {}))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+@serve.deployment(name="Decoder", max_ongoing_requests=8)
+class Decoder:
+    """CellFinder head, batched SAM prompt/mask decoding and label assembly."""
+
+    def __init__(self, model: dict[str, Any], decoder: dict[str, Any] | None = None) -> None:
+        _replica_threads()
+        self.settings = ModelSettings.model_validate(model)
+        self.model, self.info = load_model_for(self.settings)
+        self.decoder_settings = DecoderSettings.model_validate(decoder or {})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.decoder_settings = self.decoder_settings.model_copy(update=user_config)
+
+    def _run(self, encoded: EncodedFrame) -> Segmentation:
+        from cellsam_core.inference import decode
+
+        options = DecodeOptions(
+            bbox_threshold=self.decoder_settings.bbox_threshold,
+            box_batch_size=self.decoder_settings.box_batch_size,
+        )
+        return decode(encoded.embedding, self.model, options)
+
+    async def __call__(self, encoded: EncodedFrame) -> DecodedFrame:
+        t0 = time.perf_counter()
+        segmentation = await asyncio.to_thread(self._run, encoded)
+        return DecodedFrame(
+            segmentation=segmentation,
+            encode_seconds=encoded.encode_seconds,
+            decode_seconds=time.perf_counter() - t0,
+            batch_size=encoded.batch_size,
+            embedding_bytes=encoded.embedding.nbytes,
+        )
