@@ -18,6 +18,7 @@ from acquisition.sink import (
     FrameId,
     PreparedFrame,
     check_acquisition_id,
+    check_frame_index,
     prepare_frame,
 )
 from acquisition.sink_errors import (
@@ -77,9 +78,10 @@ class MemoryLabelSink:
         with self._lock:
             if acq.closed:
                 raise AcquisitionClosedError(
-                    f"acquisition {frame_id.acquisition!r} is closed; open_acquisition() it again to add frames"
+                    f"acquisition {frame_id.acquisition!r} is closed; "
+                    "open_acquisition() it again to add frames"
                 )
-            acq.frames[(int(frame_id.p), int(frame_id.t), int(frame_id.z))] = stored
+            acq.frames[check_frame_index(acq.spec, frame_id)] = stored
 
     def close_acquisition(self, acquisition: str, summary: Mapping[str, Any] | None = None) -> None:
         acq = self._get(acquisition)
@@ -89,8 +91,9 @@ class MemoryLabelSink:
 
     def is_done(self, frame_id: FrameId) -> bool:
         acq = self._get(frame_id.acquisition)
+        key = check_frame_index(acq.spec, frame_id)
         with self._lock:
-            return (frame_id.p, frame_id.t, frame_id.z) in acq.frames
+            return key in acq.frames
 
     def read_labels(self, frame_id: FrameId) -> NDArray[np.uint32]:
         return self._frame(frame_id).labels.copy()
@@ -119,13 +122,16 @@ class MemoryLabelSink:
         with self._lock:
             acq = self._acquisitions.get(acquisition)
         if acq is None:
-            raise AcquisitionNotOpenError(f"acquisition {acquisition!r} is not open; call open_acquisition first")
+            raise AcquisitionNotOpenError(
+                f"acquisition {acquisition!r} is not open; call open_acquisition first"
+            )
         return acq
 
     def _frame(self, frame_id: FrameId) -> PreparedFrame:
         acq = self._get(frame_id.acquisition)
+        key = check_frame_index(acq.spec, frame_id)
         with self._lock:
-            frame = acq.frames.get((frame_id.p, frame_id.t, frame_id.z))
+            frame = acq.frames.get(key)
         if frame is None:
             raise FrameNotWrittenError(f"frame {frame_id!r} is not done")
         return frame

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from acquisition.errors import ProtocolError
 
@@ -56,7 +56,7 @@ DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CHANNELS = 16
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
-ACQUISITION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+ACQUISITION_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 _ID_RE = re.compile(ACQUISITION_ID_PATTERN)
 SUPPORTED_DTYPES: frozenset[str] = frozenset(
     {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"}
@@ -89,7 +89,6 @@ class Reason(str, Enum):
 
 _WIRE = ConfigDict(frozen=True, extra="ignore")  # unknown fields are ignored within a version
 _STRICT = ConfigDict(frozen=True, extra="forbid")
-_NonNeg = Field(default=0, ge=0, strict=True)
 
 
 class Index(BaseModel):
@@ -140,7 +139,7 @@ class FrameHeader(BaseModel):
     v: Literal[1] = Field(default=1, description="Protocol version.")
     acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
     index: Index = Field(default_factory=Index, description="Frame index (t, p, z, c).")
-    shape: tuple[int, ...] = Field(description="(H, W) or (H, W, C) of the pixel buffer.")
+    shape: tuple[StrictInt, ...] = Field(description="(H, W) or (H, W, C) of the pixel buffer.")
     dtype: str = Field(description="numpy dtype name of the pixel buffer (little-endian).")
     timestamp: float | None = Field(default=None, description="Acquisition time, seconds since epoch.")
     channels: Channels | None = Field(default=None, description="Channel names and roles, if declared.")
@@ -161,7 +160,7 @@ class StartMessage(BaseModel):
     acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
     sizes: AcquisitionSizes = Field(default_factory=AcquisitionSizes, description="Expected extents.")
     channels: Channels | None = Field(default=None, description="Channel names and roles.")
-    shape: tuple[int, ...] | None = Field(default=None, description="Expected frame shape, if known.")
+    shape: tuple[StrictInt, ...] | None = Field(default=None, description="Expected frame shape, if known.")
     dtype: str | None = Field(default=None, description="Expected frame dtype, if known.")
     settings: dict[str, Any] = Field(default_factory=dict, description="Per-acquisition model settings.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
@@ -193,7 +192,7 @@ class FrameResult(BaseModel):
     of each list belongs to label value ``i + 1``. ``latency`` is seconds per stage.
     """
 
-    model_config = _STRICT
+    model_config = _WIRE
     type: Literal["result"] = Field(default="result", description="Message type.")
     v: Literal[1] = Field(default=1, description="Protocol version.")
     acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
@@ -215,7 +214,7 @@ class FrameResult(BaseModel):
 class AcquisitionSummary(BaseModel):
     """End-of-acquisition summary published after ``end`` and the last accepted frame."""
 
-    model_config = _STRICT
+    model_config = _WIRE
     type: Literal["summary"] = Field(default="summary", description="Message type.")
     v: Literal[1] = Field(default=1, description="Protocol version.")
     acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
@@ -233,7 +232,7 @@ class AcquisitionSummary(BaseModel):
 class Hello(BaseModel):
     """Heartbeat published on topic ``h``; receiving one proves earlier subscriptions are active."""
 
-    model_config = _STRICT
+    model_config = _WIRE
     type: Literal["hello"] = Field(default="hello", description="Message type.")
     v: Literal[1] = Field(default=1, description="Protocol version.")
     time: float = Field(description="Publication time, seconds since epoch.")
@@ -253,13 +252,14 @@ class FrameMessage:
 def validate_acquisition_id(value: object) -> str:
     """Return ``value`` if it is a safe acquisition id, else raise ``ProtocolError(bad_acquisition_id)``.
 
-    Safe means a string matching ``[A-Za-z0-9._-]{1,128}`` that is not ``.`` or ``..``: it can be used as
-    a directory name without escaping the output directory.
+    Safe means 1-128 characters from ``[A-Za-z0-9._-]``, not starting with a dot: it can be used as a
+    directory name without naming a parent directory, a hidden file or a path outside the output folder.
     """
-    if not isinstance(value, str) or not _ID_RE.match(value) or value in {".", ".."}:
+    if not isinstance(value, str) or not _ID_RE.match(value):
         raise ProtocolError(
             Reason.BAD_ACQUISITION_ID,
-            f"acquisition id {str(value)[:140]!r} must match {ACQUISITION_ID_PATTERN} and not be '.' or '..'",
+            f"acquisition id {str(value)[:140]!r} must be 1-128 characters from [A-Za-z0-9._-], "
+            "not starting with '.'",
         )
     return value
 
@@ -307,7 +307,9 @@ def _check_layout(header: FrameHeader) -> None:
         )
     shape = header.shape
     if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-        raise ProtocolError(Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1", **ctx)
+        raise ProtocolError(
+            Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1", **ctx
+        )
     if len(shape) == 3 and shape[2] > MAX_CHANNELS:
         raise ProtocolError(Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed", **ctx)
 
@@ -368,7 +370,9 @@ def decode_message(
             raise _model_error(exc, acquisition) from None
     if "index" not in obj:
         # A missing index is a protocol error (the spec requires it), even though its axes default.
-        raise ProtocolError(Reason.MISSING_FIELD, "required field 'index' is missing", acquisition=acquisition)
+        raise ProtocolError(
+            Reason.MISSING_FIELD, "required field 'index' is missing", acquisition=acquisition
+        )
     try:
         header = FrameHeader.model_validate(obj)
     except ValidationError as exc:

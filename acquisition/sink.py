@@ -12,13 +12,15 @@ import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from acquisition import protocol
 from acquisition.cell_table import CellTable
+from acquisition.frames import FrameId
 from acquisition.sink_errors import InvalidFrameError, InvalidIdentifierError
 
 __all__ = [
@@ -31,25 +33,17 @@ __all__ = [
     "Sizes",
     "StorageOptions",
     "check_acquisition_id",
+    "check_frame_index",
     "prepare_frame",
 ]
 
-#: Acquisition ids: safe as one path component on every filesystem, never hidden, never `..`.
-ACQUISITION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+#: Acquisition ids (the wire protocol's rule): one safe path component, never hidden, never `..`.
+ACQUISITION_ID_PATTERN = re.compile(protocol.ACQUISITION_ID_PATTERN)
 
 #: Label dtypes accepted by `write`; all convert to the stored uint32 without loss.
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 
 Codec = Literal["blosc-zstd", "zstd", "none"]
-
-
-class FrameId(NamedTuple):
-    """Names one frame and the chunk its labels go to: acquisition id, position, time point, z plane."""
-
-    acquisition: str
-    p: int
-    t: int
-    z: int
 
 
 def check_acquisition_id(acquisition: object) -> str:
@@ -74,7 +68,9 @@ class Sizes(_Frozen):
     """Extent of an acquisition along each index."""
 
     t: int | None = Field(
-        default=None, ge=1, description="Number of time points; None = unknown, the store grows as frames come."
+        default=None,
+        ge=1,
+        description="Number of time points; None = unknown, the store grows as frames come.",
     )
     p: int = Field(default=1, ge=1, description="Number of stage positions (one OME-Zarr series each).")
     z: int = Field(default=1, ge=1, description="Number of z planes per time point.")
@@ -113,15 +109,21 @@ class StorageOptions(_Frozen):
 class AcquisitionSpec(_Frozen):
     """Everything a sink needs to lay out one acquisition; given once to `LabelSink.open_acquisition`."""
 
-    acquisition: str = Field(description="Acquisition id, [A-Za-z0-9._-], 1-128 chars, not starting with '.'.")
+    acquisition: str = Field(
+        description="Acquisition id, [A-Za-z0-9._-], 1-128 chars, not starting with '.'."
+    )
     sizes: Sizes = Field(default_factory=Sizes, description="Extent along t, p, z, c.")
     frame_shape: tuple[int, int] = Field(description="Frame size (H, W) in pixels.")
     image_dtype: str = Field(default="uint16", description="NumPy dtype name of the raw image.")
     channel_names: tuple[str, ...] | None = Field(
         default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
     )
-    pixel_size_um: float | None = Field(default=None, gt=0, description="Pixel size in y and x (micrometres).")
-    z_step_um: float | None = Field(default=None, gt=0, description="Distance between z planes (micrometres).")
+    pixel_size_um: float | None = Field(
+        default=None, gt=0, description="Pixel size in y and x (micrometres)."
+    )
+    z_step_um: float | None = Field(
+        default=None, gt=0, description="Distance between z planes (micrometres)."
+    )
     time_interval_s: float | None = Field(default=None, gt=0, description="Time between time points (s).")
     write_image: bool = Field(default=True, description="Store the raw image next to the labels.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="On-disk layout options.")
@@ -209,6 +211,27 @@ class PreparedFrame:
     cells: CellTable
 
 
+def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, int, int]:
+    """Return ``(p, t, z)`` of ``frame_id`` as ints, or raise `InvalidIdentifierError`.
+
+    ``frame_id.acquisition`` must be ``spec.acquisition``; ``p`` in [0, sizes.p), ``z`` in
+    [0, sizes.z), ``t`` >= 0 and < sizes.t when t is bounded.
+    """
+    if frame_id.acquisition != spec.acquisition:
+        raise InvalidIdentifierError(f"{frame_id!r} does not belong to acquisition {spec.acquisition!r}")
+    try:
+        p, t, z = (operator.index(v) for v in (frame_id.p, frame_id.t, frame_id.z))
+    except TypeError as err:
+        raise InvalidIdentifierError(f"frame index of {frame_id!r} must be integers") from err
+    sizes = spec.sizes
+    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, sizes.z)}
+    for name, (value, size) in limits.items():
+        if value < 0 or (size is not None and value >= size):
+            bound = "[0, inf)" if size is None else f"[0, {size})"
+            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
+    return p, t, z
+
+
 def prepare_frame(
     spec: AcquisitionSpec,
     frame_id: FrameId,
@@ -239,21 +262,14 @@ def prepare_frame(
         Shape or dtype mismatch, wrong types.
     """
     sizes = spec.sizes
-    try:
-        p, t, z = (operator.index(v) for v in (frame_id.p, frame_id.t, frame_id.z))
-    except TypeError as err:
-        raise InvalidIdentifierError(f"frame index of {frame_id!r} must be integers") from err
-    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, sizes.z)}
-    for name, (value, size) in limits.items():
-        if value < 0 or (size is not None and value >= size):
-            bound = "unbounded" if size is None else f"[0, {size})"
-            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
-
+    check_frame_index(spec, frame_id)
     height, width = spec.frame_shape
     if not isinstance(labels, np.ndarray):
         raise InvalidFrameError(f"labels must be a numpy array, got {type(labels).__name__}")
     if labels.shape != (height, width):
-        raise InvalidFrameError(f"labels of {frame_id!r} have shape {labels.shape}, expected (H, W) = {(height, width)}")
+        raise InvalidFrameError(
+            f"labels of {frame_id!r} have shape {labels.shape}, expected (H, W) = {(height, width)}"
+        )
     if labels.dtype not in _LABEL_DTYPES:
         raise InvalidFrameError(
             f"labels of {frame_id!r} have dtype {labels.dtype}; give uint8, uint16 or uint32 "
@@ -269,9 +285,13 @@ def prepare_frame(
             image = image[np.newaxis]
         expected = (sizes.c, height, width)
         if image.shape != expected:
-            raise InvalidFrameError(f"image of {frame_id!r} has shape {image.shape}, expected (C, H, W) = {expected}")
+            raise InvalidFrameError(
+                f"image of {frame_id!r} has shape {image.shape}, expected (C, H, W) = {expected}"
+            )
         if image.dtype != np.dtype(spec.image_dtype):
-            raise InvalidFrameError(f"image of {frame_id!r} has dtype {image.dtype}, expected {spec.image_dtype}")
+            raise InvalidFrameError(
+                f"image of {frame_id!r} has dtype {image.dtype}, expected {spec.image_dtype}"
+            )
         out_image = np.ascontiguousarray(image)
 
     if cells is None:

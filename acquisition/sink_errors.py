@@ -1,10 +1,12 @@
 """Errors raised by label sinks (`acquisition.sink`, `acquisition.zarr_sink`, `acquisition.memory_sink`).
 
-Every class inherits `SinkError` and the builtin that matches the failure, so callers can catch
-either the package error or the builtin (`except ValueError` keeps working).
+Every class inherits `SinkError` (itself an `acquisition.errors.AcquisitionError`) and the builtin that
+matches the failure, so callers can catch the package error or the builtin (`except ValueError` works).
 """
 
 from __future__ import annotations
+
+from acquisition.errors import AcquisitionError
 
 __all__ = [
     "AcquisitionClosedError",
@@ -17,7 +19,7 @@ __all__ = [
 ]
 
 
-class SinkError(Exception):
+class SinkError(AcquisitionError):
     """Base class of every error raised by a label sink."""
 
 

@@ -11,9 +11,9 @@ The semantics follow the reference implementation step by step (``docs/model.md`
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,8 +37,7 @@ __all__ = [
     "segment",
 ]
 
-# sigmoid(logit) > 0.4 is how the reference binarises SAM's mask logits.
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 class EncodeOptions(BaseModel):
@@ -181,9 +180,9 @@ def _should_tile(shape: tuple[int, int], size: int, options: EncodeOptions) -> b
     return max(shape) > options.tile_threshold * size
 
 
-def _model_inputs(image: np.ndarray, model: CellSAM, options: EncodeOptions) -> tuple[
-    list[np.ndarray], tiling.TilePlan | None, tuple[int, int]
-]:
+def _model_inputs(
+    image: np.ndarray, model: CellSAM, options: EncodeOptions
+) -> tuple[list[np.ndarray], tiling.TilePlan | None, tuple[int, int]]:
     """Split a frame into the ``(h, w, 3)`` arrays the model sees (one, or one per tile)."""
     arr = np.asarray(image)
     formatted = preprocess.format_image_shape(arr)
@@ -295,7 +294,8 @@ def _detect(
     out = []
     for s, b in zip(scores.cpu().numpy(), xyxy.cpu().numpy(), strict=True):
         thr = postprocess.dynamic_box_threshold(s, options.bbox_threshold)
-        out.append(postprocess.select_boxes(s, b, thr))
+        kept_scores, kept_boxes = postprocess.select_boxes(s, b, thr)
+        out.append((kept_boxes, kept_scores))
     return out
 
 
@@ -332,16 +332,16 @@ def _masks_for_input(
         index = np.arange(start, start + len(box_t))
         if not keep.any():
             continue
-        up = sam.postprocess_masks(low_res[torch.as_tensor(keep, device=device)].float(), (size, size), out_size)
+        up = sam.postprocess_masks(
+            low_res[torch.as_tensor(keep, device=device)].float(), (size, size), out_size
+        )
         # sigmoid(x) > t  <=>  x > logit(t); the comparison on logits avoids a full-frame sigmoid.
         composer.add(up[:, 0] > logit_threshold, index[keep])
     return composer.labels(), composer.indices()
 
 
 @torch.inference_mode()
-def decode(
-    embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | None = None
-) -> Segmentation:
+def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | None = None) -> Segmentation:
     """Boxes from CellFinder, masks from SAM, one label image for the frame.
 
     Parameters
@@ -394,7 +394,7 @@ def decode(
             cleaned.append(clean_i)
             lut = np.concatenate([[0.0], scores_i[kept_i - 1]]).astype(np.float32)
             score_maps.append(lut[clean_i])
-        labels = tiling.merge_tiles(cleaned, embedding.plan)
+        labels = tiling.merge_tiles(cleaned, embedding.plan, sequential=True)
         score_image = tiling.merge_values(score_maps, embedding.plan)
         table = postprocess.cell_table(labels)
         boxes_out = table.bboxes.astype(np.float32)
@@ -402,7 +402,7 @@ def decode(
         scores_out = _max_per_label(score_image, labels, n)
     timings["postprocess"] = time.perf_counter() - t0
     if table.areas.shape[0] == 0:
-        warnings.warn("no cells detected in the image", stacklevel=2)
+        log.debug("no cells detected in the image")
     return Segmentation(
         labels=labels.astype(np.uint32, copy=False),
         boxes=boxes_out.reshape(-1, 4),

@@ -41,35 +41,57 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = Field(1024, gt=0, description="Side S of the square model input, in pixels.")
-    patch_size: int = Field(16, gt=0, description="ViT patch side; the token grid is S / patch_size.")
-    vit_embed_dim: int = Field(768, gt=0, description="ViT width (768 for ViT-B).")
-    vit_depth: int = Field(12, gt=0, description="Number of ViT blocks.")
-    vit_num_heads: int = Field(12, gt=0, description="Attention heads per ViT block.")
-    vit_mlp_ratio: float = Field(4.0, gt=0, description="ViT MLP hidden width as a multiple of the width.")
-    vit_window_size: int = Field(14, gt=0, description="Window side (tokens) of windowed-attention blocks.")
+    image_size: int = Field(default=1024, gt=0, description="Side S of the square model input, in pixels.")
+    patch_size: int = Field(default=16, gt=0, description="ViT patch side; the token grid is S / patch_size.")
+    vit_embed_dim: int = Field(default=768, gt=0, description="ViT width (768 for ViT-B).")
+    vit_depth: int = Field(default=12, gt=0, description="Number of ViT blocks.")
+    vit_num_heads: int = Field(default=12, gt=0, description="Attention heads per ViT block.")
+    vit_mlp_ratio: float = Field(
+        default=4.0, gt=0, description="ViT MLP hidden width as a multiple of the width."
+    )
+    vit_window_size: int = Field(
+        default=14, gt=0, description="Window side (tokens) of windowed-attention blocks."
+    )
     vit_global_attn_indexes: tuple[int, ...] = Field(
-        (2, 5, 8, 11), description="Indexes of the ViT blocks with global attention."
+        default=(2, 5, 8, 11), description="Indexes of the ViT blocks with global attention."
     )
     prompt_embed_dim: int = Field(
-        256, gt=0, description="SAM embedding width: neck output, prompt tokens and mask decoder width."
+        default=256,
+        gt=0,
+        description="SAM embedding width: neck output, prompt tokens and mask decoder width.",
     )
-    mask_in_chans: int = Field(16, gt=0, description="Hidden channels of SAM's mask-prompt downscaler.")
-    decoder_depth: int = Field(2, gt=0, description="Layers of SAM's two-way mask-decoder transformer.")
-    decoder_num_heads: int = Field(8, gt=0, description="Attention heads of SAM's mask-decoder transformer.")
-    decoder_mlp_dim: int = Field(2048, gt=0, description="MLP hidden width of SAM's mask-decoder transformer.")
-    decoder_iou_head_hidden_dim: int = Field(256, gt=0, description="Hidden width of SAM's IoU head.")
-    num_multimask_outputs: int = Field(3, gt=0, description="SAM multimask outputs (mask tokens = this + 1).")
+    mask_in_chans: int = Field(
+        default=16, gt=0, description="Hidden channels of SAM's mask-prompt downscaler."
+    )
+    decoder_depth: int = Field(
+        default=2, gt=0, description="Layers of SAM's two-way mask-decoder transformer."
+    )
+    decoder_num_heads: int = Field(
+        default=8, gt=0, description="Attention heads of SAM's mask-decoder transformer."
+    )
+    decoder_mlp_dim: int = Field(
+        default=2048, gt=0, description="MLP hidden width of SAM's mask-decoder transformer."
+    )
+    decoder_iou_head_hidden_dim: int = Field(default=256, gt=0, description="Hidden width of SAM's IoU head.")
+    num_multimask_outputs: int = Field(
+        default=3, gt=0, description="SAM multimask outputs (mask tokens = this + 1)."
+    )
     cellfinder_d_model: int = Field(
-        256, gt=0, description="CellFinder transformer width (multiple of 32, for the GroupNorm)."
+        default=256, gt=0, description="CellFinder transformer width (multiple of 32, for the GroupNorm)."
     )
-    cellfinder_nheads: int = Field(8, gt=0, description="Attention heads of every CellFinder attention.")
-    cellfinder_dim_feedforward: int = Field(1024, gt=0, description="CellFinder FFN hidden width.")
-    cellfinder_enc_layers: int = Field(6, gt=0, description="CellFinder transformer encoder layers.")
-    cellfinder_dec_layers: int = Field(6, gt=0, description="CellFinder transformer decoder layers.")
-    cellfinder_num_query_position: int = Field(3500, gt=0, description="Learned anchor points (queries).")
-    cellfinder_num_query_pattern: int = Field(1, gt=0, description="Query patterns per anchor point.")
-    cellfinder_num_classes: int = Field(2, gt=0, description="Class logits per query (sigmoid scores).")
+    cellfinder_nheads: int = Field(
+        default=8, gt=0, description="Attention heads of every CellFinder attention."
+    )
+    cellfinder_dim_feedforward: int = Field(default=1024, gt=0, description="CellFinder FFN hidden width.")
+    cellfinder_enc_layers: int = Field(default=6, gt=0, description="CellFinder transformer encoder layers.")
+    cellfinder_dec_layers: int = Field(default=6, gt=0, description="CellFinder transformer decoder layers.")
+    cellfinder_num_query_position: int = Field(
+        default=3500, gt=0, description="Learned anchor points (queries)."
+    )
+    cellfinder_num_query_pattern: int = Field(default=1, gt=0, description="Query patterns per anchor point.")
+    cellfinder_num_classes: int = Field(
+        default=2, gt=0, description="Class logits per query (sigmoid scores)."
+    )
 
     @model_validator(mode="after")
     def _check_divisibility(self) -> ModelConfig:
@@ -79,7 +101,9 @@ class ModelConfig(BaseModel):
         if self.vit_embed_dim % self.vit_num_heads:
             problems.append(f"vit_embed_dim {self.vit_embed_dim} is not divisible by vit_num_heads")
         if any(not 0 <= i < self.vit_depth for i in self.vit_global_attn_indexes):
-            problems.append(f"vit_global_attn_indexes {self.vit_global_attn_indexes} not all in [0, vit_depth)")
+            problems.append(
+                f"vit_global_attn_indexes {self.vit_global_attn_indexes} not all in [0, vit_depth)"
+            )
         if self.prompt_embed_dim % 8:
             problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
         # SAM's cross-attentions work at half width.
@@ -179,21 +203,22 @@ def build_from_config(config: ModelConfig) -> CellSAM:
     """
     sam = _build_sam(config)
     cellfinder = _build_cellfinder(config)
-    model = CellSAM(model=sam, model_cp=copy.deepcopy(sam), cellfinder=cellfinder, config=config, adv_mode=True)
+    model = CellSAM(
+        model=sam, model_cp=copy.deepcopy(sam), cellfinder=cellfinder, config=config, adv_mode=True
+    )
     return model.eval()
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     # The official CellSAM (v1.x): ViT-B SAM ×2 and a ViT-B CellFinder backbone at 1024².
     "cellsam_vit_b": ModelConfig(),
-    # Same module tree and key set, tiny sizes: a forward pass at 256² takes milliseconds on a CPU.
+    # Exactly the official key set (same depths and layer counts) with tiny widths, a 256² input and 300
+    # queries: building takes well under a second and a forward pass tens of milliseconds on a CPU.
     "tiny": ModelConfig(
         image_size=256,
         vit_embed_dim=64,
-        vit_depth=2,
         vit_num_heads=2,
         vit_window_size=8,
-        vit_global_attn_indexes=(1,),
         prompt_embed_dim=64,
         mask_in_chans=8,
         decoder_num_heads=2,
@@ -202,8 +227,6 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         cellfinder_d_model=64,
         cellfinder_nheads=2,
         cellfinder_dim_feedforward=128,
-        cellfinder_enc_layers=1,
-        cellfinder_dec_layers=1,
         cellfinder_num_query_position=300,
     ),
 }

@@ -10,7 +10,7 @@ import torch
 
 from cellsam_core.modeling.cellsam import CellSAM
 
-__all__ = ["ModelInfo", "select_model", "file_sha256"]
+__all__ = ["ModelInfo", "file_sha256", "select_model"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +43,13 @@ class ModelInfo:
                 "they are not a segmentation"
             )
         return f"model {self.name} with weights {self.source} (sha256 {self.sha256})"
+
+
+def config_name(config: object) -> str:
+    """Registry name of an architecture configuration, or ``"custom"`` when none matches."""
+    from cellsam_core.registry import MODEL_CONFIGS
+
+    return next((name for name, cfg in MODEL_CONFIGS.items() if cfg == config), "custom")
 
 
 def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
@@ -107,7 +114,7 @@ def select_model(
         path = resolve_weights(weights)
         net = load_model(path, model)
         info = ModelInfo(
-            name=net.config.name if getattr(net.config, "name", None) else (model or "cellsam_vit_b"),
+            name=model or config_name(net.config),
             source=str(path),
             sha256=file_sha256(path)[:16],
             random_weights=False,

@@ -91,7 +91,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     except (CellSAMError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.output) if args.output else Path(args.image).with_name(Path(args.image).stem + "_labels.tif")
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(args.image).with_name(Path(args.image).stem + "_labels.tif")
+    )
     write_labels(out, result.labels)
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     print(f"{result.n_cells} cells in {args.image} -> {out}")

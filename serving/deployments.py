@@ -83,13 +83,32 @@ class Encoder:
         current = getattr(self, "batch_settings", EncoderSettings())
         self.batch_settings = current.model_copy(update=user_config)
         EncoderSettings.model_validate(self.batch_settings.model_dump())
-        self._encode_batch.set_max_batch_size(self.batch_settings.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+        self._encode_batch.set_max_batch_size(self.batch_settings.max_batch_size)  # type: ignore[attr-defined]
+        self._encode_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            self.batch_settings.batch_wait_timeout_s
+        )
 
     def _run(self, images: list[np.ndarray], options: EncodeOptions) -> list[ImageEmbedding]:
         from cellsam_core.inference import encode_batch
 
         return [e.to("cpu") for e in encode_batch(images, self.model, options)]
+
+    async def _encode_group(
+        self, images: list[np.ndarray], options: EncodeOptions
+    ) -> list[ImageEmbedding | Exception]:
+        try:
+            return list(await asyncio.to_thread(self._run, images, options))
+        except Exception as exc:
+            if len(images) == 1:
+                return [exc]
+        # One bad frame must not fail its batch-mates: encode them one by one.
+        results: list[ImageEmbedding | Exception] = []
+        for image in images:
+            try:
+                results.extend(await asyncio.to_thread(self._run, [image], options))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, requests: list[tuple[np.ndarray, dict[str, Any]]]) -> list[Any]:
@@ -101,25 +120,9 @@ class Encoder:
         out: list[Any] = [None] * len(requests)
         for indices in groups.values():
             options = EncodeOptions.model_validate(requests[indices[0]][1])
-            images = [requests[i][0] for i in indices]
-            try:
-                embeddings = await asyncio.to_thread(self._run, images, options)
-            except Exception as exc:
-                # One bad frame must not fail its batch-mates: retry them one by one.
-                if len(images) == 1:
-                    for i in indices:
-                        out[i] = exc
-                    continue
-                embeddings = []
-                for i, image in zip(indices, images, strict=True):
-                    try:
-                        embeddings.extend(await asyncio.to_thread(self._run, [image], options))
-                    except Exception as single_exc:
-                        out[i] = single_exc
-                        embeddings.append(None)
-            for i, emb in zip(indices, embeddings, strict=True):
-                if out[i] is None:
-                    out[i] = emb
+            results = await self._encode_group([requests[i][0] for i in indices], options)
+            for i, r in zip(indices, results, strict=True):
+                out[i] = r
         seconds = time.perf_counter() - t0
         return [
             r if isinstance(r, Exception) else EncodedFrame(r, seconds, len(requests), requests[i][1])

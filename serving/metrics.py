@@ -71,9 +71,7 @@ class ServiceMetrics:
         self.received = Counter(
             "cellsam_frames_received", "Frame messages received on the ingest socket.", registry=r
         )
-        self.accepted = Counter(
-            "cellsam_frames_accepted", "Frames that passed validation.", registry=r
-        )
+        self.accepted = Counter("cellsam_frames_accepted", "Frames that passed validation.", registry=r)
         self.rejected = Counter(
             "cellsam_frames_rejected",
             "Messages refused by validation, by reason (see docs/protocol.md).",

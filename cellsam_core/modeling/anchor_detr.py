@@ -11,6 +11,7 @@ an offset from the same anchor. Module and parameter names follow the official c
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -249,9 +250,10 @@ class AnchorDETRTransformer(nn.Module):
         # Initialisation of AnchorDETR: focal-loss prior of 1 %, boxes start at the anchors with
         # w = h = sigmoid(-2), anchors uniform in the unit square.
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
-        nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+        box_out = cast(nn.Linear, bbox_embed.layers[-1])
+        nn.init.zeros_(box_out.weight)
+        nn.init.zeros_(box_out.bias)
+        nn.init.constant_(box_out.bias[2:], -2.0)
         nn.init.uniform_(self.position.weight, 0.0, 1.0)
         # One head shared by every decoder layer, listed once per layer as in the official state dict
         # (loading writes each index into the same module; the last index wins).
@@ -266,7 +268,7 @@ class AnchorDETRTransformer(nn.Module):
     def _embed(self, mlp: nn.Sequential, emb: torch.Tensor) -> torch.Tensor:
         # Position embeddings are built in float32; cast them to the MLP's dtype so a model converted to
         # bf16/fp16 works (under autocast the weights stay float32 and autocast casts).
-        return mlp(emb.to(mlp[0].weight.dtype))
+        return mlp(emb.to(next(mlp.parameters()).dtype))
 
     def forward(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Detect objects in projected backbone features.

@@ -44,7 +44,9 @@ class CellFinderDetector(nn.Module):
         Channels of the backbone output (768 for ViT-B).
     """
 
-    def __init__(self, *, backbone: Backbone, transformer: AnchorDETRTransformer, backbone_channels: int) -> None:
+    def __init__(
+        self, *, backbone: Backbone, transformer: AnchorDETRTransformer, backbone_channels: int
+    ) -> None:
         super().__init__()
         d_model = transformer.d_model
         if d_model % _GROUPNORM_GROUPS != 0:
@@ -53,7 +55,8 @@ class CellFinderDetector(nn.Module):
         self.transformer = transformer
         proj = nn.Conv2d(backbone_channels, d_model, kernel_size=1)
         nn.init.xavier_uniform_(proj.weight, gain=1)
-        nn.init.zeros_(proj.bias)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
         self.input_proj = nn.ModuleList([nn.Sequential(proj, nn.GroupNorm(_GROUPNORM_GROUPS, d_model))])
         self.backbone = backbone
 

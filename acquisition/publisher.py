@@ -1,0 +1,254 @@
+"""``ResultPublisher``: publishes per-frame results, rejections and end-of-acquisition summaries.
+
+An XPUB socket bound by a background thread that owns it (ZeroMQ sockets are not thread-safe), so
+``publish_*`` may be called from any thread or event loop and never blocks: PUB drops messages for a
+subscriber that is behind rather than slowing the pipeline. Topics and payloads: ``docs/protocol.md`` §3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import zmq
+
+from acquisition.errors import ProtocolError
+from acquisition.listener import ListenerEvent
+from acquisition.protocol import (
+    DEFAULT_RESULT_ENDPOINT,
+    AcquisitionSummary,
+    FrameResult,
+    Hello,
+    Index,
+    LabelsInfo,
+    Reason,
+)
+
+__all__ = ["ResultPublisher"]
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[FrameResult | AcquisitionSummary, bytes, np.ndarray | None]
+
+
+def _json(model: FrameResult | AcquisitionSummary | Hello) -> bytes:
+    try:
+        return json.dumps(model.model_dump(mode="json"), allow_nan=False, separators=(",", ":")).encode()
+    except ValueError as exc:
+        raise ProtocolError(Reason.BAD_FIELD, f"result is not JSON-serialisable: {exc}") from None
+
+
+class ResultPublisher:
+    """Bind an XPUB socket and publish results (thread-safe, non-blocking).
+
+    Parameters
+    ----------
+    endpoint : str
+        Endpoint to bind. Default ``tcp://127.0.0.1:5556`` (loopback). ``tcp://127.0.0.1:*`` binds a
+        free port; read :attr:`endpoint` after :meth:`start`.
+    heartbeat_interval : float
+        Seconds between ``hello`` messages on topic ``h`` (subscribers use them to know they are
+        connected; see ``ResultSubscriber.wait_ready``).
+    sndhwm : int
+        Per-subscriber queue (messages) before ZeroMQ drops messages for that subscriber.
+    socket_options : callable, optional
+        Called with the socket before ``bind`` (e.g. CURVE server keys).
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str = DEFAULT_RESULT_ENDPOINT,
+        heartbeat_interval: float = 0.5,
+        sndhwm: int = 1000,
+        socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval}")
+        self._bind_endpoint = endpoint
+        self._endpoint: str | None = None
+        self.heartbeat_interval = heartbeat_interval
+        self._sndhwm = sndhwm
+        self._socket_options = socket_options
+        self._context = context
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._label_prefixes: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._socket: zmq.Socket[Any] | None = None
+        self.published = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint (wildcard ports resolved); the configured one before :meth:`start`."""
+        return self._endpoint or self._bind_endpoint
+
+    def start(self) -> None:
+        """Bind the socket and start the publishing thread. Raises ``zmq.ZMQError`` if taken."""
+        if self._thread is not None:
+            raise RuntimeError("ResultPublisher.start() was already called")
+        ctx = self._context or zmq.Context.instance()
+        sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, so each new subscriber gets a hello
+        if self._socket_options is not None:
+            self._socket_options(sock)
+        try:
+            sock.bind(self._bind_endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = sock
+        self._thread = threading.Thread(target=self._run, name="ResultPublisher", daemon=True)
+        self._thread.start()
+        log.info("result publisher bound to %s", self._endpoint)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is queued, stop the thread and close the socket."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> ResultPublisher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- publishing (any thread) -----------------------------------------------------------------
+
+    def wants_labels(self, acquisition: str) -> bool:
+        """True while some subscriber holds a subscription matching ``l/<acquisition>``."""
+        topic = "l/" + acquisition
+        return any(topic.startswith(prefix) for prefix in tuple(self._label_prefixes))
+
+    def publish_frame(
+        self, result: FrameResult | Mapping[str, Any], labels: np.ndarray | None = None
+    ) -> None:
+        """Publish a per-frame result, with its (H, W) label image for subscribers that asked for labels.
+
+        Parameters
+        ----------
+        result : FrameResult or mapping
+            The result (a mapping is validated as :class:`FrameResult`).
+        labels : numpy.ndarray, optional
+            (H, W) integer label image (0 = background). Sent as little-endian ``uint32``, without a copy
+            when it already is; do not modify it afterwards. Ignored when no subscriber wants labels.
+        """
+        model = result if isinstance(result, FrameResult) else FrameResult.model_validate(dict(result))
+        if model.timestamp is None:
+            model = model.model_copy(update={"timestamp": time.time()})
+        if labels is not None and (labels.ndim != 2 or labels.dtype.kind not in "ui"):
+            raise ValueError(f"labels must be an (H, W) integer array, got {labels.shape} {labels.dtype}")
+        # Whether anyone wants the labels is decided in the publishing thread, after it has read the
+        # latest subscriptions; until then the array is only referenced, never copied.
+        self._queue.put((model, _json(model.model_copy(update={"labels": None})), labels))
+
+    def publish_rejection(
+        self,
+        acquisition: str,
+        reason: str,
+        detail: str | None = None,
+        index: Index | Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish a ``status="rejected"`` result for a message of a known acquisition."""
+        idx = index if isinstance(index, Index) or index is None else Index.model_validate(dict(index))
+        self.publish_frame(
+            FrameResult(
+                acquisition=acquisition, index=idx, status="rejected", reason=str(reason), detail=detail
+            )
+        )
+
+    def publish_summary(self, summary: AcquisitionSummary | Mapping[str, Any]) -> None:
+        """Publish an end-of-acquisition summary."""
+        model = (
+            summary
+            if isinstance(summary, AcquisitionSummary)
+            else AcquisitionSummary.model_validate(dict(summary))
+        )
+        self._queue.put((model, _json(model), None))
+
+    def on_listener_event(self, event: ListenerEvent) -> None:
+        """``FrameListener(on_event=...)`` hook: publishes rejections whose acquisition id is known."""
+        if event.kind == "rejected" and event.acquisition is not None:
+            self.publish_rejection(event.acquisition, event.reason or "unknown", event.detail, event.index)
+
+    # -- the thread that owns the socket ---------------------------------------------------------
+
+    def _run(self) -> None:
+        sock = self._socket
+        if sock is None:  # pragma: no cover - start() sets it
+            return
+        next_hello = time.monotonic()
+        try:
+            while True:
+                wait = max(0.0, next_hello - time.monotonic())
+                try:
+                    item: _Item | bool | None = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = False
+                if self._read_subscriptions(sock):
+                    next_hello = 0.0  # greet a new subscriber now
+                if item is None:
+                    break
+                if item is not False:
+                    self._send(sock, item)  # type: ignore[arg-type]
+                if time.monotonic() >= next_hello:
+                    sock.send_multipart([b"h", _json(Hello(time=time.time()))])
+                    next_hello = time.monotonic() + self.heartbeat_interval
+            # Flush what was queued before close().
+            while True:
+                try:
+                    rest = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if rest is not None:
+                    self._send(sock, rest)
+        except Exception:
+            log.exception("result publisher thread failed")
+        finally:
+            sock.close(linger=1000)
+
+    def _read_subscriptions(self, sock: zmq.Socket[Any]) -> bool:
+        """Apply pending (un)subscriptions; True if someone subscribed to heartbeats."""
+        greeted = False
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return greeted
+            if not msg:
+                continue
+            subscribe, topic = msg[0] == 1, msg[1:].decode("ascii", errors="replace")
+            if topic == "h" and subscribe:
+                greeted = True
+            if topic.startswith("l/") or "l/".startswith(topic):
+                if subscribe:
+                    self._label_prefixes.add(topic)
+                else:
+                    self._label_prefixes.discard(topic)
+
+    def _send(self, sock: zmq.Socket[Any], item: _Item) -> None:
+        model, plain, labels = item
+        topic = model.acquisition.encode()
+        sock.send_multipart([b"r/" + topic, plain])
+        if self.wants_labels(model.acquisition):
+            if labels is not None and isinstance(model, FrameResult):
+                buffer = np.ascontiguousarray(labels, dtype=np.dtype("<u4"))
+                info = LabelsInfo(shape=tuple(buffer.shape), dtype="uint32")
+                header = _json(model.model_copy(update={"labels": info}))
+                parts: list[Any] = [b"l/" + topic, header, buffer]
+                sock.send_multipart(parts, copy=False)
+            else:
+                sock.send_multipart([b"l/" + topic, plain])
+        self.published += 1

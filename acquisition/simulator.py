@@ -1,0 +1,298 @@
+"""``SimulatedMicroscope``: plays a time-lapse through a :class:`FrameSender` as a microscope would.
+
+Order of play: ``start``; for each time point, each position, each z slice: one frame; then ``end``.
+Sources: a synthetic live-cell movie (:mod:`cellsam_core.synthetic`, with ground truth) or a file
+(``.tif``/``.tiff``, ``.npy``, a ``.zarr`` directory holding an array or an OME-Zarr image ``0``).
+
+The CLI's ``cellsam-stream simulate`` parses with :func:`add_simulate_arguments` and runs
+:func:`run_simulate_command`; ``python -m acquisition.simulator`` does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from acquisition.client import FrameSender
+from acquisition.errors import SourceError
+from acquisition.protocol import DEFAULT_FRAME_ENDPOINT
+from cellsam_core.synthetic import MODALITIES, Modality, SyntheticMovie
+
+__all__ = [
+    "ArraySource",
+    "FrameSource",
+    "SimulatedMicroscope",
+    "SimulationReport",
+    "SyntheticSource",
+    "add_simulate_arguments",
+    "main",
+    "run_simulate_command",
+]
+
+
+class FrameSource(Protocol):
+    """What a simulator plays: a (T, P, Z) grid of (H, W) or (H, W, C) images.
+
+    Contract: ``sizes`` is ``(T, P, Z)``; ``image(t, p, z)`` returns the same array for the same
+    arguments (C-contiguous, a supported dtype) for every ``0 <= t < T`` etc.
+    """
+
+    @property
+    def sizes(self) -> tuple[int, int, int]: ...
+
+    def image(self, t: int, p: int, z: int) -> np.ndarray: ...
+
+
+class SyntheticSource:
+    """Synthetic live-cell movies, one per (position, z) with seed ``seed + 1000 * p + z``.
+
+    ``labels(t, p, z)`` returns the ground truth of ``image(t, p, z)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        shape: tuple[int, int] = (256, 256),
+        frames: int = 10,
+        positions: int = 1,
+        z: int = 1,
+        seed: int = 0,
+        modality: Modality = "nuclear",
+        n_cells: int = 40,
+        dtype: Any = np.uint16,
+    ) -> None:
+        if frames < 1 or positions < 1 or z < 1:
+            raise SourceError(f"frames, positions and z must be ≥ 1, got {frames}, {positions}, {z}")
+        self._sizes = (frames, positions, z)
+        self._movies = {
+            (p, k): SyntheticMovie(
+                shape, frames, seed=seed + 1000 * p + k, modality=modality, n_cells=n_cells, dtype=dtype
+            )
+            for p in range(positions)
+            for k in range(z)
+        }
+        self._last: tuple[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self._sizes
+
+    def _render(self, t: int, p: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._last is None or self._last[0] != (t, p, z):
+            self._last = ((t, p, z), self._movies[(p, z)][t])
+        return self._last[1]
+
+    def image(self, t: int, p: int, z: int) -> np.ndarray:
+        return self._render(t, p, z)[0]
+
+    def labels(self, t: int, p: int, z: int) -> np.ndarray:
+        """Ground-truth (H, W) int32 labels of ``image(t, p, z)``."""
+        return self._render(t, p, z)[1]
+
+
+_DEFAULT_AXES = {2: "YX", 3: "TYX", 4: "TPYX", 5: "TPZYX"}
+
+
+class ArraySource:
+    """Plays an array: axes named by a string of ``T``, ``P``, ``Z``, ``Y``, ``X``, ``C`` (e.g. ``"TYX"``).
+
+    Default axes by rank: 2 ``YX``, 3 ``TYX``, 4 ``TPYX``, 5 ``TPZYX``. ``positions`` > 1 on an array
+    without a ``P`` axis replays each image at every position.
+    """
+
+    def __init__(self, array: Any, *, axes: str | None = None, positions: int = 1, frames: int | None = None):
+        axes = (axes or _DEFAULT_AXES.get(array.ndim, "")).upper()
+        if len(axes) != array.ndim or set(axes) - set("TPZYXC") or len(set(axes)) != len(axes):
+            raise SourceError(
+                f"axes {axes!r} do not describe an array of shape {array.shape}; pass axes= with one "
+                "letter per dimension from T, P, Z, Y, X, C (e.g. 'TYX')"
+            )
+        if "Y" not in axes or "X" not in axes:
+            raise SourceError(f"axes {axes!r} need both Y and X")
+        self._array = array
+        self._file_axes = axes
+        shape = dict(zip(axes, array.shape, strict=True))
+        t = shape.get("T", 1) if frames is None else min(frames, shape.get("T", 1))
+        self._sizes = (t, shape.get("P", positions), shape.get("Z", 1))
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs: Any) -> ArraySource:
+        """Open ``.tif``/``.tiff`` (tifffile, memory-mapped when possible), ``.npy`` (mmap) or ``.zarr``."""
+        path = Path(path)
+        if not path.exists():
+            raise SourceError(f"{path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return cls(tifffile.imread(path), **kwargs)
+        if suffix == ".npy":
+            return cls(np.load(path, mmap_mode="r"), **kwargs)
+        if suffix == ".zarr":
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Group):
+                if "0" not in node:
+                    raise SourceError(f"{path} is a Zarr group without array '0'; point at the array itself")
+                node = node["0"]
+            return cls(node, **kwargs)
+        raise SourceError(f"unsupported file {path}: use .tif, .tiff, .npy or a .zarr directory")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self._sizes
+
+    def image(self, t: int, p: int, z: int) -> np.ndarray:
+        pos = {"T": t, "P": p, "Z": z}
+        # Index in the file's own axis order (lazy arrays read only this plane), then put the
+        # remaining axes in Y, X, C order.
+        key = tuple(pos[a] if a in pos else slice(None) for a in self._file_axes)
+        plane = np.asarray(self._array[key])
+        remaining = [a for a in self._file_axes if a not in pos]
+        return np.ascontiguousarray(
+            np.transpose(plane, [remaining.index(a) for a in "YXC" if a in remaining])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationReport:
+    """What a run sent."""
+
+    acquisition: str
+    frames_sent: int
+    seconds: float
+
+
+class SimulatedMicroscope:
+    """Play a :class:`FrameSource` through a :class:`FrameSender`.
+
+    Parameters
+    ----------
+    sender : FrameSender
+        Connected sender (its ``timeout`` bounds each send).
+    source : FrameSource
+        What to play.
+    acquisition : str
+        Acquisition id.
+    fps : float, optional
+        Target frames per second over all positions and z; ``None`` plays as fast as the listener takes.
+    progress : bool
+        Show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        *,
+        sender: FrameSender,
+        source: FrameSource,
+        acquisition: str = "simulated",
+        fps: float | None = None,
+        progress: bool = False,
+    ) -> None:
+        if fps is not None and fps <= 0:
+            raise SourceError(f"fps must be > 0, got {fps}")
+        self.sender = sender
+        self.source = source
+        self.acquisition = acquisition
+        self.fps = fps
+        self.progress = progress
+
+    def indices(self) -> Iterator[tuple[int, int, int]]:
+        """(t, p, z) in acquisition order: time outermost, then position, then z."""
+        n_t, n_p, n_z = self.source.sizes
+        for t in range(n_t):
+            for p in range(n_p):
+                for z in range(n_z):
+                    yield t, p, z
+
+    def run(self) -> SimulationReport:
+        """Send ``start``, every frame at the target rate, then ``end``; return what was sent."""
+        from tqdm import tqdm
+
+        n_t, n_p, n_z = self.source.sizes
+        total = n_t * n_p * n_z
+        begin = time.monotonic()
+        self.sender.start(self.acquisition, sizes={"t": n_t, "p": n_p, "z": n_z})
+        sent = 0
+        with tqdm(total=total, disable=not self.progress, unit="frame", desc=self.acquisition) as bar:
+            for t, p, z in self.indices():
+                if self.fps is not None:
+                    delay = begin + sent / self.fps - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                self.sender.send(
+                    self.source.image(t, p, z), acquisition=self.acquisition, t=t, p=p, z=z, simulated=True
+                )
+                sent += 1
+                bar.update(1)
+        self.sender.end(self.acquisition, frames=sent)
+        return SimulationReport(self.acquisition, sent, time.monotonic() - begin)
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``simulate`` options to ``parser`` (shared by the CLI and ``python -m``)."""
+    parser.add_argument("--to", default=DEFAULT_FRAME_ENDPOINT, help="listener endpoint")
+    parser.add_argument("--source", default="synthetic", help="'synthetic' or FILE.tif|FILE.npy|DIR.zarr")
+    parser.add_argument(
+        "--axes", default=None, help="axes of a file source, e.g. TYX, TPZYX (default by rank)"
+    )
+    parser.add_argument("--acquisition", default="simulated", help="acquisition id")
+    parser.add_argument("--frames", type=int, default=10, help="time points")
+    parser.add_argument("--positions", type=int, default=1, help="stage positions")
+    parser.add_argument("--z", type=int, default=1, help="z slices (synthetic source)")
+    parser.add_argument("--fps", type=float, default=None, help="target frames/s (default: as fast as taken)")
+    parser.add_argument("--shape", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--dtype", default="uint16", choices=["uint8", "uint16", "float32"])
+    parser.add_argument("--modality", default="nuclear", choices=list(MODALITIES))
+    parser.add_argument("--cells", type=int, default=60, help="cells per field at t=0 (synthetic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a send may wait")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run_simulate_command(args: argparse.Namespace) -> int:
+    """Run the simulator from parsed arguments; returns a process exit code."""
+    source: FrameSource
+    if args.source == "synthetic":
+        source = SyntheticSource(
+            shape=tuple(args.shape),
+            frames=args.frames,
+            positions=args.positions,
+            z=args.z,
+            seed=args.seed,
+            modality=args.modality,
+            n_cells=args.cells,
+            dtype=np.dtype(args.dtype),
+        )
+    else:
+        source = ArraySource.from_path(
+            args.source, axes=args.axes, positions=args.positions, frames=args.frames
+        )
+    with FrameSender(endpoint=args.to, timeout=args.timeout) as sender:
+        report = SimulatedMicroscope(
+            sender=sender,
+            source=source,
+            acquisition=args.acquisition,
+            fps=args.fps,
+            progress=not args.no_progress,
+        ).run()
+    print(f"sent {report.frames_sent} frames of {report.acquisition!r} in {report.seconds:.2f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m acquisition.simulator ...``"""
+    parser = add_simulate_arguments(argparse.ArgumentParser(prog="simulate", description=__doc__))
+    return run_simulate_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,454 @@
+"""`LabelSink` writing one OME-Zarr (NGFF 0.5, Zarr v3) per acquisition; layout in `docs/zarr-layout.md`.
+
+Concurrency model (threads of one process and processes sharing the output directory):
+
+- Every frame goes to its own chunks (or, with sharding, its own inner chunks of a shard that only one
+  writer touches at a time), so writers of different frames never rewrite each other's files. Zarr's
+  local store replaces files atomically (temporary file + rename), so readers see old or new, never torn.
+- Array metadata changes (growth of t, trimming on close, the root's closed flag) happen only under an
+  exclusive `flock` on ``{output}/.{id}.ome.zarr.locks/store.lock``, after re-reading the metadata,
+  so no update is lost; frame writes hold the same lock shared, so they never race a trim.
+- A frame is marked in the ``done`` array after its labels, image and cell table are on disk, and the
+  mark is cleared before a rewrite, so ``done`` implies intact data even across SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numpy.typing import NDArray
+from pydantic import ValidationError
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+from acquisition.cell_table import CELL_TABLE_COLUMNS, CellTable
+from acquisition.file_lock import flock as _flock
+from acquisition.sink import (
+    AcquisitionProgress,
+    AcquisitionSpec,
+    Codec,
+    FrameId,
+    PreparedFrame,
+    check_acquisition_id,
+    check_frame_index,
+    prepare_frame,
+)
+from acquisition.sink_errors import (
+    AcquisitionClosedError,
+    AcquisitionNotOpenError,
+    FrameNotWrittenError,
+    IncompatibleStoreError,
+    InvalidFrameError,
+)
+from acquisition.zarr_layout import (
+    CELLSAM_KEY,
+    DONE_IMAGE,
+    DONE_LABELS,
+    LAYOUT_VERSION,
+    downsample,
+    image_group_attrs,
+    label_image_attrs,
+    labels_group_attrs,
+    level_shape,
+    ome_group_attrs,
+    root_attrs,
+    table_name,
+)
+
+__all__ = ["ZarrLabelSink"]
+
+
+def _compressors(codec: Codec, level: int) -> Any:
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return ZstdCodec(level=level)
+    return BloscCodec(cname="zstd", clevel=level)
+
+
+@dataclass
+class _Series:
+    """Array handles of one position; ``t_alloc`` is the t extent their metadata had when read."""
+
+    arrays: dict[str, zarr.Array]
+    t_alloc: int
+
+
+def _done_at(series: _Series, t: int, z: int) -> int:
+    return int(np.asarray(series.arrays["done"][t, z]))
+
+
+@dataclass
+class _Store:
+    spec: AcquisitionSpec
+    path: Path
+    lock_dir: Path
+    zstore: LocalStore
+    generation: int
+    series: dict[int, _Series] = field(default_factory=dict)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def lock_file(self) -> Path:
+        return self.lock_dir / "store.lock"
+
+
+class ZarrLabelSink:
+    """Writes ``{output_dir}/{acquisition}.ome.zarr`` stores; safe across threads and processes.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        Directory that holds the stores (created if missing). Must be a local or shared POSIX
+        filesystem with working `flock` (coordination between writer processes relies on it).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+        self._output = Path(output_dir)
+        self._stores: dict[str, _Store] = {}
+        self._mutex = threading.Lock()
+
+    def store_path(self, acquisition: str) -> Path:
+        """Path of the OME-Zarr of ``acquisition`` (whether or not it exists)."""
+        return self._output / f"{check_acquisition_id(acquisition)}.ome.zarr"
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def open_acquisition(self, spec: AcquisitionSpec) -> None:
+        acq = check_acquisition_id(spec.acquisition)
+        path = self.store_path(acq)
+        lock_dir = self._output / f".{acq}.ome.zarr.locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with _flock(lock_dir / "store.lock", exclusive=True):
+            # Stores are built under the lock, so any temporary directory left now is a crash leftover.
+            for stale in self._output.glob(f".{acq}.ome.zarr.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if path.exists() or path.is_symlink():
+                state = self._check_existing(path, spec)
+                # A kill while the root metadata was being replaced can leave its temporary file;
+                # zarr would warn about it when listing the root. Root writes happen under this lock.
+                for partial in path.glob("*.partial"):
+                    partial.unlink(missing_ok=True)
+                if state["closed"]:
+                    self._update_root_state(LocalStore(path), closed=False)
+            else:
+                self._create(path, spec)
+            zstore = LocalStore(path)
+            store = _Store(spec=spec, path=path, lock_dir=lock_dir, zstore=zstore, generation=0)
+            self._reload(store)
+        with self._mutex:
+            self._stores[acq] = store
+
+    def write(
+        self,
+        frame_id: FrameId,
+        labels: NDArray[Any],
+        image: NDArray[Any] | None = None,
+        cells: CellTable | None = None,
+    ) -> None:
+        store = self._store(frame_id.acquisition)
+        frame = prepare_frame(store.spec, frame_id, labels, image, cells)
+        p, t, z = check_frame_index(store.spec, frame_id)
+        while True:
+            self._ensure_t(store, p, t)
+            with _flock(store.lock_file, exclusive=False):
+                state = self._root_state(store)
+                if state["closed"]:
+                    raise AcquisitionClosedError(
+                        f"acquisition {store.spec.acquisition!r} is closed; open_acquisition() it again "
+                        "to add frames"
+                    )
+                if state["generation"] != store.generation:
+                    self._reload(store)  # another process trimmed the arrays: cached shapes are stale
+                    continue
+                with store.mutex:
+                    series = store.series[p]
+                if t >= series.t_alloc:
+                    continue
+                with self._shard_lock(store, p, t, z):
+                    self._write_frame(store, series, p, t, z, frame)
+                return
+
+    def close_acquisition(self, acquisition: str, summary: Mapping[str, Any] | None = None) -> None:
+        store = self._store(acquisition)
+        summary_json = None
+        if summary is not None:
+            try:
+                summary_json = json.loads(json.dumps(dict(summary)))
+            except (TypeError, ValueError) as err:
+                raise InvalidFrameError(
+                    f"summary of {acquisition!r} must be JSON-serialisable: {err}"
+                ) from err
+        with _flock(store.lock_file, exclusive=True):
+            self._reload(store)
+            t_size = self._t_size(store)
+            if store.spec.sizes.t is None:
+                # Unbounded stores grew in steps; trim to the time points that hold data (chunks beyond
+                # belong to frames never marked done).
+                new_t = max(t_size, 1)
+                for series in store.series.values():
+                    for array in series.arrays.values():
+                        if array.shape[0] != new_t:
+                            array.resize((new_t, *array.shape[1:]))
+            self._update_root_state(store.zstore, closed=True, summary=summary_json, bump_generation=True)
+            self._reload(store)
+
+    def is_done(self, frame_id: FrameId) -> bool:
+        return bool(self._done_value(frame_id) & DONE_LABELS)
+
+    def read_labels(self, frame_id: FrameId) -> NDArray[np.uint32]:
+        _, series, (_, t, z) = self._done_frame(frame_id)
+        return np.asarray(series.arrays["labels/0"][t, z], dtype=np.uint32)
+
+    def read_image(self, frame_id: FrameId) -> NDArray[Any] | None:
+        _, series, (_, t, z) = self._done_frame(frame_id)
+        if not _done_at(series, t, z) & DONE_IMAGE:
+            return None
+        return np.asarray(series.arrays["image/0"][t, :, z])
+
+    def read_cells(self, frame_id: FrameId) -> CellTable:
+        store, _, (p, t, z) = self._done_frame(frame_id)
+        table = zarr.open_array(store.zstore, path=f"{p}/cellsam/cells/{table_name(t, z)}", mode="r")
+        return CellTable.from_array(np.asarray(table[...]))
+
+    def progress(self, acquisition: str) -> AcquisitionProgress:
+        store = self._store(acquisition)
+        state = self._root_state(store)
+        done: list[FrameId] = []
+        for p in range(store.spec.sizes.p):
+            values = np.asarray(zarr.open_array(store.zstore, path=f"{p}/cellsam/done", mode="r")[...])
+            done += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(values & DONE_LABELS)]
+        return AcquisitionProgress(
+            acquisition=acquisition,
+            done=tuple(done),
+            t_size=max((f.t for f in done), default=-1) + 1,
+            closed=bool(state["closed"]),
+            summary=state["summary"],
+        )
+
+    # -- creation and checks ------------------------------------------------------------------
+
+    def _create(self, path: Path, spec: AcquisitionSpec) -> None:
+        """Build the whole store in a temporary directory, then rename it into place (atomic)."""
+        tmp = self._output / f".{spec.acquisition}.ome.zarr.tmp-{uuid.uuid4().hex}"
+        root = zarr.create_group(LocalStore(tmp), attributes=root_attrs(spec), zarr_format=3)
+        root.create_group("OME", attributes=ome_group_attrs(spec))
+        opts = spec.storage
+        sizes = spec.sizes
+        t0 = sizes.t if sizes.t is not None else opts.t_growth
+        for p in range(sizes.p):
+            image_group = root.create_group(str(p), attributes=image_group_attrs(spec, p))
+            labels_group = image_group.create_group("labels", attributes=labels_group_attrs())
+            cells_group = labels_group.create_group("cells", attributes=label_image_attrs(spec, p))
+            for level in range(opts.levels):
+                h, w = level_shape(spec.frame_shape, level)
+                cy, cx = (
+                    (h, w) if opts.chunk_yx is None else (min(opts.chunk_yx[0], h), min(opts.chunk_yx[1], w))
+                )
+                # Shards span whole frames in y/x: one shard = shard_t frames of one z plane.
+                sy, sx = -(-h // cy) * cy, -(-w // cx) * cx
+                image_group.create_array(
+                    str(level),
+                    shape=(t0, sizes.c, sizes.z, h, w),
+                    chunks=(1, sizes.c, 1, cy, cx),
+                    shards=None if opts.shard_t is None else (opts.shard_t, sizes.c, 1, sy, sx),
+                    dtype=spec.image_dtype,
+                    fill_value=0,
+                    compressors=_compressors(opts.image_codec, opts.compression_level),
+                    dimension_names=("t", "c", "z", "y", "x"),
+                )
+                cells_group.create_array(
+                    str(level),
+                    shape=(t0, sizes.z, h, w),
+                    chunks=(1, 1, cy, cx),
+                    shards=None if opts.shard_t is None else (opts.shard_t, 1, sy, sx),
+                    dtype="uint32",
+                    fill_value=0,
+                    compressors=_compressors(opts.label_codec, opts.compression_level),
+                    dimension_names=("t", "z", "y", "x"),
+                )
+            ours = image_group.create_group(
+                "cellsam",
+                attributes={CELLSAM_KEY: {"done_bits": {"labels": DONE_LABELS, "image": DONE_IMAGE}}},
+            )
+            # One chunk per frame: concurrent writers of different frames never share a done chunk.
+            ours.create_array(
+                "done",
+                shape=(t0, sizes.z),
+                chunks=(1, 1),
+                dtype="uint8",
+                fill_value=0,
+                compressors=None,
+                dimension_names=("t", "z"),
+            )
+            ours.create_group("cells", attributes={CELLSAM_KEY: {"columns": list(CELL_TABLE_COLUMNS)}})
+        os.rename(tmp, path)
+
+    @staticmethod
+    def _check_existing(path: Path, spec: AcquisitionSpec) -> dict[str, Any]:
+        hint = "move it away or choose another acquisition id"
+        if not path.is_dir():
+            raise IncompatibleStoreError(f"{path} exists but is not a directory; {hint}")
+        try:
+            root = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3)
+            meta = root.attrs.get(CELLSAM_KEY)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise IncompatibleStoreError(f"{path} exists but is not a Zarr v3 group; {hint}") from err
+        if not isinstance(meta, dict) or "spec" not in meta:
+            raise IncompatibleStoreError(f"{path} exists but is not a cellsam-stream label store; {hint}")
+        if meta.get("layout_version") != LAYOUT_VERSION:
+            raise IncompatibleStoreError(
+                f"{path} has store layout version {meta.get('layout_version')}, this code writes "
+                f"{LAYOUT_VERSION}; {hint}"
+            )
+        try:
+            stored = AcquisitionSpec.model_validate(meta["spec"])
+        except ValidationError as err:
+            raise IncompatibleStoreError(f"{path} holds an unreadable acquisition spec; {hint}") from err
+        if stored != spec:
+            diff = sorted(k for k in AcquisitionSpec.model_fields if getattr(stored, k) != getattr(spec, k))
+            raise IncompatibleStoreError(
+                f"{path} was created with a different spec (fields {', '.join(diff)} differ: stored "
+                f"{ {k: getattr(stored, k) for k in diff} }); resume with the original spec or {hint}"
+            )
+        return meta
+
+    # -- metadata state -----------------------------------------------------------------------
+
+    @staticmethod
+    def _root_state(store: _Store) -> dict[str, Any]:
+        """Our root attributes, read fresh (the file is replaced atomically, so never torn)."""
+        document = json.loads((store.path / "zarr.json").read_bytes())
+        meta: dict[str, Any] = document["attributes"][CELLSAM_KEY]
+        meta.setdefault("generation", 0)
+        return meta
+
+    @staticmethod
+    def _update_root_state(
+        zstore: LocalStore, *, closed: bool, summary: Any = None, bump_generation: bool = False
+    ) -> None:
+        """Rewrite the root's state under the exclusive lock (callers hold it)."""
+        root = zarr.open_group(zstore, mode="r+", zarr_format=3)
+        meta: dict[str, Any] = dict(root.attrs[CELLSAM_KEY])  # type: ignore[arg-type]
+        meta["closed"] = closed
+        if closed:
+            meta["summary"] = summary
+        if bump_generation:
+            meta["generation"] = int(meta.get("generation", 0)) + 1
+        root.attrs[CELLSAM_KEY] = meta
+
+    def _reload(self, store: _Store) -> None:
+        generation = self._root_state(store)["generation"]
+        series = {p: self._load_series(store, p) for p in range(store.spec.sizes.p)}
+        with store.mutex:
+            store.series = series
+            store.generation = generation
+
+    @staticmethod
+    def _load_series(store: _Store, p: int) -> _Series:
+        levels = range(store.spec.storage.levels)
+        paths = {f"image/{k}": f"{p}/{k}" for k in levels}
+        paths |= {f"labels/{k}": f"{p}/labels/cells/{k}" for k in levels}
+        paths["done"] = f"{p}/cellsam/done"
+        arrays = {name: zarr.open_array(store.zstore, path=path, mode="r+") for name, path in paths.items()}
+        return _Series(arrays=arrays, t_alloc=arrays["done"].shape[0])
+
+    def _ensure_t(self, store: _Store, p: int, t: int) -> None:
+        """Grow series ``p`` so that it holds time point ``t`` (unbounded acquisitions)."""
+        with store.mutex:
+            if t < store.series[p].t_alloc:
+                return
+        with _flock(store.lock_file, exclusive=True):
+            series = self._load_series(store, p)  # re-read: another process may have grown it already
+            if t >= series.t_alloc:
+                step = store.spec.storage.t_growth
+                new_t = (t // step + 1) * step
+                for array in series.arrays.values():
+                    array.resize((new_t, *array.shape[1:]))
+                series = self._load_series(store, p)
+        with store.mutex:
+            store.series[p] = series
+
+    def _t_size(self, store: _Store) -> int:
+        t_max = -1
+        for series in store.series.values():
+            ts = np.nonzero(np.asarray(series.arrays["done"][...]) & DONE_LABELS)[0]
+            if ts.size:
+                t_max = max(t_max, int(ts.max()))
+        return t_max + 1
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def _shard_lock(self, store: _Store, p: int, t: int, z: int) -> Any:
+        """With sharding, one writer at a time per shard (shards are read-modify-written whole)."""
+        shard_t = store.spec.storage.shard_t
+        if shard_t is None:
+            return nullcontext()
+        return _flock(store.lock_dir / f"shard-p{p}-t{t // shard_t}-z{z}.lock", exclusive=True)
+
+    @staticmethod
+    def _write_frame(store: _Store, series: _Series, p: int, t: int, z: int, frame: PreparedFrame) -> None:
+        arrays = series.arrays
+        done = arrays["done"]
+        done[t, z] = 0  # a rewrite must never expose a half-replaced frame as done
+        if frame.image is not None:
+            for level in range(store.spec.storage.levels):
+                arrays[f"image/{level}"][t, :, z] = downsample(frame.image, level)
+        for level in range(store.spec.storage.levels):
+            arrays[f"labels/{level}"][t, z] = downsample(frame.labels, level)
+        rows = frame.cells.to_array()
+        zarr.create_array(
+            store.zstore,
+            name=f"{p}/cellsam/cells/{table_name(t, z)}",
+            data=rows,
+            chunks=(max(len(rows), 1), len(CELL_TABLE_COLUMNS)),
+            compressors=ZstdCodec(level=3),
+            dimension_names=("cell", "column"),
+            attributes={CELLSAM_KEY: {"columns": list(CELL_TABLE_COLUMNS)}},
+            overwrite=True,
+        )
+        done[t, z] = DONE_LABELS | (DONE_IMAGE if frame.image is not None else 0)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _store(self, acquisition: str) -> _Store:
+        check_acquisition_id(acquisition)
+        with self._mutex:
+            store = self._stores.get(acquisition)
+        if store is None:
+            raise AcquisitionNotOpenError(
+                f"acquisition {acquisition!r} is not open; call open_acquisition first"
+            )
+        return store
+
+    def _done_value(self, frame_id: FrameId) -> int:
+        store = self._store(frame_id.acquisition)
+        p, t, z = check_frame_index(store.spec, frame_id)
+        with store.mutex:
+            series = store.series[p]
+        if t >= series.t_alloc:
+            series = self._load_series(store, p)  # another process may have grown it
+            with store.mutex:
+                store.series[p] = series
+            if t >= series.t_alloc:
+                return 0
+        return _done_at(series, t, z)
+
+    def _done_frame(self, frame_id: FrameId) -> tuple[_Store, _Series, tuple[int, int, int]]:
+        if not self._done_value(frame_id) & DONE_LABELS:
+            raise FrameNotWrittenError(f"frame {frame_id!r} is not done")
+        store = self._store(frame_id.acquisition)
+        index = check_frame_index(store.spec, frame_id)
+        with store.mutex:
+            return store, store.series[index[0]], index

@@ -1,0 +1,140 @@
+"""Ingest throughput: FrameSender -> FrameListener -> consumer, against bare pyzmq PUSH/PULL.
+
+Sends ``--frames`` frames of ``--shape`` uint16 (default 2048x2048, 8 MiB) over ``tcp://127.0.0.1`` and
+``ipc://`` and reports frames/s, GB/s and the ratio to a bare pyzmq PUSH/PULL of the same buffers in the
+same run. Senders run in a child process, like a microscope script; ``copy=False`` on both sides; time is
+measured from the first to the last frame received. Also reports the receiver's resident memory before
+and after, to show it stays flat.
+
+    python benchmarks/bench_ingest.py --frames 2000
+    python benchmarks/bench_ingest.py --frames 10000 --transports tcp
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from acquisition.client import FrameSender
+from acquisition.listener import FrameListener
+
+
+def rss_mib() -> float:
+    """Resident set size of this process in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _frames(shape: tuple[int, int]) -> list[np.ndarray]:
+    # A few distinct buffers, reused: the sender must not allocate per frame either.
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 4096, shape, dtype=np.uint16) for _ in range(4)]
+
+
+def _sender_process(kind: str, endpoint: str, shape: tuple[int, int], n: int) -> None:
+    """Runs in a child process, like a microscope script: sends ``n`` frames to ``endpoint``."""
+    frames = _frames(shape)
+    if kind == "bare":
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(endpoint)
+        header = json.dumps({"type": "frame", "v": 1}).encode()
+        for i in range(n):
+            push.send_multipart([header, frames[i % len(frames)]], copy=False)
+        push.close(linger=-1)
+    else:
+        with FrameSender(endpoint=endpoint, acquisition="bench", timeout=None) as tx:
+            for i in range(n):
+                tx.send(frames[i % len(frames)], t=i)
+
+
+def _spawn(kind: str, endpoint: str, shape: tuple[int, int], n: int) -> Any:
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_sender_process, args=(kind, endpoint, shape, n)
+    )
+    proc.start()
+    return proc
+
+
+def bare_pyzmq(endpoint: str, shape: tuple[int, int], n: int) -> float:
+    """Seconds between the first and the last of ``n`` frames through a plain PUSH/PULL (zero-copy)."""
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(endpoint)
+    proc = _spawn("bare", pull.getsockopt_string(zmq.LAST_ENDPOINT), shape, n)
+    pull.recv_multipart(copy=False)
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        pull.recv_multipart(copy=False)
+    elapsed = time.perf_counter() - start
+    proc.join()
+    pull.close(linger=0)
+    return elapsed
+
+
+def ours(endpoint: str, shape: tuple[int, int], n: int) -> float:
+    """Seconds between the first and the last of ``n`` frames FrameSender -> FrameListener -> consumer."""
+
+    async def main() -> float:
+        async with FrameListener(endpoint=endpoint, max_in_flight=8, max_frame_bytes=1 << 30) as listener:
+            proc = _spawn("ours", listener.endpoint, shape, n)
+            await listener.get()
+            start = time.perf_counter()
+            for _ in range(n - 1):
+                await listener.get()
+            elapsed = time.perf_counter() - start
+            await asyncio.to_thread(proc.join)
+            return elapsed
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--shape", type=int, nargs=2, default=(2048, 2048))
+    parser.add_argument("--rounds", type=int, default=3, help="repeat each side, keep the best")
+    parser.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    args = parser.parse_args(argv)
+    shape = (int(args.shape[0]), int(args.shape[1]))
+    nbytes = shape[0] * shape[1] * 2
+    report: dict[str, Any] = {"frame_bytes": nbytes, "frames": args.frames}
+    with tempfile.TemporaryDirectory() as tmp:
+        for transport in args.transports:
+            endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
+            rss_before = rss_mib()
+            # Alternate rounds and keep each side's best: this machine's noise is larger than the gap.
+            t_bare = min(bare_pyzmq(endpoint, shape, args.frames) for _ in range(args.rounds))
+            t_ours = min(ours(endpoint, shape, args.frames) for _ in range(args.rounds))
+            rss_after = rss_mib()
+            row = {
+                "bare_fps": (args.frames - 1) / t_bare,
+                "bare_GBps": (args.frames - 1) * nbytes / t_bare / 1e9,
+                "ours_fps": (args.frames - 1) / t_ours,
+                "ours_GBps": (args.frames - 1) * nbytes / t_ours / 1e9,
+                "ratio": t_bare / t_ours,
+                "rss_before_MiB": rss_before,
+                "rss_after_MiB": rss_after,
+            }
+            report[transport] = row
+            print(
+                f"{transport}: bare {row['bare_fps']:.0f} frames/s ({row['bare_GBps']:.2f} GB/s), "
+                f"ours {row['ours_fps']:.0f} frames/s ({row['ours_GBps']:.2f} GB/s), "
+                f"ratio {row['ratio']:.2f}, RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+            )
+    return report
+
+
+if __name__ == "__main__":
+    main()

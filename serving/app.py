@@ -1,0 +1,187 @@
+"""The Serve application: ``Ingress`` (ZeroMQ + HTTP + metrics) bound to ``Encoder`` and ``Decoder``.
+
+``build_app(args)`` is the application builder named in ``deploy/serve_config.yaml``
+(``import_path: serving.app:build_app``); ``args`` is a :class:`~serving.config.ServiceConfig` dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import ServiceConfig
+from serving.deployments import DecodedFrame, Decoder, Encoder
+from serving.metrics import ServiceMetrics
+
+__all__ = ["Ingress", "ServeSegmenter", "build_app"]
+
+log = logging.getLogger(__name__)
+
+http_app = FastAPI(title="cellsam-stream", description="Live CellSAM segmentation service.")
+
+
+def _is_replica_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (possibly wrapped by Ray) means a replica died or could not be reached."""
+    from ray import exceptions as rex
+
+    retryable: tuple[type[BaseException], ...] = (rex.RayActorError, rex.ActorUnavailableError)
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, retryable):
+            return True
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+        seen += 1
+    return False
+
+
+class ServeSegmenter:
+    """Encoder → decoder through deployment handles; the embedding never passes through the caller."""
+
+    def __init__(self, *, encoder: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.encoder = encoder
+        self.decoder = decoder
+
+    async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
+        encoded = self.encoder.remote(image, options)
+        result: DecodedFrame = await self.decoder.remote(encoded)
+        return result
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return _is_replica_failure(exc)
+
+
+@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64)
+@serve.ingress(http_app)
+class Ingress:
+    """Owns the ZeroMQ listener and result publisher, the label sink and the metrics endpoint.
+
+    HTTP routes: ``POST /segment`` (TIFF/PNG/NPY body → label TIFF, or NPY with ``?format=npy``),
+    ``GET /healthz`` (a real tiny inference through both deployments), ``GET /acquisitions``,
+    ``GET /metrics``.
+    """
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: dict[str, Any]
+    ):
+        from acquisition.zarr_sink import ZarrLabelSink
+        from serving.pipeline import StreamPipeline
+
+        self.config = ServiceConfig.model_validate(config)
+        self.segmenter = ServeSegmenter(encoder=encoder, decoder=decoder)
+        self.metrics = ServiceMetrics()
+        model = self.config.model
+        self.metrics.set_model(
+            name=model.name or "auto",
+            sha256="random" if model.random_weights else "see-logs",
+            source="random" if model.random_weights else (model.weights or "resolved"),
+            device=model.device,
+            dtype=model.dtype,
+        )
+        self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
+        self.pipeline = StreamPipeline(
+            config=self.config,
+            segmenter=self.segmenter,
+            sink=ZarrLabelSink(self.config.output.directory),
+            metrics=self.metrics,
+            model_name=model.name or "",
+        )
+        await self.pipeline.start()
+        log.info("ingress ready: %s, metrics on port %d", self.pipeline.endpoints, self.metrics_port)
+
+    async def __del__(self) -> None:
+        # Serve calls this on shutdown: finish frames in flight, close acquisitions and sockets.
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            await pipeline.stop()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+
+    @http_app.get("/endpoints")
+    def endpoints(self) -> dict[str, Any]:
+        """Where the service listens (ZeroMQ ingest/results, metrics port)."""
+        return {**self.pipeline.endpoints, "metrics_port": self.metrics_port}
+
+    @http_app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Segment a small synthetic frame through encoder and decoder."""
+        from cellsam_core.synthetic import synthetic_frame
+
+        image, _ = synthetic_frame((64, 64), seed=0, modality="nuclear", n_cells=3)
+        t0 = time.perf_counter()
+        try:
+            decoded = await asyncio.wait_for(self.segmenter.segment(image, {}), timeout=120)
+        except Exception as exc:
+            raise HTTPException(status_code=503, detail=f"inference failed: {exc}") from exc
+        return {
+            "status": "ok",
+            "seconds": round(time.perf_counter() - t0, 4),
+            "cells": decoded.segmentation.n_cells,
+            "model": self.config.model.name,
+        }
+
+    @http_app.get("/acquisitions")
+    def acquisitions(self) -> dict[str, Any]:
+        """Status and progress of each acquisition seen since the service started."""
+        return {
+            "acquisitions": [p.as_dict() for p in self.pipeline.acquisitions.values()],
+            "listener": self.pipeline.listener.stats.as_dict(),
+        }
+
+    @http_app.get("/metrics")
+    def metrics_text(self) -> Response:
+        """The Prometheus exposition (also served on the metrics port)."""
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @http_app.post("/segment")
+    async def segment(self, request: Request, format: str = "tiff") -> Response:
+        """Segment one image: same answer as ``cellsam-stream segment``."""
+        from cellsam_core.errors import ImageFormatError
+        from cellsam_core.io import decode_image_bytes, encode_labels_bytes
+
+        if format not in ("tiff", "npy"):
+            raise HTTPException(status_code=400, detail="format must be 'tiff' or 'npy'")
+        body = await request.body()
+        try:
+            image = decode_image_bytes(body, name="request body")
+        except ImageFormatError as exc:
+            raise HTTPException(status_code=415, detail=str(exc)) from exc
+        try:
+            decoded = await self.segmenter.segment(image, {})
+        except ValueError as exc:  # ImageFormatError and friends, raised inside the replicas
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        labels = decoded.segmentation.labels
+        media = "image/tiff" if format == "tiff" else "application/octet-stream"
+        return Response(
+            encode_labels_bytes(labels, format),
+            media_type=media,
+            headers={"X-Cell-Count": str(decoded.segmentation.n_cells)},
+        )
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Bind the three deployments; loads nothing (weights are loaded inside the replicas)."""
+    config = ServiceConfig.model_validate(args)
+    model = config.model.model_dump()
+    encoder = Encoder.options(  # type: ignore[attr-defined]
+        num_replicas=config.encoder.replicas,
+        ray_actor_options={"num_gpus": config.encoder.num_gpus},
+        user_config={
+            "max_batch_size": config.encoder.max_batch_size,
+            "batch_wait_timeout_s": config.encoder.batch_wait_timeout_s,
+        },
+    ).bind(model, config.encoder.model_dump())
+    decoder = Decoder.options(  # type: ignore[attr-defined]
+        num_replicas=config.decoder.replicas,
+        ray_actor_options={"num_gpus": config.decoder.num_gpus},
+    ).bind(model, config.decoder.model_dump())
+    return Ingress.bind(encoder, decoder, config.model_dump())  # type: ignore[attr-defined]

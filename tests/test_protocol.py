@@ -1,0 +1,285 @@
+"""Wire protocol v1: every rejection reason and the valid variants, table-driven (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from acquisition.errors import ProtocolError
+from acquisition.protocol import (
+    MAX_HEADER_BYTES,
+    EndMessage,
+    FrameMessage,
+    FrameResult,
+    Reason,
+    StartMessage,
+    decode_message,
+    encode_control,
+    encode_frame,
+    frame_header,
+    validate_acquisition_id,
+)
+
+DROP = object()  # marks a field to remove from the base header
+
+
+def header(**changes: Any) -> bytes:
+    base: dict[str, Any] = {
+        "type": "frame",
+        "v": 1,
+        "acquisition": "exp-1",
+        "index": {"t": 2, "p": 1, "z": 0},
+        "shape": [4, 6],
+        "dtype": "uint16",
+    }
+    for key, value in changes.items():
+        if value is DROP:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return json.dumps(base).encode()
+
+
+PIXELS = np.arange(24, dtype="<u2").tobytes()  # a valid (4, 6) uint16 buffer
+
+
+def control(kind: str, **changes: Any) -> bytes:
+    base: dict[str, Any] = {"type": kind, "v": 1, "acquisition": "exp-1"}
+    base.update(changes)
+    return json.dumps(base).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    parts: list[bytes]
+    expected: str  # a Reason value, or "frame" / "start" / "end" for valid messages
+    max_frame_bytes: int = 1 << 20
+
+
+CASES = [
+    # valid variants
+    Case("frame_uint16_2d", [header(), PIXELS], "frame"),
+    Case("frame_index_axes_default", [header(index={}), PIXELS], "frame"),
+    Case("frame_with_channel_index", [header(index={"t": 0, "c": 3}), PIXELS], "frame"),
+    Case(
+        "frame_rgb_uint8",
+        [header(shape=[4, 6, 3], dtype="uint8"), np.zeros((4, 6, 3), np.uint8).tobytes()],
+        "frame",
+    ),
+    Case("frame_float32", [header(dtype="float32"), np.ones((4, 6), "<f4").tobytes()], "frame"),
+    Case(
+        "frame_optional_fields",
+        [
+            header(
+                timestamp=1.7e9,
+                channels={"names": ["DAPI"], "nuclear": 0},
+                metadata={"exposure_ms": 20, "event": {"index": {"t": 2}}},
+            ),
+            PIXELS,
+        ],
+        "frame",
+    ),
+    Case("frame_unknown_fields_ignored", [header(future_field={"x": 1}), PIXELS], "frame"),
+    Case("frame_id_max_length", [header(acquisition="a" * 128), PIXELS], "frame"),
+    Case("start_minimal", [control("start")], "start"),
+    Case(
+        "start_full",
+        [
+            control(
+                "start",
+                sizes={"t": 10, "p": None, "z": 2},
+                channels={"names": ["n", "c"], "nuclear": 0, "whole_cell": 1},
+                shape=[64, 64],
+                dtype="uint16",
+                settings={"model": "cellsam_general"},
+            )
+        ],
+        "start",
+    ),
+    Case("end_minimal", [control("end")], "end"),
+    Case("end_with_count", [control("end", frames=12)], "end"),
+    # framing
+    Case("no_parts", [], Reason.BAD_MULTIPART),
+    Case("frame_without_buffer", [header()], Reason.BAD_MULTIPART),
+    Case("frame_three_parts", [header(), PIXELS, b"x"], Reason.BAD_MULTIPART),
+    Case("control_with_buffer", [control("start"), b"x"], Reason.BAD_MULTIPART),
+    Case(
+        "header_too_large", [header(metadata={"x": "a" * MAX_HEADER_BYTES}), PIXELS], Reason.HEADER_TOO_LARGE
+    ),
+    # JSON
+    Case("not_json", [b"hello", PIXELS], Reason.BAD_JSON),
+    Case("not_utf8", [b"\xff\xfe{}", PIXELS], Reason.BAD_JSON),
+    Case("json_array", [b"[1, 2]", PIXELS], Reason.BAD_JSON),
+    Case("json_nan", [b'{"v": 1, "type": "frame", "x": NaN}', PIXELS], Reason.BAD_JSON),
+    # version, type, id
+    Case("version_2", [header(v=2), PIXELS], Reason.BAD_VERSION),
+    Case("version_string", [header(v="1"), PIXELS], Reason.BAD_VERSION),
+    Case("version_bool", [header(v=True), PIXELS], Reason.BAD_VERSION),
+    Case("missing_v", [header(v=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("missing_type", [header(type=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("unknown_type", [header(type="frames"), PIXELS], Reason.UNKNOWN_TYPE),
+    Case("missing_acquisition", [header(acquisition=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("id_parent_dir", [header(acquisition=".."), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_path", [header(acquisition="../etc"), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_slash", [header(acquisition="a/b"), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_hidden", [header(acquisition=".hidden"), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_empty", [header(acquisition=""), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_too_long", [header(acquisition="a" * 129), PIXELS], Reason.BAD_ACQUISITION_ID),
+    Case("id_not_string", [header(acquisition=42), PIXELS], Reason.BAD_ACQUISITION_ID),
+    # fields
+    Case("missing_index", [header(index=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("missing_shape", [header(shape=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("missing_dtype", [header(dtype=DROP), PIXELS], Reason.MISSING_FIELD),
+    Case("index_negative", [header(index={"t": -1}), PIXELS], Reason.BAD_INDEX),
+    Case("index_float", [header(index={"t": 1.5}), PIXELS], Reason.BAD_INDEX),
+    Case("index_string", [header(index={"t": "1"}), PIXELS], Reason.BAD_INDEX),
+    Case("index_unknown_axis", [header(index={"q": 1}), PIXELS], Reason.BAD_INDEX),
+    Case("index_not_object", [header(index=[1, 2]), PIXELS], Reason.BAD_INDEX),
+    Case("shape_rank_1", [header(shape=[24]), PIXELS], Reason.BAD_SHAPE),
+    Case("shape_rank_4", [header(shape=[1, 4, 6, 1]), PIXELS], Reason.BAD_SHAPE),
+    Case("shape_zero", [header(shape=[0, 6]), b""], Reason.BAD_SHAPE),
+    Case("shape_string_dims", [header(shape=["4", 6]), PIXELS], Reason.BAD_SHAPE),
+    Case("shape_too_many_channels", [header(shape=[1, 1, 17], dtype="uint8"), bytes(17)], Reason.BAD_SHAPE),
+    Case("dtype_complex", [header(dtype="complex64"), PIXELS], Reason.BAD_DTYPE),
+    Case("dtype_float16", [header(dtype="float16"), PIXELS], Reason.BAD_DTYPE),
+    Case("dtype_object", [header(dtype="object"), PIXELS], Reason.BAD_DTYPE),
+    Case("dtype_not_string", [header(dtype=2), PIXELS], Reason.BAD_DTYPE),
+    Case("metadata_not_object", [header(metadata=[1]), PIXELS], Reason.BAD_FIELD),
+    Case("timestamp_string", [header(timestamp="now"), PIXELS], Reason.BAD_FIELD),
+    Case("channels_bad", [header(channels={"names": 3}), PIXELS], Reason.BAD_FIELD),
+    Case("start_zero_size", [control("start", sizes={"t": 0})], Reason.BAD_FIELD),
+    Case("end_negative_frames", [control("end", frames=-1)], Reason.BAD_FIELD),
+    # size and values
+    Case("buffer_short", [header(), PIXELS[:-2]], Reason.SIZE_MISMATCH),
+    Case("buffer_long", [header(), PIXELS + b"\0\0"], Reason.SIZE_MISMATCH),
+    Case("declared_too_large", [header(shape=[4096, 4096]), PIXELS], Reason.TOO_LARGE),
+    Case("buffer_too_large", [header(), bytes(64)], Reason.TOO_LARGE, max_frame_bytes=47),
+    Case("frame_at_limit", [header(), PIXELS], "frame", max_frame_bytes=48),
+    Case(
+        "float_nan",
+        [header(dtype="float32"), np.array([np.nan] + [0.0] * 23, "<f4").tobytes()],
+        Reason.NON_FINITE,
+    ),
+    Case(
+        "float_inf",
+        [header(dtype="float64"), np.array([0.0] * 23 + [-np.inf], "<f8").tobytes()],
+        Reason.NON_FINITE,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_decode(case: Case) -> None:
+    if case.expected in ("frame", "start", "end"):
+        message = decode_message(case.parts, max_frame_bytes=case.max_frame_bytes)
+        expected_type = {"frame": FrameMessage, "start": StartMessage, "end": EndMessage}[case.expected]
+        assert isinstance(message, expected_type)
+        if isinstance(message, FrameMessage):
+            assert message.data.shape == message.header.shape
+            assert message.data.tobytes() == case.parts[1]
+            assert not message.data.flags.writeable
+    else:
+        with pytest.raises(ProtocolError) as info:
+            decode_message(case.parts, max_frame_bytes=case.max_frame_bytes)
+        assert info.value.reason == case.expected
+        assert str(case.expected) in str(info.value)
+
+
+def test_every_input_reason_has_a_case() -> None:
+    covered = {c.expected for c in CASES}
+    listener_only = {Reason.ACQUISITION_ENDED, Reason.INTERNAL}  # tested in test_listener.py
+    assert set(Reason) - listener_only <= covered
+
+
+def test_rejection_carries_acquisition_when_known() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_message([header(), PIXELS[:-2]])
+    assert info.value.acquisition == "exp-1"
+    assert info.value.index == {"t": 2, "p": 1, "z": 0, "c": None}
+    with pytest.raises(ProtocolError) as info:
+        decode_message([b"garbage", PIXELS])
+    assert info.value.acquisition is None
+    assert isinstance(info.value, ValueError)
+
+
+def test_decode_wraps_buffer_without_copy() -> None:
+    buffer = bytearray(PIXELS)
+    message = decode_message([header(), buffer])
+    assert isinstance(message, FrameMessage)
+    assert np.shares_memory(message.data, np.frombuffer(buffer, np.uint8))
+    assert message.data[0, 1] == 1 and message.data[3, 5] == 23
+
+
+def test_encode_decode_roundtrip() -> None:
+    image = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    h = frame_header(
+        image.shape, image.dtype, acquisition="a.b_c-1", index={"t": 5, "c": 1}, metadata={"k": [1, 2]}
+    )
+    parts = encode_frame(h, image)
+    assert parts[1] is image  # C-contiguous little-endian: passed through for a zero-copy send
+    message = decode_message([parts[0], memoryview(parts[1].data)])
+    assert isinstance(message, FrameMessage)
+    assert message.header == h
+    np.testing.assert_array_equal(message.data, image)
+
+
+def test_encode_converts_big_endian_and_non_contiguous() -> None:
+    big = np.arange(12, dtype=">u2").reshape(3, 4)
+    h = frame_header(big.shape, big.dtype, acquisition="x")
+    message = decode_message([encode_frame(h, big)[0], encode_frame(h, big)[1].tobytes()])
+    assert isinstance(message, FrameMessage)
+    np.testing.assert_array_equal(message.data, big)
+    strided = np.arange(24, dtype=np.uint8).reshape(4, 6)[:, ::2]
+    h2 = frame_header(strided.shape, strided.dtype, acquisition="x")
+    assert encode_frame(h2, strided)[1].flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "reason"),
+    [
+        ((4, 4), np.bool_, Reason.BAD_DTYPE),
+        ((4, 4), np.complex64, Reason.BAD_DTYPE),
+        ((2, 4, 4, 1), np.uint8, "bad_shape"),
+    ],
+)
+def test_frame_header_rejects_unsendable_arrays(shape: tuple[int, ...], dtype: Any, reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        frame_header(shape, dtype, acquisition="x")
+    assert info.value.reason == reason
+
+
+def test_control_roundtrip() -> None:
+    start = StartMessage(acquisition="e1", sizes={"t": 3}, settings={"model": "m"})  # type: ignore[arg-type]
+    decoded = decode_message(encode_control(start))
+    assert decoded == start
+    end = EndMessage(acquisition="e1", frames=3)
+    assert decode_message(encode_control(end)) == end
+
+
+def test_validate_acquisition_id() -> None:
+    assert validate_acquisition_id("Exp_1.2-a") == "Exp_1.2-a"
+    for bad in ["", ".", "..", ".x", "a b", "ä", "a" * 129, None]:
+        with pytest.raises(ProtocolError):
+            validate_acquisition_id(bad)
+
+
+def test_frame_result_model_roundtrip() -> None:
+    result = FrameResult(
+        acquisition="e1",
+        index={"t": 1},  # type: ignore[arg-type]
+        n_cells=1,
+        boxes=[(1.0, 2.0, 3.0, 4.0)],
+        centroids=[(2.5, 1.5)],
+        areas=[4],
+        scores=[0.9],
+        latency={"encode": 0.1},
+        model="tiny",
+    )
+    again = FrameResult.model_validate_json(result.model_dump_json())
+    assert again == result
+    assert again.status == "ok" and again.index is not None and again.index.t == 1

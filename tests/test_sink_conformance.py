@@ -1,0 +1,271 @@
+"""One conformance suite for every `LabelSink`: subclass `SinkConformance` and implement `make_sink`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+
+from acquisition.cell_table import CellTable
+from acquisition.memory_sink import MemoryLabelSink
+from acquisition.sink import AcquisitionSpec, FrameId, LabelSink, Sizes, StorageOptions
+from acquisition.sink_errors import (
+    AcquisitionClosedError,
+    AcquisitionNotOpenError,
+    FrameNotWrittenError,
+    IncompatibleStoreError,
+    InvalidFrameError,
+    InvalidIdentifierError,
+    SinkError,
+)
+from acquisition.zarr_sink import ZarrLabelSink
+from tests.sink_frames import SHAPE, frame_cells, frame_image, frame_labels
+
+
+def make_spec(acquisition: str = "acq-1", *, t: int | None = None, **kwargs: Any) -> AcquisitionSpec:
+    defaults: dict[str, Any] = {
+        "sizes": Sizes(t=t, p=2, z=2, c=2),
+        "frame_shape": SHAPE,
+        "storage": StorageOptions(t_growth=8),
+    }
+    return AcquisitionSpec(acquisition=acquisition, **(defaults | kwargs))
+
+
+class BadInput(NamedTuple):
+    name: str
+    frame: tuple[int, int, int]
+    labels: Any
+    image: Any
+    cells: Any
+    error: type[Exception]
+
+
+_GOOD = frame_labels(0, 0, 0)
+BAD_INPUTS = [
+    BadInput("labels wrong shape", (0, 0, 0), np.zeros((32, 64), np.uint32), None, None, InvalidFrameError),
+    BadInput(
+        "labels transposed", (0, 0, 0), np.zeros((64, 32), np.uint32)[:, :], None, None, InvalidFrameError
+    ),
+    BadInput("labels int32", (0, 0, 0), _GOOD.astype(np.int32), None, None, InvalidFrameError),
+    BadInput("labels float", (0, 0, 0), _GOOD.astype(np.float32), None, None, InvalidFrameError),
+    BadInput("labels 3-D", (0, 0, 0), _GOOD[None], None, None, InvalidFrameError),
+    BadInput("labels a list", (0, 0, 0), _GOOD.tolist(), None, None, InvalidFrameError),
+    BadInput(
+        "image wrong shape", (0, 0, 0), _GOOD, np.zeros((1, *SHAPE), np.uint16), None, InvalidFrameError
+    ),
+    BadInput(
+        "image wrong dtype", (0, 0, 0), _GOOD, np.zeros((2, *SHAPE), np.float32), None, InvalidFrameError
+    ),
+    BadInput("cells not a table", (0, 0, 0), _GOOD, None, {"label": [1]}, InvalidFrameError),
+    BadInput("p out of range", (2, 0, 0), _GOOD, None, None, InvalidIdentifierError),
+    BadInput("z out of range", (0, 0, 2), _GOOD, None, None, InvalidIdentifierError),
+    BadInput("negative t", (0, -1, 0), _GOOD, None, None, InvalidIdentifierError),
+]
+
+
+class SinkConformance:
+    """Behaviour every `LabelSink` must show; see the `LabelSink` docstring for the contract."""
+
+    def make_sink(self, tmp_path: Path) -> LabelSink:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def sink(self, tmp_path: Path) -> LabelSink:
+        return self.make_sink(tmp_path)
+
+    @pytest.fixture
+    def spec(self, sink: LabelSink) -> AcquisitionSpec:
+        spec = make_spec()
+        sink.open_acquisition(spec)
+        return spec
+
+    def write(self, sink: LabelSink, spec: AcquisitionSpec, p: int, t: int, z: int) -> None:
+        sink.write(
+            FrameId(spec.acquisition, p, t, z),
+            frame_labels(p, t, z),
+            frame_image(p, t, z, spec.sizes.c),
+            frame_cells(p, t, z),
+        )
+
+    def assert_frame(self, sink: LabelSink, spec: AcquisitionSpec, p: int, t: int, z: int) -> None:
+        frame = FrameId(spec.acquisition, p, t, z)
+        assert sink.is_done(frame)
+        labels = sink.read_labels(frame)
+        assert labels.dtype == np.uint32
+        np.testing.assert_array_equal(labels, frame_labels(p, t, z))
+        np.testing.assert_array_equal(sink.read_image(frame), frame_image(p, t, z, spec.sizes.c))
+        assert sink.read_cells(frame).equals(frame_cells(p, t, z))
+
+    def test_satisfies_protocol(self, sink: LabelSink) -> None:
+        assert isinstance(sink, LabelSink)
+
+    def test_write_and_read_back(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        frames = [(0, 0, 0), (1, 0, 1), (0, 3, 1)]
+        for frame in frames:
+            self.write(sink, spec, *frame)
+        for frame in frames:
+            self.assert_frame(sink, spec, *frame)
+        progress = sink.progress(spec.acquisition)
+        assert progress.done == tuple(FrameId(spec.acquisition, *f) for f in sorted(frames))
+        assert progress.t_size == 4
+        assert not progress.closed
+
+    def test_cells_measured_when_omitted(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        frame = FrameId(spec.acquisition, 0, 1, 0)
+        sink.write(frame, frame_labels(0, 1, 0))
+        table = sink.read_cells(frame)
+        assert table.equals(CellTable.from_labels(frame_labels(0, 1, 0)))
+        assert len(table) > 0 and np.isnan(table.score).all()
+        assert sink.read_image(frame) is None  # written without an image
+
+    def test_narrow_label_dtypes_accepted(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        frame = FrameId(spec.acquisition, 0, 0, 0)
+        sink.write(frame, frame_labels(0, 0, 0).astype(np.uint16))
+        np.testing.assert_array_equal(sink.read_labels(frame), frame_labels(0, 0, 0))
+
+    def test_rewrite_is_idempotent(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        for _ in range(2):
+            self.write(sink, spec, 1, 2, 0)
+        self.assert_frame(sink, spec, 1, 2, 0)
+        # A retry with other content replaces the frame: one result, never a mix.
+        frame = FrameId(spec.acquisition, 1, 2, 0)
+        sink.write(frame, frame_labels(0, 0, 1), None, frame_cells(0, 0, 1))
+        np.testing.assert_array_equal(sink.read_labels(frame), frame_labels(0, 0, 1))
+        assert sink.read_cells(frame).equals(frame_cells(0, 0, 1))
+        assert sink.read_image(frame) is None
+        assert sink.progress(spec.acquisition).done == (frame,)
+
+    def test_zero_cell_frame_differs_from_missing_frame(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        empty = FrameId(spec.acquisition, 0, 4, 0)  # t % 5 == 4: no cells
+        assert not frame_labels(0, 4, 0).any()
+        self.write(sink, spec, 0, 4, 0)
+        assert sink.is_done(empty)
+        assert not sink.read_labels(empty).any()
+        assert len(sink.read_cells(empty)) == 0
+
+        missing = FrameId(spec.acquisition, 0, 4, 1)
+        assert not sink.is_done(missing)
+        for read in (sink.read_labels, sink.read_image, sink.read_cells):
+            with pytest.raises(FrameNotWrittenError):
+                read(missing)
+        assert sink.progress(spec.acquisition).done == (empty,)
+
+    def test_unbounded_t_grows(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        frames = [(0, 0, 0), (1, 9, 1), (0, 70, 0), (1, 200, 0), (0, 17, 1)]
+        for frame in frames:
+            self.write(sink, spec, *frame)
+        for frame in frames:
+            self.assert_frame(sink, spec, *frame)
+        assert not sink.is_done(FrameId(spec.acquisition, 0, 1000, 0))
+        assert sink.progress(spec.acquisition).t_size == 201
+
+    def test_bounded_t_refuses_later_frames(self, sink: LabelSink) -> None:
+        spec = make_spec("bounded", t=3)
+        sink.open_acquisition(spec)
+        self.write(sink, spec, 0, 2, 0)
+        with pytest.raises(InvalidIdentifierError, match="t=3"):
+            self.write(sink, spec, 0, 3, 0)
+
+    @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name for c in BAD_INPUTS])
+    def test_bad_input_refused(self, sink: LabelSink, spec: AcquisitionSpec, case: BadInput) -> None:
+        frame = FrameId(spec.acquisition, *case.frame)
+        with pytest.raises(case.error) as info:
+            sink.write(frame, case.labels, case.image, case.cells)
+        assert isinstance(info.value, SinkError)
+        assert isinstance(info.value, ValueError)
+        assert sink.progress(spec.acquisition).done == ()
+
+    def test_image_with_one_channel_may_be_2d(self, sink: LabelSink) -> None:
+        spec = make_spec("mono", sizes=Sizes(p=1, z=1, c=1))
+        sink.open_acquisition(spec)
+        frame = FrameId("mono", 0, 0, 0)
+        sink.write(frame, frame_labels(0, 0, 0), frame_image(0, 0, 0, 1)[0])
+        np.testing.assert_array_equal(sink.read_image(frame), frame_image(0, 0, 0, 1))
+
+    def test_image_dropped_when_spec_says_so(self, sink: LabelSink) -> None:
+        spec = make_spec("labels-only", write_image=False)
+        sink.open_acquisition(spec)
+        frame = FrameId("labels-only", 0, 0, 0)
+        sink.write(frame, frame_labels(0, 0, 0), frame_image(0, 0, 0, 2))
+        assert sink.read_image(frame) is None
+        np.testing.assert_array_equal(sink.read_labels(frame), frame_labels(0, 0, 0))
+
+    @pytest.mark.parametrize("acquisition", ["../escape", "a/b", ".hidden", "..", "", "x" * 129, "a\\b"])
+    def test_escaping_ids_refused(self, sink: LabelSink, tmp_path: Path, acquisition: str) -> None:
+        with pytest.raises(ValueError):
+            make_spec(acquisition)  # the spec refuses it at the boundary...
+        # ...and the sink refuses it too, even from a spec built without validation.
+        unchecked = AcquisitionSpec.model_construct(**make_spec().model_dump() | {"acquisition": acquisition})
+        with pytest.raises(InvalidIdentifierError):
+            sink.open_acquisition(unchecked)
+        with pytest.raises(InvalidIdentifierError):
+            sink.write(FrameId(acquisition, 0, 0, 0), frame_labels(0, 0, 0))
+        # Nothing was created outside the sink's output directory.
+        assert {path.name for path in tmp_path.iterdir()} <= {"out"}
+
+    def test_write_before_open_refused(self, sink: LabelSink) -> None:
+        with pytest.raises(AcquisitionNotOpenError):
+            sink.write(FrameId("never-opened", 0, 0, 0), frame_labels(0, 0, 0))
+        with pytest.raises(AcquisitionNotOpenError):
+            sink.progress("never-opened")
+
+    def test_reopen_keeps_frames_and_checks_spec(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        self.write(sink, spec, 0, 1, 0)
+        sink.open_acquisition(spec)
+        self.assert_frame(sink, spec, 0, 1, 0)
+        with pytest.raises(IncompatibleStoreError):
+            sink.open_acquisition(make_spec(frame_shape=(32, 32)))
+        with pytest.raises(IncompatibleStoreError):
+            sink.open_acquisition(make_spec(sizes=Sizes(p=2, z=2, c=3)))
+        self.assert_frame(sink, spec, 0, 1, 0)
+
+    def test_close_records_summary_and_refuses_writes(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        for t in range(3):
+            self.write(sink, spec, 0, t, 0)
+        sink.close_acquisition(spec.acquisition, {"frames": 3, "note": "ok"})
+        progress = sink.progress(spec.acquisition)
+        assert progress.closed and progress.summary == {"frames": 3, "note": "ok"}
+        assert progress.t_size == 3
+        with pytest.raises(AcquisitionClosedError):
+            self.write(sink, spec, 0, 3, 0)
+        for t in range(3):
+            self.assert_frame(sink, spec, 0, t, 0)
+        # Reopening resumes the acquisition.
+        sink.open_acquisition(spec)
+        assert not sink.progress(spec.acquisition).closed
+        self.write(sink, spec, 0, 30, 0)
+        self.assert_frame(sink, spec, 0, 30, 0)
+
+    def test_concurrent_writes_from_threads(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        frames = [(p, t, z) for p in range(2) for t in range(12) for z in range(2)]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda f: self.write(sink, spec, *f), frames))
+        for frame in frames:
+            self.assert_frame(sink, spec, *frame)
+        assert len(sink.progress(spec.acquisition).done) == len(frames)
+
+
+class TestMemorySink(SinkConformance):
+    def make_sink(self, tmp_path: Path) -> LabelSink:
+        return MemoryLabelSink()
+
+
+class TestZarrSink(SinkConformance):
+    def make_sink(self, tmp_path: Path) -> LabelSink:
+        return ZarrLabelSink(tmp_path / "out")
+
+
+class TestZarrSinkSharded(SinkConformance):
+    """The same contract with sharding, y/x chunking and downsampled levels switched on."""
+
+    def make_sink(self, tmp_path: Path) -> LabelSink:
+        return ZarrLabelSink(tmp_path / "out")
+
+    @pytest.fixture
+    def spec(self, sink: LabelSink) -> AcquisitionSpec:
+        spec = make_spec(storage=StorageOptions(t_growth=8, shard_t=4, chunk_yx=(32, 32), levels=2))
+        sink.open_acquisition(spec)
+        return spec

@@ -1,0 +1,126 @@
+"""Synthetic live-cell generator: determinism, label/image consistency, modalities, dynamics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cellsam_core.synthetic import MODALITIES, SyntheticMovie, synthetic_frame
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    modality: str
+    image_shape: tuple[int, ...]
+    bright_cells: bool  # fluorescence: cells brighter than background; phase: darker
+
+
+CASES = [
+    Case("nuclear", "nuclear", (96, 128), True),
+    Case("whole_cell", "whole_cell", (96, 128), True),
+    Case("multiplexed", "multiplexed", (96, 128, 2), True),
+    Case("phase", "phase", (96, 128), False),
+]
+
+
+def test_cases_cover_every_modality() -> None:
+    assert {c.modality for c in CASES} == set(MODALITIES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_modalities(case: Case) -> None:
+    image, labels = synthetic_frame((96, 128), seed=3, modality=case.modality, n_cells=12)  # type: ignore[arg-type]
+    assert image.shape == case.image_shape and image.dtype == np.uint16
+    assert labels.shape == (96, 128) and labels.dtype == np.int32
+    ids = np.unique(labels[labels > 0])
+    assert 8 <= ids.size <= 12  # a few may be hidden under neighbours
+    plane = image[..., -1] if image.ndim == 3 else image
+    # Compare cell interiors with background away from cells (edges are blurred and haloed).
+    inside = ndimage.binary_erosion(labels > 0, iterations=2)
+    outside = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    contrast = plane[inside].mean() - plane[outside].mean()
+    assert (contrast > 0) == case.bright_cells
+    assert abs(contrast) > 5 * plane[outside].std() / np.sqrt(outside.sum()) + 20
+
+
+def test_multiplexed_nuclear_channel_marks_nuclei() -> None:
+    image, labels = synthetic_frame((96, 96), seed=1, modality="multiplexed", n_cells=10, noise=False)
+    nuclear_labels = synthetic_frame((96, 96), seed=1, modality="nuclear", n_cells=10, noise=False)[1]
+    nuc = image[..., 0].astype(float)
+    in_nuclei = ndimage.binary_erosion(nuclear_labels > 0, iterations=1)
+    cytoplasm_only = ndimage.binary_erosion((labels > 0) & (nuclear_labels == 0), iterations=1)
+    assert cytoplasm_only.sum() > 20
+    assert nuc[in_nuclei].mean() > nuc[cytoplasm_only].mean() + 50
+    assert (nuclear_labels > 0).sum() < (labels > 0).sum()  # nuclei lie inside whole cells
+
+
+def test_seeded_and_reproducible() -> None:
+    a = SyntheticMovie((64, 64), 4, seed=11, n_cells=8)
+    b = SyntheticMovie((64, 64), 4, seed=11, n_cells=8)
+    c = SyntheticMovie((64, 64), 4, seed=12, n_cells=8)
+    for (ia, la), (ib, lb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(a[2][0], c[2][0])
+    np.testing.assert_array_equal(a[3][0], list(a)[3][0])  # random access equals iteration
+    np.testing.assert_array_equal(a[-1][1], a[3][1])
+    with pytest.raises(IndexError):
+        a[4]
+
+
+def test_noise_is_shot_and_read_noise() -> None:
+    clean, _ = synthetic_frame((128, 128), seed=2, n_cells=10, noise=False, dtype=np.float32)
+    noisy, _ = synthetic_frame((128, 128), seed=2, n_cells=10, dtype=np.float32)
+    residual = noisy - clean
+    dim, bright = clean < np.percentile(clean, 20), clean > np.percentile(clean, 95)
+    assert abs(residual.mean()) < 1.0
+    assert residual[bright].std() > residual[dim].std() * 1.5  # shot noise grows with signal
+    assert residual[dim].std() ** 2 == pytest.approx(float((clean[dim] - 100).mean()) + 9, rel=0.2)
+
+
+def test_cells_move_grow_divide_and_bleach() -> None:
+    movie = SyntheticMovie((128, 128), 40, seed=4, n_cells=10, growth=0.05, bleach_rate=0.02, noise=False)
+    counts = [len(cells) for cells in movie.cells]
+    assert counts[0] == 10 and counts[-1] > 10  # divisions happened
+    first, last = movie.cells[0], movie.cells[-1]
+    assert last.ids.max() > 10  # daughters get new ids
+    # Cells that did not divide keep their id and move a little each frame.
+    step = movie.cells[1]
+    common = np.intersect1d(first.ids, step.ids)
+    assert common.size > 0
+    i0 = np.searchsorted(first.ids, common)
+    order = np.argsort(step.ids)
+    i1 = order[np.searchsorted(step.ids[order], common)]
+    moved = np.hypot(step.y[i1] - first.y[i0], step.x[i1] - first.x[i0])
+    assert 0 < moved.mean() < 5
+    # Mean cell signal decays with photobleaching.
+    img0, lab0 = movie[0]
+    img_late, lab_late = movie[39]
+    assert img_late[lab_late > 0].mean() < img0[lab0 > 0].mean()
+
+
+def test_labels_never_overlap_and_touching_cells_exist() -> None:
+    _, labels = synthetic_frame((96, 96), seed=0, modality="whole_cell", n_cells=40)
+    # Two different labels adjacent somewhere: dense fields have touching cells.
+    horiz = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    assert horiz.any()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_dtypes(dtype: type) -> None:
+    image, _ = synthetic_frame((32, 32), seed=0, n_cells=3, dtype=dtype)
+    assert image.dtype == np.dtype(dtype)
+    assert np.isfinite(image).all() and image.max() > 0
+
+
+def test_empty_field_and_invalid_arguments() -> None:
+    image, labels = synthetic_frame((32, 32), n_cells=0)
+    assert labels.max() == 0 and image.min() > 0
+    with pytest.raises(ValueError, match="modality"):
+        SyntheticMovie((32, 32), 1, modality="brightfield")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape"):
+        SyntheticMovie((4, 32), 1)
