@@ -4,8 +4,6 @@
 (``import_path: serving.app:build_app``); ``args`` is a :class:`~serving.config.ServiceConfig` dict.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time
@@ -43,6 +41,19 @@ def _is_replica_failure(exc: BaseException) -> bool:
     return False
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user exception inside Ray's ``RayTaskError`` wrappers (``exc`` itself if none)."""
+    from ray.exceptions import RayTaskError
+
+    current = exc
+    for _ in range(8):
+        cause = getattr(current, "cause", None)
+        if not isinstance(current, RayTaskError) or not isinstance(cause, BaseException):
+            break
+        current = cause
+    return current
+
+
 class ServeSegmenter:
     """Encoder → decoder through deployment handles; the embedding never passes through the caller."""
 
@@ -52,7 +63,16 @@ class ServeSegmenter:
 
     async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
         encoded = self.encoder.remote(image, options)
-        result: DecodedFrame = await self.decoder.remote(encoded)
+        try:
+            result: DecodedFrame = await self.decoder.remote(encoded)
+        except Exception as exc:
+            if _is_replica_failure(exc):
+                raise
+            # Surface the replica's own exception (e.g. ImageFormatError), not Ray's wrapper of it.
+            cause = _root_cause(exc)
+            if cause is exc:
+                raise
+            raise cause from None
         return result
 
     def is_retryable(self, exc: BaseException) -> bool:
@@ -174,7 +194,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = config.model.model_dump()
     encoder = Encoder.options(  # type: ignore[attr-defined]
         num_replicas=config.encoder.replicas,
-        ray_actor_options={"num_gpus": config.encoder.num_gpus},
+        ray_actor_options={"num_gpus": config.encoder.num_gpus, "resources": config.encoder.resources},
         user_config={
             "max_batch_size": config.encoder.max_batch_size,
             "batch_wait_timeout_s": config.encoder.batch_wait_timeout_s,
@@ -182,6 +202,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ).bind(model, config.encoder.model_dump())
     decoder = Decoder.options(  # type: ignore[attr-defined]
         num_replicas=config.decoder.replicas,
-        ray_actor_options={"num_gpus": config.decoder.num_gpus},
+        ray_actor_options={"num_gpus": config.decoder.num_gpus, "resources": config.decoder.resources},
     ).bind(model, config.decoder.model_dump())
     return Ingress.bind(encoder, decoder, config.model_dump())  # type: ignore[attr-defined]

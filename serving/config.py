@@ -97,6 +97,9 @@ class EncoderSettings(BaseModel):
 
     replicas: int = Field(1, ge=1, description="Encoder replicas (a serve config may autoscale instead).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder replica; fractions share a GPU.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica (pins replicas to nodes)."
+    )
     max_batch_size: int = Field(4, ge=1, description="Most frames per encoder call.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="How long a batch waits to fill before it runs anyway."
@@ -110,6 +113,9 @@ class DecoderSettings(BaseModel):
 
     replicas: int = Field(1, ge=1, description="Decoder replicas (a serve config may autoscale instead).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per decoder replica; fractions share a GPU.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica (pins replicas to nodes)."
+    )
     box_batch_size: int | None = Field(
         None, ge=1, description="Boxes per SAM mask-decoder call; None picks a device default."
     )

@@ -1,0 +1,260 @@
+"""End to end through the real Serve app: ZeroMQ in, Ray Serve replicas, OME-Zarr out, results and metrics.
+
+One Ray instance and one Serve application for the whole module (Ray takes ~15 s to start here).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from acquisition.client import FrameSender, ResultSubscriber
+from acquisition.protocol import AcquisitionSummary, FrameResult
+from cellsam_core.checkpoint import load_model, save_model
+from cellsam_core.inference import segment
+from cellsam_core.io import decode_image_bytes, encode_labels_bytes
+from cellsam_core.synthetic import synthetic_frame
+from tests.conftest import make_smoke_model
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    def __init__(self, http: str, endpoints: dict, output: Path, weights: Path):
+        self.http = http
+        self.ingest = endpoints["ingest"]
+        self.results = endpoints["results"]
+        self.metrics_port = endpoints["metrics_port"]
+        self.output = output
+        self.weights = weights
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.http + path, timeout=120) as r:
+            return r.read()
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes, dict]:
+        req = urllib.request.Request(self.http + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    weights = root / "smoke.pt"
+    save_model(make_smoke_model(), weights)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serving.app import build_app
+
+    config = {
+        "model": {"name": "tiny", "weights": str(weights)},
+        "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 4},
+        "results": {"endpoint": "tcp://127.0.0.1:*"},
+        "output": {"directory": str(root / "out")},
+        "metrics": {"port": 0},
+        "encoder": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
+        "retries": {"max_attempts": 4, "backoff_s": 0.5},
+    }
+    serve.run(build_app(config), name="cellsam", route_prefix="/")
+    http = f"http://127.0.0.1:{port}"
+    endpoints = json.loads(urllib.request.urlopen(http + "/endpoints", timeout=60).read())
+    yield Service(http, endpoints, root / "out", weights)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_model(service):
+    return load_model(service.weights, "tiny")
+
+
+def _stored(output: Path, acquisition: str, t: int, p: int = 0, z: int = 0):
+    """(done, labels, image) of one frame, read from the OME-Zarr on disk with plain zarr."""
+    root = zarr.open_group(output / f"{acquisition}.ome.zarr", mode="r")
+    series = root[str(p)]
+    done = bool(series["cellsam/done"][t, z])
+    return done, series["labels/cells/0"][t, z], series["0"][t, :, z]
+
+
+def _frames(n: int, seed: int = 0, shape=(96, 112)) -> list[np.ndarray]:
+    return [synthetic_frame(shape, seed=seed + i, n_cells=12)[0] for i in range(n)]
+
+
+def _collect(
+    sub: ResultSubscriber, acquisition: str, timeout: float = 180
+) -> tuple[list, AcquisitionSummary]:
+    results = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout=deadline - time.monotonic())
+        if msg.acquisition != acquisition:
+            continue
+        if isinstance(msg.payload, AcquisitionSummary):
+            return results, msg.payload
+        results.append(msg)
+    raise TimeoutError(f"no summary for {acquisition}")
+
+
+def _stream(service: Service, acquisition: str, frames: list[np.ndarray], *, labels: bool = False):
+    with ResultSubscriber(endpoint=service.results, acquisitions=[acquisition], labels=labels) as sub:
+        sub.wait_ready(30)
+        with FrameSender(endpoint=service.ingest, acquisition=acquisition) as tx:
+            tx.start(sizes={"t": len(frames), "p": 1, "z": 1})
+            for t, frame in enumerate(frames):
+                tx.send(frame, t=t)
+        return _collect(sub, acquisition)
+
+
+def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_model):
+    frames = _frames(6)
+    results, summary = _stream(service, "equal-run", frames, labels=True)
+    assert summary.frames_ok == 6 and summary.frames_failed == 0
+    assert sorted(r.payload.index.t for r in results) == list(range(6))
+    for t, frame in enumerate(frames):
+        expected = segment(frame, reference_model)
+        done, stored, image = _stored(service.output, "equal-run", t)
+        assert done
+        np.testing.assert_array_equal(stored, expected.labels)
+        np.testing.assert_array_equal(image[0], frame)
+        published = next(r for r in results if r.payload.index.t == t)
+        assert published.payload.n_cells == expected.n_cells
+        np.testing.assert_array_equal(published.labels, expected.labels)
+        assert set(published.payload.latency) >= {"queue", "encode", "decode", "write", "end_to_end"}
+
+
+def test_http_segment_matches_cli_path_and_health(service, reference_model):
+    frame = _frames(1, seed=40)[0]
+    status, body, headers = service.post("/segment?format=npy", encode_labels_bytes(frame, "npy"))
+    assert status == 200, body
+    labels = decode_image_bytes(body)
+    np.testing.assert_array_equal(labels, segment(frame, reference_model).labels)
+    assert int(headers["x-cell-count"]) == segment(frame, reference_model).n_cells
+    status, body, _ = service.post("/segment", b"definitely not an image")
+    assert status == 415
+    health = json.loads(service.get("/healthz"))
+    assert health["status"] == "ok"
+
+
+def test_rejections_are_counted_reported_and_the_service_keeps_going(service):
+    before = service.metrics()
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(service.ingest)
+    with ResultSubscriber(endpoint=service.results, acquisitions=["rej-run"]) as sub:
+        sub.wait_ready(30)
+        header = {"type": "frame", "v": 1, "acquisition": "rej-run", "index": {"t": 0}, "shape": [4, 4]}
+        push.send_multipart([b"{not json", b"\x00" * 32])
+        push.send_multipart([json.dumps({**header, "dtype": "uint16"}).encode(), b"\x00" * 31])
+        push.send_multipart([json.dumps({**header, "dtype": "complex64"}).encode(), b"\x00" * 128])
+        rejected = [sub.recv(timeout=30).payload for _ in range(2)]
+        assert {r.reason for r in rejected} == {"size_mismatch", "bad_dtype"}
+        assert all(isinstance(r, FrameResult) and r.status == "rejected" for r in rejected)
+    push.close(linger=0)
+    frames = _frames(2, seed=60)
+    results, summary = _stream(service, "after-rejections", frames)
+    assert summary.frames_ok == 2
+    after = service.metrics()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("cellsam_frames_rejected_total", reason="bad_json") == 1
+    assert delta("cellsam_frames_rejected_total", reason="size_mismatch") == 1
+    assert delta("cellsam_frames_rejected_total", reason="bad_dtype") == 1
+    assert delta("cellsam_frames_received_total") == 5
+    assert delta("cellsam_frames_accepted_total") == 2
+    assert delta("cellsam_frames_written_total") == 2
+    assert delta("cellsam_end_to_end_seconds_count") == 2
+    assert delta("cellsam_stage_seconds_count", stage="encode") == 2
+
+
+def test_poison_frame_fails_alone(service):
+    good = _frames(3, seed=80)
+    poison = np.zeros((64, 64, 4), np.uint16)  # valid on the wire, four channels: the model refuses it
+    with ResultSubscriber(endpoint=service.results, acquisitions=["poison-run"]) as sub:
+        sub.wait_ready(30)
+        with FrameSender(endpoint=service.ingest, acquisition="poison-run") as tx:
+            tx.start(sizes={"t": 4})
+            tx.send(good[0], t=0)
+            tx.send(poison, t=1)
+            tx.send(good[1], t=2)
+            tx.send(good[2], t=3)
+        results, summary = _collect(sub, "poison-run")
+    assert summary.frames_ok == 3 and summary.frames_failed == 1
+    failed = [r.payload for r in results if r.payload.status == "failed"]
+    assert len(failed) == 1 and failed[0].index.t == 1 and failed[0].reason == "model_error"
+    assert "channel" in (failed[0].detail or "")
+    progress = json.loads(service.get("/acquisitions"))
+    entry = next(a for a in progress["acquisitions"] if a["acquisition"] == "poison-run")
+    assert entry["failed"] == 1 and entry["ok"] == 3 and entry["pending"] == 0
+
+
+def _replica_actors(deployment: str) -> list:
+    from ray.util import list_named_actors
+
+    names = [
+        a["name"]
+        for a in list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]
+    ]
+    return [ray.get_actor(n, namespace="serve") for n in names]
+
+
+def test_killed_encoder_replica_mid_stream_loses_no_frame(service, reference_model):
+    frames = _frames(12, seed=100, shape=(192, 192))
+    acquisition = "kill-run"
+    retries_before = service.metrics().get(("cellsam_retries_total", (("deployment", "model"),)), 0)
+    with ResultSubscriber(endpoint=service.results, acquisitions=[acquisition]) as sub:
+        sub.wait_ready(30)
+        with FrameSender(endpoint=service.ingest, acquisition=acquisition) as tx:
+            tx.start(sizes={"t": len(frames)})
+            for t, frame in enumerate(frames):
+                tx.send(frame, t=t)
+            first = sub.recv(timeout=120)  # the pipeline is busy: frames are now inside the replicas
+            killed = _replica_actors("Encoder")
+            for actor in killed:
+                ray.kill(actor, no_restart=False)
+        results, summary = _collect(sub, acquisition, timeout=300)
+    results.append(first)
+    assert killed
+    assert summary.frames_ok == len(frames), summary
+    assert sorted(r.payload.index.t for r in results) == list(range(len(frames)))
+    for t, frame in enumerate(frames):
+        done, stored, _ = _stored(service.output, acquisition, t)
+        assert done
+        np.testing.assert_array_equal(stored, segment(frame, reference_model).labels)
+    retries = service.metrics().get(("cellsam_retries_total", (("deployment", "model"),)), 0)
+    assert retries > retries_before
