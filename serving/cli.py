@@ -12,8 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellsam_core import __version__
+
+if TYPE_CHECKING:
+    from serving.config import ServiceConfig
 
 log = logging.getLogger("cellsam_stream")
 
@@ -103,6 +107,53 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_config(args: argparse.Namespace) -> ServiceConfig:
+    from serving.config import ServiceConfig
+
+    config = ServiceConfig.from_file(args.config) if args.config else ServiceConfig()
+    return config.with_overrides(
+        {
+            "model.name": args.model,
+            "model.weights": str(args.weights) if args.weights else None,
+            "model.random_weights": True if args.random_weights else None,
+            "model.device": args.device,
+            "model.dtype": args.dtype,
+            "ingest.endpoint": args.ingest,
+            "ingest.live": True if args.live else None,
+            "results.endpoint": args.results,
+            "output.directory": str(args.output) if args.output else None,
+            "metrics.port": args.metrics_port,
+            "encoder.replicas": args.encoder_replicas,
+            "encoder.num_gpus": args.num_gpus_per_encoder,
+            "decoder.replicas": args.decoder_replicas,
+            "decoder.num_gpus": args.num_gpus_per_decoder,
+        }
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serving.runner import start_service, wait_for_signal
+
+    try:
+        config = _service_config(args)
+    except (ValidationError, ValueError, KeyError, OSError) as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    print("starting cellsam-stream (Ray, Serve, model replicas: this takes a few seconds)...")
+    service = start_service(config, address=args.address, http_host=args.http_host, http_port=args.http_port)
+    print(f"cellsam-stream is serving; labels go to {config.output.directory}/")
+    print(service.describe())
+    with wait_for_signal() as stopped:
+        print("Ctrl-C (SIGINT) or SIGTERM stops it after finishing the frames in flight.", flush=True)
+        signum = stopped.wait()
+    print(f"received signal {signum}: finishing frames in flight and shutting down...")
+    service.stop()
+    print("stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellsam-stream",
@@ -139,6 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the streaming service (ZeroMQ in, Ray Serve, OME-Zarr out)",
+        description="Start the service on an embedded local Ray, or on a cluster with --address. "
+        "Settings come from --config (YAML; a ServiceConfig or a Serve config file) and the flags below.",
+    )
+    p.add_argument("--config", type=Path, help="YAML configuration (see deploy/serve_config.local.yaml)")
+    p.add_argument("--weights", type=Path, help="weights file (default: $CELLSAM_WEIGHTS, official cache)")
+    p.add_argument("--model", help="architecture name (cellsam_vit_b, tiny)")
+    p.add_argument("--device", help="torch device of the model replicas (cpu, cuda)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model precision")
+    p.add_argument("--random-weights", action="store_true", help="TESTING ONLY: random model weights")
+    p.add_argument("--ingest", help="ZeroMQ address frames arrive on (default tcp://127.0.0.1:5555)")
+    p.add_argument("--results", help="ZeroMQ address results are published on (default tcp://127.0.0.1:5556)")
+    p.add_argument("--live", action="store_true", help="drop the oldest waiting frames when behind")
+    p.add_argument("--output", type=Path, help="directory of the OME-Zarr stores (default ./cellsam-output)")
+    p.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP routes (127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="port of the HTTP routes (8000)")
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (9090; 0 picks a free port)")
+    p.add_argument("--encoder-replicas", type=int, help="encoder replicas (1)")
+    p.add_argument("--decoder-replicas", type=int, help="decoder replicas (1)")
+    p.add_argument("--num-gpus-per-encoder", type=float, help="GPUs per encoder replica (fractions allowed)")
+    p.add_argument("--num-gpus-per-decoder", type=float, help="GPUs per decoder replica (fractions allowed)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_serve)
 
     from cellsam_core._cli_weights import add_weights_commands
 

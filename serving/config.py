@@ -147,10 +147,16 @@ class ServiceConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServiceConfig:
-        """Load a YAML (or JSON) file; a file with an ``args:`` key (a Serve app entry) uses that."""
+        """Load a YAML (or JSON) file.
+
+        Accepts a plain ``ServiceConfig`` mapping, a Serve application entry (its ``args:``), or a whole
+        Serve config file (the ``args`` of its first application).
+        """
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        if isinstance(data.get("applications"), list) and data["applications"]:
+            data = data["applications"][0]
         return cls.model_validate(data.get("args", data))
 
     def with_overrides(self, overrides: dict[str, Any]) -> ServiceConfig:

@@ -183,7 +183,7 @@ def test_rejections_are_counted_reported_and_the_service_keeps_going(service):
         assert all(isinstance(r, FrameResult) and r.status == "rejected" for r in rejected)
     push.close(linger=0)
     frames = _frames(2, seed=60)
-    results, summary = _stream(service, "after-rejections", frames)
+    _, summary = _stream(service, "after-rejections", frames)
     assert summary.frames_ok == 2
     after = service.metrics()
 

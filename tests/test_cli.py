@@ -1,0 +1,137 @@
+"""The ``cellsam-stream`` command line, through its real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellsam_core.checkpoint import save_model
+from cellsam_core.inference import segment
+from cellsam_core.io import read_image
+from serving.cli import main
+from tests.conftest import make_smoke_model
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CELLSAM_WEIGHTS", raising=False)
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("segment", "sample", "serve", "weights"):
+        assert command in out
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment"])
+    assert exc.value.code == 2
+
+
+def test_sample_then_segment_with_weights_file(tmp_path, capsys):
+    image_path = tmp_path / "sample.tif"
+    truth = tmp_path / "truth.tif"
+    assert main(["sample", str(image_path), "--size", "128", "--cells", "12", "--labels", str(truth)]) == 0
+    image = tifffile.imread(image_path)
+    assert image.shape == (128, 128) and int(tifffile.imread(truth).max()) == 12
+    model = make_smoke_model()
+    weights = tmp_path / "w.pt"
+    save_model(model, weights)
+    out = tmp_path / "labels.npy"
+    assert (
+        main(["segment", str(image_path), "-o", str(out), "--weights", str(weights), "--model", "tiny"]) == 0
+    )
+    np.testing.assert_array_equal(np.load(out), segment(image, model).labels)
+    printed = capsys.readouterr().out
+    assert "cells in" in printed and "timing" in printed and str(weights) in printed
+
+
+def test_segment_without_weights_explains_how_to_get_them(tmp_path, capsys, no_weights):
+    image_path = tmp_path / "x.npy"
+    np.save(image_path, np.zeros((32, 32), np.uint16))
+    assert main(["segment", str(image_path)]) == 1
+    err = capsys.readouterr().err
+    assert "weights fetch" in err and "CELLSAM_WEIGHTS" in err
+    assert not (tmp_path / "x_labels.tif").exists()
+
+
+def test_segment_random_weights_only_when_asked(tmp_path, capsys, no_weights):
+    image_path = tmp_path / "x.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(image_path, (np.random.default_rng(0).random((64, 48)) * 255).astype(np.uint8))
+    assert main(["segment", str(image_path), "--random-weights"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    labels = read_image(tmp_path / "x_labels.tif")
+    assert labels.shape == (64, 48) and labels.dtype == np.uint32
+
+
+def test_segment_unreadable_image_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    assert main(["segment", str(bad), "--random-weights"]) == 1
+    assert "unrecognised image format" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_serve_command_starts_reports_and_stops_on_sigterm(tmp_path):
+    http_port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "serving.cli", "serve", "--random-weights", "--model", "tiny",
+            "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*",
+            "--http-port", str(http_port), "--metrics-port", "0", "--output", str(tmp_path / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):  # printed once the service is up and signals are handled
+                break
+        assert any(line.startswith("Ctrl-C") for line in lines), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=60) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        output = "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "frames in (ZeroMQ PULL): tcp://127.0.0.1:" in output
+    assert "stopped" in output
