@@ -93,7 +93,12 @@ class FrameSender:
         self.linger = linger
         self.frames_sent: dict[str, int] = {}
         self._open: set[str] = set()
-        ctx = context or zmq.Context.instance()
+        # Our own context by default: close() terminates it, which returns only once ZeroMQ has sent
+        # (or, after `linger`, dropped) every queued frame. Zero-copy sends reference the caller's
+        # arrays, so ZeroMQ must be done with them before the interpreter may free them.
+        self._own_context = context is None
+        ctx = context or zmq.Context()
+        self._context = ctx
         self._socket: zmq.Socket[Any] = ctx.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         # Frames for a listener that is not up yet queue locally instead of being silently lost.
@@ -231,11 +236,17 @@ class FrameSender:
         self._open.discard(acq)
 
     def close(self, linger: float | None = None) -> None:
-        """Close the socket, waiting up to ``linger`` seconds (default: the constructor's) for delivery."""
+        """Close the socket, waiting up to ``linger`` seconds (default: the constructor's) for delivery.
+
+        Always close a sender (or use it as a context manager) before the process exits: frames still
+        queued are delivered here, and their arrays are released only once ZeroMQ is done with them.
+        """
         if self._closed:
             return
         self._closed = True
         self._socket.close(linger=int(1000 * (self.linger if linger is None else linger)))
+        if self._own_context:
+            self._context.term()
 
     def __enter__(self) -> FrameSender:
         return self

@@ -82,6 +82,7 @@ class ResultPublisher:
         self._label_prefixes: set[str] = set()
         self._thread: threading.Thread | None = None
         self._socket: zmq.Socket[Any] | None = None
+        self._owned_context: zmq.Context[Any] | None = None
         self.published = 0
 
     @property
@@ -93,7 +94,10 @@ class ResultPublisher:
         """Bind the socket and start the publishing thread. Raises ``zmq.ZMQError`` if taken."""
         if self._thread is not None:
             raise RuntimeError("ResultPublisher.start() was already called")
-        ctx = self._context or zmq.Context.instance()
+        # Our own context unless given one: close() terminates it, so label buffers sent without a
+        # copy are released only after ZeroMQ is done with them.
+        ctx = self._context or zmq.Context()
+        self._owned_context = None if self._context is not None else ctx
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, so each new subscriber gets a hello
@@ -117,6 +121,8 @@ class ResultPublisher:
         self._queue.put(None)
         self._thread.join(timeout)
         self._thread = None
+        if self._owned_context is not None and self._socket is not None and self._socket.closed:
+            self._owned_context.term()
 
     def __enter__(self) -> ResultPublisher:
         self.start()

@@ -46,12 +46,14 @@ def _sender_process(kind: str, endpoint: str, shape: tuple[int, int], n: int) ->
     """Runs in a child process, like a microscope script: sends ``n`` frames to ``endpoint``."""
     frames = _frames(shape)
     if kind == "bare":
-        push = zmq.Context.instance().socket(zmq.PUSH)
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
         push.connect(endpoint)
         header = json.dumps({"type": "frame", "v": 1}).encode()
         for i in range(n):
             push.send_multipart([header, frames[i % len(frames)]], copy=False)
         push.close(linger=-1)
+        ctx.term()  # returns once every zero-copy frame has left
     else:
         with FrameSender(endpoint=endpoint, acquisition="bench", timeout=None) as tx:
             for i in range(n):
@@ -71,6 +73,7 @@ def bare_pyzmq(endpoint: str, shape: tuple[int, int], n: int) -> float:
     pull = zmq.Context.instance().socket(zmq.PULL)
     pull.bind(endpoint)
     proc = _spawn("bare", pull.getsockopt_string(zmq.LAST_ENDPOINT), shape, n)
+    pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a crashed sender fails the run instead of hanging it
     pull.recv_multipart(copy=False)
     start = time.perf_counter()
     for _ in range(n - 1):
@@ -87,10 +90,10 @@ def ours(endpoint: str, shape: tuple[int, int], n: int) -> float:
     async def main() -> float:
         async with FrameListener(endpoint=endpoint, max_in_flight=8, max_frame_bytes=1 << 30) as listener:
             proc = _spawn("ours", listener.endpoint, shape, n)
-            await listener.get()
+            await asyncio.wait_for(listener.get(), 30)
             start = time.perf_counter()
             for _ in range(n - 1):
-                await listener.get()
+                await asyncio.wait_for(listener.get(), 30)
             elapsed = time.perf_counter() - start
             await asyncio.to_thread(proc.join)
             return elapsed

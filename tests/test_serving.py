@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import zarr
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
 
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.protocol import AcquisitionSummary, FrameResult
@@ -24,9 +26,6 @@ from cellsam_core.inference import segment
 from cellsam_core.io import decode_image_bytes, encode_labels_bytes
 from cellsam_core.synthetic import synthetic_frame
 from tests.conftest import make_smoke_model
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
