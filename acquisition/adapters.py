@@ -7,6 +7,7 @@ pymmcore-plus
 -------------
 ``core.mda.events.frameReady`` emits ``(img: np.ndarray, event: useq.MDAEvent, meta: dict)``::
 
+    import useq
     from pymmcore_plus import CMMCorePlus
     from acquisition.adapters import PymmcorePlusForwarder
     from acquisition.client import FrameSender
@@ -17,6 +18,7 @@ pymmcore-plus
     forwarder = PymmcorePlusForwarder(sender).connect(core.mda)   # start/frames/end per sequence
     core.mda.run(useq.MDASequence(time_plan={"interval": 1, "loops": 20}, channels=["DAPI"]))
     forwarder.disconnect()
+    sender.close()   # delivers what is queued; always close before the process exits
 
 pycromanager
 ------------
@@ -31,6 +33,7 @@ event's axes (``time``, ``position``, ``z``, ``channel``)::
     with Acquisition(directory="/data", name="exp42", image_process_fn=hook) as acq:
         acq.acquire(multi_d_acquisition_events(num_time_points=20))
     hook.finish()   # sends `end`
+    hook.sender.close()
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _sender_process(kind: str, endpoint: str, shape: tuple[int, int], n: int) ->
         push.connect(endpoint)
         header = json.dumps({"type": "frame", "v": 1}).encode()
         for i in range(n):
-            push.send_multipart([header, frames[i % len(frames)]], copy=False)
+            push.send_multipart([header, frames[i % len(frames)].data], copy=False)
         push.close(linger=-1)
         ctx.term()  # returns once every zero-copy frame has left
     else:
@@ -70,7 +70,7 @@ def _spawn(kind: str, endpoint: str, shape: tuple[int, int], n: int) -> Any:
 
 def bare_pyzmq(endpoint: str, shape: tuple[int, int], n: int) -> float:
     """Seconds between the first and the last of ``n`` frames through a plain PUSH/PULL (zero-copy)."""
-    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PULL)
     pull.bind(endpoint)
     proc = _spawn("bare", pull.getsockopt_string(zmq.LAST_ENDPOINT), shape, n)
     pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a crashed sender fails the run instead of hanging it
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for transport in args.transports:
             endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
+            ours(endpoint, shape, min(20, args.frames))  # warm-up: imports, first allocations
             rss_before = rss_mib()
             # Alternate rounds and keep each side's best: this machine's noise is larger than the gap.
             t_bare = min(bare_pyzmq(endpoint, shape, args.frames) for _ in range(args.rounds))

@@ -27,7 +27,14 @@ import torch
 
 from cellsam_core.errors import CheckpointError, WeightsNotFoundError
 from cellsam_core.modeling.cellsam import CellSAM
-from cellsam_core.registry import MODEL_CONFIGS, ModelConfig, build_from_config, build_model
+from cellsam_core.registry import (
+    MODEL_CONFIGS,
+    NANO_CONFIGS,
+    ModelConfig,
+    NanoConfig,
+    build_from_config,
+    build_model,
+)
 
 __all__ = ["infer_config", "load_model", "load_sam_weights", "read_state_dict", "save_model"]
 
@@ -166,17 +173,54 @@ def _config_from_fields(fields: dict[str, Any]) -> ModelConfig:
         raise CheckpointError(f"the weight shapes describe no valid model ({exc})") from exc
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+_NANO_MARKER = "cellfinder.decode_head.heatmap.1.weight"
+
+
+def _infer_nano_config(sd: Mapping[str, torch.Tensor]) -> NanoConfig:
+    """cellsam-nano sizes: the input size is a stored buffer, everything else comes from shapes."""
+    enc, dec = "model.image_encoder.", "model.mask_decoder."
+    size_key = enc + "input_size"
+    if size_key not in sd or sd[size_key].numel() != 1:
+        raise CheckpointError(
+            f"cellsam-nano checkpoint without a scalar {size_key!r}; it was not written by save_model",
+            missing=[size_key],
+        )
+    fields: dict[str, Any] = {
+        "image_size": int(sd[size_key].item()),
+        "trunk_widths": tuple(_shape(sd, f"{enc}trunk.stages.{i}.0.0.weight")[0] for i in range(5)),
+        "trunk_dim": _shape(sd, enc + "trunk.lateral.0.weight")[0],
+        "prompt_embed_dim": _shape(sd, enc + "neck.0.weight")[0],
+        "mask_in_chans": _shape(sd, "model.prompt_encoder.mask_downscaling.3.weight")[0],
+        "decoder_depth": _count(sd, dec + "transformer.layers."),
+        "decoder_mlp_dim": _shape(sd, dec + "transformer.layers.0.mlp.lin1.weight")[0],
+        "decoder_iou_head_hidden_dim": _shape(sd, dec + "iou_prediction_head.layers.0.weight")[0],
+        "num_multimask_outputs": _shape(sd, dec + "mask_tokens.weight")[0] - 1,
+    }
+    for cfg in NANO_CONFIGS.values():
+        if all(getattr(cfg, k) == v for k, v in fields.items()):
+            return cfg
+    half = fields["prompt_embed_dim"] // 2
+    fields["decoder_num_heads"] = next(h for h in (2, 1) if half % h == 0)
+    try:
+        return NanoConfig(**fields)
+    except ValueError as exc:
+        raise CheckpointError(f"the weight shapes describe no valid cellsam-nano model ({exc})") from exc
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig | NanoConfig:
     """Model sizes of a CellSAM state dict in the official layout, read from tensor shapes.
 
     Returns the registered configuration with those sizes when there is one (so head counts, which shapes
     do not determine, are the registered ones); otherwise a new configuration with official head widths.
+    A cellsam-nano checkpoint (dense detector keys) gives a :class:`~cellsam_core.registry.NanoConfig`.
 
     Raises
     ------
     CheckpointError
         A key needed to read the sizes is missing.
     """
+    if _NANO_MARKER in state_dict:
+        return _infer_nano_config(state_dict)
     fields = _infer_sam_fields(state_dict, "model.")
     fields.update(_infer_cellfinder_fields(state_dict))
     return _config_from_fields(fields)

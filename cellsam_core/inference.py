@@ -280,9 +280,17 @@ def encode(image: np.ndarray, model: CellSAM, options: EncodeOptions | None = No
     return encode_batch([image], model, options)[0]
 
 
-def default_box_batch_size(device: torch.device) -> int:
-    """Boxes per mask-decoder call: SAM repeats the embedding once per box, so CPUs prefer small chunks."""
-    return 64 if device.type == "cuda" else 8
+def default_box_batch_size(device: torch.device, image_size: int) -> int:
+    """Boxes per mask-decoder call when the caller does not choose (see BENCHMARKS.md).
+
+    SAM repeats the image embedding once per box and each mask is upsampled to the full model input, so a
+    chunk costs memory traffic proportional to ``chunk × image_size²``. GPUs absorb that and gain from
+    large chunks; on a CPU chunks of 8 win at the tiny model's 256-pixel input, while at 1024 pixels
+    (``cellsam_vit_b``) one box at a time is fastest.
+    """
+    if device.type == "cuda":
+        return 64
+    return 8 if image_size <= 512 else 1
 
 
 def _detect(
@@ -314,7 +322,7 @@ def _masks_for_input(
     device, dtype = _model_device_dtype(model)
     size = model.image_size
     composer = postprocess.LabelComposer(out_size)
-    chunk = options.box_batch_size or default_box_batch_size(device)
+    chunk = options.box_batch_size or default_box_batch_size(device, size)
     dense_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
     emb = sam_embedding[None].to(device=device, dtype=dtype)
     logit_threshold = math.log(options.mask_threshold / (1 - options.mask_threshold))

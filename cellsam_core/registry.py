@@ -20,12 +20,15 @@ from cellsam_core.errors import UnknownModelError
 from cellsam_core.modeling.anchor_detr import AnchorDETRTransformer
 from cellsam_core.modeling.cellfinder import Backbone, CellFinder, CellFinderDetector
 from cellsam_core.modeling.cellsam import CellSAM
+from cellsam_core.modeling.nano import ConvTrunk, DenseDetector, NanoImageEncoder
 from cellsam_core.modeling.vit import ViTBackbone
 
 __all__ = [
     "DEFAULT_MODEL",
     "MODEL_CONFIGS",
+    "NANO_CONFIGS",
     "ModelConfig",
+    "NanoConfig",
     "build_from_config",
     "build_model",
     "model_registry",
@@ -125,6 +128,60 @@ class ModelConfig(BaseModel):
         return self.image_size // self.patch_size
 
 
+class NanoConfig(BaseModel):
+    """Sizes of cellsam-nano: a conv trunk shared by SAM's encoder role and a dense box detector.
+
+    See :mod:`cellsam_core.modeling.nano` and ``docs/models.md`` for the design.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(
+        default=256, gt=0, description="Side S of the square model input (a multiple of 32)."
+    )
+    trunk_widths: tuple[int, int, int, int, int] = Field(
+        default=(16, 32, 64, 96, 128), description="Trunk channels at strides 2, 4, 8, 16 and 32."
+    )
+    trunk_dim: int = Field(
+        default=64, gt=0, description="Channels of the stride-4 trunk output and of the detector heads."
+    )
+    prompt_embed_dim: int = Field(
+        default=32, gt=0, description="SAM embedding width (neck output, prompt tokens, mask decoder)."
+    )
+    mask_in_chans: int = Field(default=8, gt=0, description="Hidden channels of SAM's mask-prompt downscaler.")
+    decoder_depth: int = Field(default=2, gt=0, description="Layers of SAM's two-way transformer.")
+    decoder_num_heads: int = Field(default=2, gt=0, description="Attention heads of SAM's two-way transformer.")
+    decoder_mlp_dim: int = Field(default=128, gt=0, description="MLP width of SAM's two-way transformer.")
+    decoder_iou_head_hidden_dim: int = Field(default=64, gt=0, description="Hidden width of SAM's IoU head.")
+    num_multimask_outputs: int = Field(
+        default=1, gt=0, description="SAM multimask outputs (inference uses the single-mask token only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> NanoConfig:
+        problems = []
+        if self.image_size % 32:
+            problems.append(f"image_size {self.image_size} must be a multiple of 32 (trunk stride)")
+        if self.prompt_embed_dim % 8:
+            problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
+        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
+            problems.append("decoder_num_heads must divide prompt_embed_dim / 2")
+        if self.mask_in_chans % 4:
+            problems.append("mask_in_chans must be a multiple of 4")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the stride-4 embedding grid, ``image_size // 4``."""
+        return self.image_size // NANO_STRIDE
+
+
+NANO_STRIDE = 4
+"""Pixels per embedding cell of cellsam-nano (SAM's mask decoder upsamples 4×: full-resolution masks)."""
+
+
 def _build_sam(config: ModelConfig) -> Sam:
     encoder = ImageEncoderViT(
         img_size=config.image_size,
@@ -195,12 +252,57 @@ def _build_cellfinder(config: ModelConfig) -> CellFinder:
     return CellFinder(decode_head=detector)
 
 
-def build_from_config(config: ModelConfig) -> CellSAM:
+def _build_nano(config: NanoConfig) -> CellSAM:
+    trunk = ConvTrunk(widths=config.trunk_widths, out_dim=config.trunk_dim)
+    grid = config.grid_size
+    sam = Sam(
+        image_encoder=NanoImageEncoder(
+            trunk=trunk, img_size=config.image_size, trunk_dim=config.trunk_dim, out_chans=config.prompt_embed_dim
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_embed_dim,
+                mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_num_heads,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=config.decoder_iou_head_hidden_dim,
+        ),
+        pixel_mean=list(_PIXEL_MEAN),
+        pixel_std=list(_PIXEL_STD),
+    )
+    # The detector shares the trunk with SAM's encoder role (one set of weights, listed under both keys).
+    detector = DenseDetector(
+        trunk=trunk, trunk_dim=config.trunk_dim, stride=NANO_STRIDE, image_size=config.image_size
+    )
+    model = CellSAM(
+        model=sam,
+        model_cp=copy.deepcopy(sam),
+        cellfinder=CellFinder(decode_head=detector),
+        config=config,
+        adv_mode=False,
+    )
+    return model.eval()
+
+
+def build_from_config(config: ModelConfig | NanoConfig) -> CellSAM:
     """Build a randomly initialised CellSAM of the given sizes, in eval mode.
 
-    ``model_cp`` starts as a copy of ``model`` (as in the reference) and ``adv_mode`` is True until a
-    checkpoint says otherwise.
+    For a :class:`ModelConfig`, ``model_cp`` starts as a copy of ``model`` (as in the reference) and
+    ``adv_mode`` is True until a checkpoint says otherwise. A :class:`NanoConfig` builds cellsam-nano with
+    ``adv_mode`` False (it has one SAM copy's worth of trained weights).
     """
+    if isinstance(config, NanoConfig):
+        return _build_nano(config)
     sam = _build_sam(config)
     cellfinder = _build_cellfinder(config)
     model = CellSAM(
@@ -232,15 +334,21 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 """Configuration of every registered model, by name."""
 
+NANO_CONFIGS: dict[str, NanoConfig] = {
+    # The bundled default model (cellsam_core/data/cellsam_nano.pt); see docs/models.md.
+    "cellsam_nano": NanoConfig(),
+}
+"""Configuration of every registered cellsam-nano model, by name."""
+
 DEFAULT_MODEL = "cellsam_vit_b"
 
 model_registry: dict[str, Callable[[], CellSAM]] = {
-    name: partial(build_from_config, cfg) for name, cfg in MODEL_CONFIGS.items()
+    name: partial(build_from_config, cfg) for name, cfg in {**MODEL_CONFIGS, **NANO_CONFIGS}.items()
 }
 """Builders of randomly initialised models, by name (``model_registry["tiny"]()``)."""
 
 
-def build_model(name: str = DEFAULT_MODEL, *, config: ModelConfig | None = None) -> CellSAM:
+def build_model(name: str = DEFAULT_MODEL, *, config: ModelConfig | NanoConfig | None = None) -> CellSAM:
     """Build a registered model with random weights, or one of custom sizes.
 
     Parameters

@@ -14,7 +14,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.config import ServiceConfig
+from serving.config import ModelSettings, ServiceConfig
 from serving.deployments import DecodedFrame, Decoder, Encoder
 from serving.metrics import ServiceMetrics
 
@@ -52,6 +52,17 @@ def _root_cause(exc: BaseException) -> BaseException:
             break
         current = cause
     return current
+
+
+def _describe_weights(model: ModelSettings) -> tuple[str, str, str]:
+    """(name, source, sha256 prefix) of the weights the replicas load, for ``cellsam_model_info``."""
+    if model.random_weights:
+        return model.name or "tiny", "random", "random"
+    from cellsam_core.select import file_sha256
+    from cellsam_core.weights import resolve_weights
+
+    path = resolve_weights(model.weights)
+    return model.name or "auto", str(path), file_sha256(path)[:16]
 
 
 class ServeSegmenter:
@@ -99,12 +110,9 @@ class Ingress:
         self.segmenter = ServeSegmenter(encoder=encoder, decoder=decoder)
         self.metrics = ServiceMetrics()
         model = self.config.model
+        name, source, sha256 = await asyncio.to_thread(_describe_weights, model)
         self.metrics.set_model(
-            name=model.name or "auto",
-            sha256="random" if model.random_weights else "see-logs",
-            source="random" if model.random_weights else (model.weights or "resolved"),
-            device=model.device,
-            dtype=model.dtype,
+            name=name, sha256=sha256, source=source, device=model.device, dtype=model.dtype
         )
         self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
         self.pipeline = StreamPipeline(
@@ -112,7 +120,7 @@ class Ingress:
             segmenter=self.segmenter,
             sink=ZarrLabelSink(self.config.output.directory),
             metrics=self.metrics,
-            model_name=model.name or "",
+            model_name=name,
         )
         await self.pipeline.start()
         log.info("ingress ready: %s, metrics on port %d", self.pipeline.endpoints, self.metrics_port)

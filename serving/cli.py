@@ -217,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_serve)
 
+    from acquisition.simulator import add_simulate_arguments, run_simulate_command
+
+    p = sub.add_parser(
+        "simulate",
+        help="play a time-lapse to the service as a microscope would",
+        description="Send start, --frames time points for each of --positions positions, then end, "
+        "from a synthetic live-cell movie or a TIFF/NPY/Zarr file.",
+    )
+    add_simulate_arguments(p)
+    p.set_defaults(func=run_simulate_command)
+
     from cellsam_core._cli_weights import add_weights_commands
 
     add_weights_commands(sub)

@@ -315,27 +315,26 @@ class StreamPipeline:
                 self._maybe_finish(self._progress(frame.acquisition))
 
     def _spec_for(self, frame: Frame) -> AcquisitionSpec:
+        """The store layout of a frame's acquisition: declared sizes, else the first frame's extent.
+
+        ``t`` may stay open-ended (the store grows along it). ``p`` and ``z`` are fixed when the store is
+        created: undeclared (or null) they hold the first frame's index, and later frames beyond them fail
+        with ``write_error`` (declare ``sizes`` in ``start`` for multi-position or z-stack acquisitions).
+        """
         state = self.listener.acquisitions.get(frame.acquisition)
         start = state.start if state is not None else None
-        sizes: dict[str, Any] = {"t": None, "p": 1, "z": 1, "c": 1}
-        metadata: dict[str, Any] = {}
-        if start is not None:
-            declared = start.sizes.model_dump()
-            sizes.update({k: v for k, v in declared.items() if v is not None and k != "c"})
-            sizes["t"] = declared.get("t")
-            metadata = dict(start.metadata)
+        declared = start.sizes if start is not None else None
         index = frame.index
-        sizes["p"] = max(sizes["p"], index.p + 1) if start is None else sizes["p"]
-        sizes["z"] = max(sizes["z"], index.z + 1) if start is None else sizes["z"]
-        sizes["c"] = frame.data.shape[2] if frame.data.ndim == 3 else 1
-        if start is None:
-            # Undeclared acquisitions get generous defaults so later positions/slices still fit.
-            sizes["p"] = max(sizes["p"], 64)
-            sizes["z"] = max(sizes["z"], 1)
+        metadata = dict(start.metadata) if start is not None else {}
         pixel_size = metadata.get("pixel_size_um") or frame.header.metadata.get("pixel_size_um")
         return AcquisitionSpec(
             acquisition=frame.acquisition,
-            sizes=Sizes(**sizes),
+            sizes=Sizes(
+                t=declared.t if declared is not None else None,
+                p=(declared.p if declared is not None and declared.p else index.p + 1),
+                z=(declared.z if declared is not None and declared.z else index.z + 1),
+                c=frame.data.shape[2] if frame.data.ndim == 3 else 1,
+            ),
             frame_shape=(int(frame.data.shape[0]), int(frame.data.shape[1])),
             image_dtype=str(frame.data.dtype),
             channel_names=tuple(frame.channels.names) or None,

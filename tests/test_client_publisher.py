@@ -16,7 +16,7 @@ import zmq
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.errors import AcquisitionError, ProtocolError, SendTimeoutError
 from acquisition.listener import FrameListener
-from acquisition.protocol import AcquisitionSummary, FrameResult
+from acquisition.protocol import AcquisitionSummary, FrameResult, Index
 from acquisition.publisher import ResultPublisher
 from tests.acq_util import ANY_PORT, dead_endpoint, run
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 def result(acq: str, t: int, n_cells: int = 2) -> FrameResult:
     return FrameResult(
         acquisition=acq,
-        index={"t": t},  # type: ignore[arg-type]
+        index=Index(t=t),
         n_cells=n_cells,
         boxes=[(0.0, 0.0, 2.0, 2.0)] * n_cells,
         centroids=[(1.0, 1.0)] * n_cells,

@@ -12,9 +12,11 @@ import pytest
 from acquisition.errors import ProtocolError
 from acquisition.protocol import (
     MAX_HEADER_BYTES,
+    AcquisitionSizes,
     EndMessage,
     FrameMessage,
     FrameResult,
+    Index,
     Reason,
     StartMessage,
     decode_message,
@@ -254,7 +256,7 @@ def test_frame_header_rejects_unsendable_arrays(shape: tuple[int, ...], dtype: A
 
 
 def test_control_roundtrip() -> None:
-    start = StartMessage(acquisition="e1", sizes={"t": 3}, settings={"model": "m"})  # type: ignore[arg-type]
+    start = StartMessage(acquisition="e1", sizes=AcquisitionSizes(t=3), settings={"model": "m"})
     decoded = decode_message(encode_control(start))
     assert decoded == start
     end = EndMessage(acquisition="e1", frames=3)
@@ -271,7 +273,7 @@ def test_validate_acquisition_id() -> None:
 def test_frame_result_model_roundtrip() -> None:
     result = FrameResult(
         acquisition="e1",
-        index={"t": 1},  # type: ignore[arg-type]
+        index=Index(t=1),
         n_cells=1,
         boxes=[(1.0, 2.0, 3.0, 4.0)],
         centroids=[(2.5, 1.5)],

@@ -164,6 +164,12 @@ def test_http_segment_matches_cli_path_and_health(service, reference_model):
     assert status == 415
     health = json.loads(service.get("/healthz"))
     assert health["status"] == "ok"
+    from cellsam_core.select import file_sha256
+
+    info = service.metrics()
+    key = next(k for k in info if k[0] == "cellsam_model_info")
+    assert dict(key[1])["sha256"] == file_sha256(service.weights)[:16]
+    assert dict(key[1])["source"] == str(service.weights)
 
 
 def test_rejections_are_counted_reported_and_the_service_keeps_going(service):
@@ -232,7 +238,7 @@ def _replica_actors(deployment: str) -> list:
     return [ray.get_actor(n, namespace="serve") for n in names]
 
 
-def test_killed_encoder_replica_mid_stream_loses_no_frame(service, reference_model):
+def test_killed_replicas_mid_stream_lose_no_frame(service, reference_model):
     frames = _frames(12, seed=100, shape=(192, 192))
     acquisition = "kill-run"
     retries_before = service.metrics().get(("cellsam_retries_total", (("deployment", "model"),)), 0)
@@ -242,8 +248,10 @@ def test_killed_encoder_replica_mid_stream_loses_no_frame(service, reference_mod
             tx.start(sizes={"t": len(frames)})
             for t, frame in enumerate(frames):
                 tx.send(frame, t=t)
-            first = sub.recv(timeout=120)  # the pipeline is busy: frames are now inside the replicas
-            killed = _replica_actors("Encoder")
+            first = sub.recv(timeout=120)
+            # max_in_flight frames are now awaiting the encoder or the decoder: kill both deployments'
+            # replicas so that some of those requests are lost with their replica.
+            killed = _replica_actors("Encoder") + _replica_actors("Decoder")
             for actor in killed:
                 ray.kill(actor, no_restart=False)
         results, summary = _collect(sub, acquisition, timeout=300)

@@ -59,7 +59,13 @@ def service(tmp_path_factory) -> Iterator[MultiNodeService]:
     save_model(make_smoke_model(), weights)
     cluster = cluster_utils.Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"ingress_node": 10}, "include_dashboard": False},
+        # The dashboard serves the state API (``ray.util.state``) that tells on which node an actor runs.
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {"ingress_node": 10},
+            "include_dashboard": True,
+            "dashboard_port": _free_port(),
+        },
     )
     try:
         encoder_node = cluster.add_node(num_cpus=2, resources={"encoder_node": 10})

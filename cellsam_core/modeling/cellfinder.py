@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cellsam_core.modeling.anchor_detr import AnchorDETRTransformer
+from cellsam_core.modeling.nano import DenseDetector
 from cellsam_core.modeling.vit import ViTBackbone
 
 __all__ = ["Backbone", "CellFinder", "CellFinderDetector", "postprocess_detections"]
@@ -103,9 +104,13 @@ class CellFinderDetector(nn.Module):
 
 
 class CellFinder(nn.Module):
-    """Wrapper whose only child is ``decode_head`` (the checkpoint's ``cellfinder.decode_head.*``)."""
+    """Wrapper whose only child is ``decode_head`` (the checkpoint's ``cellfinder.decode_head.*``).
 
-    def __init__(self, *, decode_head: CellFinderDetector) -> None:
+    ``decode_head`` is AnchorDETR (:class:`CellFinderDetector`, the official model) or cellsam-nano's
+    :class:`~cellsam_core.modeling.nano.DenseDetector`; both offer ``encode`` / ``detect``.
+    """
+
+    def __init__(self, *, decode_head: CellFinderDetector | DenseDetector) -> None:
         super().__init__()
         self.decode_head = decode_head
 

@@ -17,7 +17,7 @@ from torch import nn
 from cellsam_core.modeling.cellfinder import CellFinder
 
 if TYPE_CHECKING:
-    from cellsam_core.registry import ModelConfig
+    from cellsam_core.registry import ModelConfig, NanoConfig
 
 __all__ = ["CellSAM"]
 
@@ -33,7 +33,7 @@ class CellSAM(nn.Module):
         Second SAM copy, same architecture; the active one when ``adv_mode`` is True.
     cellfinder : CellFinder
         Box detector.
-    config : ModelConfig
+    config : ModelConfig or NanoConfig
         Sizes the modules were built with.
     adv_mode : bool
         Which SAM copy is active and which normalisation the inputs get (see the module docstring).
@@ -50,7 +50,7 @@ class CellSAM(nn.Module):
         model: Sam,
         model_cp: Sam,
         cellfinder: CellFinder,
-        config: ModelConfig,
+        config: ModelConfig | NanoConfig,
         adv_mode: bool = True,
     ) -> None:
         super().__init__()
