@@ -4,7 +4,9 @@ In one run:
 
 (a) direct baseline: ``segment()`` in this process on the first ``--direct-frames`` of the same frames,
     frames/s, measured before and after (b) so that a change of machine load shows (the ratio uses the
-    faster of the two);
+    faster of the two). It runs with ``--direct-threads`` torch threads (default 1, like each replica
+    on a 2-core machine): on a loaded machine torch's default intra-op pool can be ~20x slower, as its
+    threads wait on each other at every op, which would flatter the pipeline;
 (b) the same frames through a local Ray + Serve app (like ``tests/test_serving.py``): a sender thread
     pushes them (``--fps`` paced, 0 = as fast as backpressure allows) while a ``ResultSubscriber``
     records when each result arrives. Reports steady-state throughput (the first ``--warmup`` results are
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=0.0, help="send rate; 0 = as fast as possible")
     parser.add_argument("--warmup", type=int, default=5, help="first results left out of the statistics")
     parser.add_argument("--direct-frames", type=int, default=10, help="frames per direct measurement")
+    parser.add_argument("--direct-threads", type=int, default=1, help="torch threads of the direct arm")
     parser.add_argument("--cells", type=int, default=40, help="cells per synthetic frame")
     parser.add_argument("--batch", type=int, default=4, help="encoder max_batch_size")
     parser.add_argument("--max-in-flight", type=int, default=8)
@@ -171,12 +174,14 @@ def main() -> None:
     print(
         f"pipeline benchmark: model=tiny (adjusted random weights) frames={args.frames} "
         f"size={args.size}x{args.size} fps={'max' if args.fps <= 0 else args.fps} device={args.device} "
-        f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()} "
+        f"direct torch threads={args.direct_threads} (default {torch.get_num_threads()}) "
+        f"cpus={os.cpu_count()} "
         f"load avg={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         weights = Path(tmp) / "tiny-smoke.pt"
         _smoke_weights(weights)
+        torch.set_num_threads(args.direct_threads)
         direct = frames[: args.direct_frames]
         before, cells = _direct(direct, weights, args.device)
         print(f"(a) direct segment() before (b): {before:.3f} frames/s, {cells:.1f} cells/frame")

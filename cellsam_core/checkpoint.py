@@ -36,7 +36,18 @@ from cellsam_core.registry import (
     build_model,
 )
 
-__all__ = ["infer_config", "load_model", "load_sam_weights", "read_state_dict", "save_model"]
+__all__ = [
+    "BUNDLED_WEIGHTS",
+    "infer_config",
+    "load_bundled_model",
+    "load_model",
+    "load_sam_weights",
+    "read_state_dict",
+    "save_model",
+]
+
+BUNDLED_WEIGHTS = Path(__file__).parent / "data" / "cellsam_nano.pt"
+"""The cellsam-nano weights shipped in the package (trained by :mod:`cellsam_core.training`)."""
 
 StateDict: TypeAlias = dict[str, torch.Tensor]
 Source: TypeAlias = str | os.PathLike[str] | Mapping[str, Any]
@@ -408,3 +419,14 @@ def save_model(model: CellSAM, path: str | os.PathLike[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_bundled_model(*, device: str | torch.device = "cpu") -> CellSAM:
+    """The bundled cellsam-nano model (:data:`BUNDLED_WEIGHTS`), in eval mode on ``device``.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        The package was installed without its data files.
+    """
+    return load_model(BUNDLED_WEIGHTS, device=device)

@@ -148,9 +148,13 @@ class NanoConfig(BaseModel):
     prompt_embed_dim: int = Field(
         default=32, gt=0, description="SAM embedding width (neck output, prompt tokens, mask decoder)."
     )
-    mask_in_chans: int = Field(default=8, gt=0, description="Hidden channels of SAM's mask-prompt downscaler.")
+    mask_in_chans: int = Field(
+        default=8, gt=0, description="Hidden channels of SAM's mask-prompt downscaler."
+    )
     decoder_depth: int = Field(default=2, gt=0, description="Layers of SAM's two-way transformer.")
-    decoder_num_heads: int = Field(default=2, gt=0, description="Attention heads of SAM's two-way transformer.")
+    decoder_num_heads: int = Field(
+        default=2, gt=0, description="Attention heads of SAM's two-way transformer."
+    )
     decoder_mlp_dim: int = Field(default=128, gt=0, description="MLP width of SAM's two-way transformer.")
     decoder_iou_head_hidden_dim: int = Field(default=64, gt=0, description="Hidden width of SAM's IoU head.")
     num_multimask_outputs: int = Field(
@@ -257,7 +261,10 @@ def _build_nano(config: NanoConfig) -> CellSAM:
     grid = config.grid_size
     sam = Sam(
         image_encoder=NanoImageEncoder(
-            trunk=trunk, img_size=config.image_size, trunk_dim=config.trunk_dim, out_chans=config.prompt_embed_dim
+            trunk=trunk,
+            img_size=config.image_size,
+            trunk_dim=config.trunk_dim,
+            out_chans=config.prompt_embed_dim,
         ),
         prompt_encoder=PromptEncoder(
             embed_dim=config.prompt_embed_dim,
@@ -342,8 +349,10 @@ NANO_CONFIGS: dict[str, NanoConfig] = {
 
 DEFAULT_MODEL = "cellsam_vit_b"
 
+_ALL_CONFIGS: dict[str, ModelConfig | NanoConfig] = {**MODEL_CONFIGS, **NANO_CONFIGS}
+
 model_registry: dict[str, Callable[[], CellSAM]] = {
-    name: partial(build_from_config, cfg) for name, cfg in {**MODEL_CONFIGS, **NANO_CONFIGS}.items()
+    name: partial(build_from_config, cfg) for name, cfg in _ALL_CONFIGS.items()
 }
 """Builders of randomly initialised models, by name (``model_registry["tiny"]()``)."""
 

@@ -18,7 +18,7 @@ quantisation and a percentile stretch), which halves training compute; see ``doc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvTrunk", "DenseDetector", "NanoImageEncoder"]

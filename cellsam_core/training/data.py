@@ -1,7 +1,8 @@
 """Training data: synthetic live-cell frames across modalities, prepared exactly as inference prepares them.
 
-Every example goes through the inference path's own functions (:func:`~cellsam_core.preprocess.normalize_image`,
-:func:`~cellsam_core.preprocess.resize_square`, then :func:`~cellsam_core.preprocess.embedding_input` /
+Every example goes through the inference path's own functions
+(:func:`~cellsam_core.preprocess.normalize_image`, :func:`~cellsam_core.preprocess.resize_square`,
+then :func:`~cellsam_core.preprocess.embedding_input` /
 :func:`~cellsam_core.preprocess.finder_input` at batch time), so the model is trained on the very tensors
 ``segment()`` will give it. Examples are stored compactly as the 8-bit normalised image CellFinder sees
 (``trunc(255 * x)``, which :func:`~cellsam_core.preprocess.finder_input` computes anyway) and the label
@@ -159,9 +160,9 @@ def augment_batch(
 
 
 def model_inputs(
-    images: np.ndarray, *, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    images: np.ndarray, *, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, adv_mode: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SAM-encoder and CellFinder inputs of a batch of prepared images (``adv_mode`` off).
+    """The SAM-encoder and CellFinder inputs of a batch of prepared images.
 
     Parameters
     ----------
@@ -169,6 +170,8 @@ def model_inputs(
         ``uint8 (B, 3, S, S)`` from :class:`PreparedExample`.
     pixel_mean, pixel_std : torch.Tensor
         The model's SAM pixel statistics ``(3, 1, 1)`` on the 0-255 scale.
+    adv_mode : bool
+        The model's ``adv_mode`` (the official checkpoint's extra normalisation).
 
     Returns
     -------
@@ -177,6 +180,6 @@ def model_inputs(
     """
     # The half-step makes trunc(255 * x) give back exactly the stored byte inside finder_input.
     x = (torch.from_numpy(images).float() + 0.5) / 255.0
-    emb = preprocess.embedding_input(x, adv_mode=False, pixel_mean=pixel_mean, pixel_std=pixel_std)
-    fin = preprocess.finder_input(x, adv_mode=False, pixel_mean=pixel_mean, pixel_std=pixel_std)
+    emb = preprocess.embedding_input(x, adv_mode=adv_mode, pixel_mean=pixel_mean, pixel_std=pixel_std)
+    fin = preprocess.finder_input(x, adv_mode=adv_mode, pixel_mean=pixel_mean, pixel_std=pixel_std)
     return emb, fin

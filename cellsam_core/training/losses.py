@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from scipy import ndimage
 
 __all__ = [
@@ -80,9 +80,7 @@ def detection_targets(labels: np.ndarray, stride: int) -> DetectionTargets:
             r = int(np.ceil(3 * sigma))
             i, j = min(int(cy), h - 1), min(int(cx), w - 1)
             ys, xs = slice(max(i - r, 0), min(i + r + 1, h)), slice(max(j - r, 0), min(j + r + 1, w))
-            g = np.exp(
-                -((gy[ys, None] - (i + 0.5)) ** 2 + (gx[None, xs] - (j + 0.5)) ** 2) / (2 * sigma**2)
-            )
+            g = np.exp(-((gy[ys, None] - (i + 0.5)) ** 2 + (gx[None, xs] - (j + 0.5)) ** 2) / (2 * sigma**2))
             heat[b, 0, ys, xs] = np.maximum(heat[b, 0, ys, xs], g)
             box[b, :, i, j] = (cx - (j + 0.5), cy - (i + 0.5), np.log(bw), np.log(bh))
             centre[b, 0, i, j] = 1.0

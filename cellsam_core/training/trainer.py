@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,7 @@ class TrainConfig(BaseModel):
         (), description="Steps at which the learning rate is multiplied by 0.2 (fixed, for resumability)."
     )
     seed: int = Field(0, description="Seed of the model initialisation, the data and every step.")
-    n_examples: int = Field(
-        400, ge=1, description="Synthetic frames generated when no data_files are given."
-    )
+    n_examples: int = Field(400, ge=1, description="Synthetic frames generated when no data_files are given.")
     modalities: tuple[str, ...] = Field(MODALITIES, description="Synthetic modalities to train on.")
     data_files: tuple[Path, ...] = Field(
         (),
@@ -82,6 +80,12 @@ class TrainConfig(BaseModel):
     iou_weight: float = Field(1.0, ge=0, description="Weight of the IoU-prediction MSE.")
     box_weight: float = Field(1.0, ge=0, description="Weight of the box L1 loss.")
     train_detector: bool = Field(True, description="Optimise the detector (off: masks only).")
+    train_image_encoder: bool = Field(
+        True, description="Optimise SAM's image encoder (off: it runs without gradients)."
+    )
+    freeze_batchnorm: bool = Field(
+        False, description="Keep BatchNorm statistics fixed (fine-tuning on a handful of frames)."
+    )
     checkpoint_every: int = Field(500, ge=1, description="Write the resumable state every this many steps.")
     log_every: int = Field(50, ge=1, description="Log losses every this many steps.")
     num_threads: int | None = Field(1, ge=1, description="torch CPU threads (None leaves torch's default).")
@@ -91,7 +95,9 @@ class TrainConfig(BaseModel):
         """Read a YAML mapping of the fields above."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a YAML mapping of TrainConfig fields, got {type(data).__name__}")
+            raise ValueError(
+                f"{path} must hold a YAML mapping of TrainConfig fields, got {type(data).__name__}"
+            )
         return cls.model_validate(data)
 
     @property
@@ -128,7 +134,8 @@ def _load_examples(config: TrainConfig, image_size: int) -> tuple[np.ndarray, np
 
 def _trainable(model: CellSAM, config: TrainConfig) -> list[torch.nn.Parameter]:
     modules: list[torch.nn.Module] = [model.sam.prompt_encoder, model.sam.mask_decoder]
-    modules.append(model.sam.image_encoder)
+    if config.train_image_encoder:
+        modules.append(model.sam.image_encoder)
     if config.train_detector:
         modules.append(model.cellfinder)
     seen: dict[int, torch.nn.Parameter] = {}
@@ -155,12 +162,19 @@ def _crop(
 
 
 def _features(
-    model: CellSAM, images: np.ndarray, rng: np.random.Generator
+    model: CellSAM, images: np.ndarray, rng: np.random.Generator, config: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM embedding ``(B, C, h, w)`` and detector memory of a batch of prepared images."""
     sam = model.sam
-    emb_in, fin_in = model_inputs(images, pixel_mean=sam.pixel_mean, pixel_std=sam.pixel_std)
+    emb_in, fin_in = model_inputs(
+        images, pixel_mean=sam.pixel_mean, pixel_std=sam.pixel_std, adv_mode=model.adv_mode
+    )
     encoder, detector = sam.image_encoder, model.cellfinder.decode_head
+    if not config.train_image_encoder:
+        with torch.no_grad():
+            embedding = encoder(emb_in)
+            memory = detector.encode(fin_in)
+        return embedding, memory
     if isinstance(encoder, NanoImageEncoder) and isinstance(detector, DenseDetector):
         # One pass of the shared trunk serves both heads; its input alternates between the two
         # normalisations (they differ by a percentile stretch and 8-bit quantisation) so the trunk
@@ -174,7 +188,7 @@ def _step_losses(
     model: CellSAM, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: TrainConfig
 ) -> dict[str, torch.Tensor]:
     images, labels, (oy, ox) = _crop(images, labels, config.crop_size, rng)
-    embedding, memory = _features(model, images, rng)
+    embedding, memory = _features(model, images, rng, config)
     out: dict[str, torch.Tensor] = {}
     detector = model.cellfinder.decode_head
     if config.train_detector:
@@ -212,7 +226,9 @@ def _step_losses(
         )
         size = labels.shape[-1]
         if low_res.shape[-1] != size:
-            low_res = torch.nn.functional.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+            low_res = torch.nn.functional.interpolate(
+                low_res, (size, size), mode="bilinear", align_corners=False
+            )
         m, i = losses.mask_losses(low_res[:, 0], iou[:, 0], torch.from_numpy(masks))
         mask_terms.append(m)
         iou_terms.append(i)
@@ -222,7 +238,9 @@ def _step_losses(
     return out
 
 
-def _save_state(path: Path, model: CellSAM, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> None:
+def _save_state(
+    path: Path, model: CellSAM, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -247,6 +265,7 @@ def train(
     *,
     resume: bool = False,
     examples: Sequence[PreparedExample] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Train (or fine-tune) a model and write its weights as an official-layout checkpoint.
 
@@ -258,6 +277,8 @@ def train(
         run with the same settings); otherwise start afresh.
     examples : sequence of PreparedExample, optional
         Training data at the model input size; by default ``config.data_files`` or synthetic frames.
+    on_step : callable, optional
+        Called after every step with the step number (1-based) and the loss terms (progress hooks, tests).
 
     Returns
     -------
@@ -292,6 +313,10 @@ def train(
         start = int(state["step"])
         log.info("resumed from %s at step %d", state_path, start)
     model.train()
+    if config.freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     t0 = time.perf_counter()
     running: dict[str, float] = {}
     for step in range(start, config.steps):
@@ -306,9 +331,12 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
-        for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        for k, v in values.items():
+            running[k] = running.get(k, 0.0) + v
         done = step + 1
+        if on_step is not None:
+            on_step(done, values)
         if done % config.log_every == 0 or done == config.steps:
             n = done % config.log_every or config.log_every
             rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
