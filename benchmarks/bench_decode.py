@@ -39,7 +39,9 @@ def _time(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--boxes", type=int, nargs="+", default=[50, 200, 1000])
     parser.add_argument("--chunks", type=int, nargs="+", default=[8, 32, 128])
@@ -61,12 +63,13 @@ def main() -> None:
         f"decode benchmark: model={args.model} input={size}px device={args.device} dtype={args.dtype} "
         f"torch threads={torch.get_num_threads()} ({platform.processor() or platform.machine()})"
     )
-    print(f"{'boxes':>6} {'loop s':>8} " + " ".join(f"{'chunk ' + str(k):>10}" for k in args.chunks) + "  best ratio")
+    header = " ".join(f"{'chunk ' + str(k):>10}" for k in args.chunks)
+    print(f"{'boxes':>6} {'loop s':>8} {header}  best ratio")
     for n in args.boxes:
         boxes = _boxes(n, size, rng)
-        results = {}
+        results: dict[int, np.ndarray] = {}
 
-        def run(chunk: int, boxes: np.ndarray = boxes) -> None:
+        def run(chunk: int, boxes: np.ndarray = boxes, results: dict[int, np.ndarray] = results) -> None:
             opts = DecodeOptions(box_batch_size=chunk, iou_threshold=0.0)
             with torch.inference_mode():
                 results[chunk] = _masks_for_input(embedding, boxes, (size, size), model, opts)[0]

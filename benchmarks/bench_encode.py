@@ -1,7 +1,7 @@
 """Encoder throughput (both ViT passes) at batch 1, 2 and 4, as frames/s and as a ratio to batch 1.
 
-    python benchmarks/bench_encode.py --model tiny
-    python benchmarks/bench_encode.py --model cellsam_vit_b --batches 1 2 4 --device cuda --dtype bfloat16
+python benchmarks/bench_encode.py --model tiny
+python benchmarks/bench_encode.py --model cellsam_vit_b --batches 1 2 4 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from cellsam_core.synthetic import synthetic_frame
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--size", type=int, default=None, help="frame side (default: model input size)")

@@ -2,8 +2,9 @@
 
 Every hyperparameter lives in a :class:`ModelConfig`; ``"cellsam_vit_b"`` is the official architecture
 (the layout of ``cellsam_general.pt``), ``"tiny"`` the same module tree with tiny sizes for fast CPU tests
-and demos. Weights are loaded separately (:mod:`cellsam_core.checkpoint`). Building is deterministic for a
-given ``torch.manual_seed``.
+and demos; ``"cellsam_nano"`` (a :class:`NanoConfig`) the compact model of ``docs/models.md`` whose
+trained weights ship in the package. Weights are loaded separately (:mod:`cellsam_core.checkpoint`).
+Building is deterministic for a given ``torch.manual_seed``.
 """
 
 from __future__ import annotations

@@ -154,6 +154,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from serving.demo import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(
+        frames=args.frames,
+        positions=args.positions,
+        fps=args.fps,
+        shape=(args.size, args.size),
+        source=args.source,
+        output=args.output,
+        model=args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        keep_serving=args.keep_serving,
+        view=args.view,
+    )
+    report = run_demo(options)
+    print(format_report(report))
+    if not report.complete:
+        missing = report.frames_sent - report.ok - report.failed
+        print(
+            f"error: {report.failed} frame(s) failed and {missing} never came back of {report.frames_sent} "
+            "sent; see the log lines above",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellsam-stream",
@@ -176,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder box threshold (0.4)")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole system live: simulated microscope → service → OME-Zarr (start here)",
+        description="Start the service in-process (embedded Ray, loopback sockets), stream a synthetic "
+        "live-cell time-lapse through it, show progress, and write labels to an OME-Zarr plus a PNG "
+        "montage. Exits 0 only when every frame sent was written.",
+    )
+    p.add_argument("--frames", type=int, default=12, help="time points per position (12)")
+    p.add_argument("--positions", type=int, default=2, help="stage positions (2)")
+    p.add_argument("--fps", type=float, default=None, help="camera frame rate (default: as fast as taken)")
+    p.add_argument("--size", type=int, default=256, help="frame side in pixels (256)")
+    p.add_argument("--source", type=Path, help="play a TIFF/NPY/Zarr time-lapse instead of the synthetic one")
+    p.add_argument("--output", type=Path, default=Path("cellsam-demo"), help="output directory")
+    p.add_argument("--model", help="architecture name (inferred from the weights)")
+    p.add_argument("--weights", type=Path, help="weights file (default: official weights, else bundled)")
+    p.add_argument("--random-weights", action="store_true", help="TESTING ONLY: random model weights")
+    p.add_argument("--keep-serving", action="store_true", help="keep the service up after the demo")
+    p.add_argument("--view", action="store_true", help="open the result in napari (if installed)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sample", help="write a synthetic cell image (and its ground truth)")
     p.add_argument("output", type=Path, help="TIFF file to write")

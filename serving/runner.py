@@ -12,7 +12,7 @@ from typing import Any
 
 from serving.config import ServiceConfig
 
-__all__ = ["RunningService", "start_service", "wait_for_signal"]
+__all__ = ["RunningService", "free_port", "start_service", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,15 @@ def start_service(
         metrics_url=f"http://{metrics_host}:{endpoints['metrics_port']}/metrics",
         started_ray=started_ray,
     )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for local services that need a fixed port up front)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _get_endpoints(http_url: str, timeout: float = 60) -> dict[str, Any]:

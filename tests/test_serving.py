@@ -103,7 +103,7 @@ def _stored(output: Path, acquisition: str, t: int, p: int = 0, z: int = 0):
     """(done, labels, image) of one frame, read from the OME-Zarr on disk with plain zarr."""
     root = zarr.open_group(output / f"{acquisition}.ome.zarr", mode="r")
     series = root[str(p)]
-    done = bool(series["cellsam/done"][t, z])
+    done = bool(series["cellsam/done"][t, z] & 1)  # bit 1: labels and cell table written
     return done, series["labels/cells/0"][t, z], series["0"][t, :, z]
 
 

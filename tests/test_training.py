@@ -15,6 +15,7 @@ from cellsam_core.training.assess import evaluate_model
 from cellsam_core.training.data import synthetic_examples
 
 # Small crops, few prompts: a step takes a few tens of milliseconds.
+FINETUNE_STEPS = 20
 FAST = {"batch_size": 2, "crop_size": 64, "prompts_per_image": 2, "warmup_steps": 0, "log_every": 1}
 
 
@@ -79,3 +80,50 @@ def test_config_from_yaml(tmp_path: Path) -> None:
     path.write_text("stepz: 3\n")
     with pytest.raises(ValueError, match="stepz"):
         TrainConfig.from_yaml(path)
+
+
+def _inverted_nuclei(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A style training never showed: dark nuclei on a bright background (inverted fluorescence)."""
+    from cellsam_core.synthetic import synthetic_frame
+
+    image, labels = synthetic_frame((256, 256), seed=seed, modality="nuclear", n_cells=40)
+    return (image.max() - image).astype(np.uint16), labels
+
+
+def test_finetune_on_a_few_frames_raises_f1_on_that_style(tmp_path: Path) -> None:
+    train_frames = [_inverted_nuclei(123 + i) for i in range(3)]
+    test_frames = [_inverted_nuclei(777 + i) for i in range(2)]
+    base = load_model(BUNDLED_WEIGHTS)
+    before = evaluate_model(base, [f[0] for f in test_frames], [f[1] for f in test_frames]).f1(0.5)
+    out = finetune(
+        [f[0] for f in train_frames],
+        [f[1] for f in train_frames],
+        output=tmp_path / "ft.pt",
+        steps=FINETUNE_STEPS,
+        lr=1e-3,
+        num_threads=1,
+    )
+    tuned = load_model(out)
+    after = evaluate_model(tuned, [f[0] for f in test_frames], [f[1] for f in test_frames]).f1(0.5)
+    assert after >= before + 0.3, (before, after)
+
+
+def test_finetune_official_architecture_trains_masks_only(tmp_path: Path) -> None:
+    """An official-layout checkpoint (the ``tiny`` sizes of the official module tree) fine-tunes its SAM
+    prompt encoder and mask decoder; the ViT encoder and AnchorDETR stay as they were."""
+    from cellsam_core.checkpoint import save_model
+    from cellsam_core.registry import MODEL_CONFIGS, build_model
+    from cellsam_core.synthetic import synthetic_frame
+
+    torch.manual_seed(0)
+    base_path = tmp_path / "official_tiny.pt"
+    save_model(build_model("tiny"), base_path)
+    frame = synthetic_frame((128, 128), seed=5, modality="whole_cell", n_cells=8)
+    out = finetune(
+        [frame[0]], [frame[1]], output=tmp_path / "ft.pt", weights=base_path, steps=1, lr=1e-3, num_threads=1
+    )
+    before, after = read_state_dict(base_path), read_state_dict(out)
+    assert load_model(out).config == MODEL_CONFIGS["tiny"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model_cp.mask_decoder.") for k in changed)
+    assert not any(k.startswith(("cellfinder.", "model_cp.image_encoder.", "model.")) for k in changed)

@@ -285,8 +285,22 @@ def train(
     Path
         ``config.output``, loadable with :func:`cellsam_core.load_model`.
     """
+    previous_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    try:
+        return _train(config, resume, examples, on_step)
+    finally:
+        # The thread count is process-global; leave it as the caller had it.
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    config: TrainConfig,
+    resume: bool,
+    examples: Sequence[PreparedExample] | None,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> Path:
     model = _initial_model(config)
     size = model.image_size
     if examples is not None:

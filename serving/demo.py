@@ -1,0 +1,318 @@
+"""``cellsam-stream demo``: the whole system on one machine, with a simulated microscope.
+
+Starts the service in-process (embedded Ray, loopback sockets), plays a synthetic live-cell time-lapse (or a
+file) through the simulator, shows live progress, then prints where the OME-Zarr is, the per-stage timing
+and writes a PNG montage of raw frames and label overlays next to the store.
+"""
+
+import logging
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from acquisition.protocol import AcquisitionSummary, FrameResult
+from serving.config import ServiceConfig
+
+__all__ = ["DemoOptions", "DemoReport", "choose_model", "run_demo", "write_montage"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("queue", "encode", "decode", "write", "end_to_end")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo plays and where it writes (the CLI flags of ``cellsam-stream demo``)."""
+
+    frames: int = 12
+    positions: int = 2
+    fps: float | None = None
+    shape: tuple[int, int] = (256, 256)
+    source: Path | None = None
+    output: Path = Path("cellsam-demo")
+    model: str | None = None
+    weights: Path | None = None
+    random_weights: bool = False
+    acquisition: str = "demo"
+    keep_serving: bool = False
+    view: bool = False
+    seed: int = 0
+
+
+@dataclass
+class DemoReport:
+    """What happened: frames sent and their outcome, timings, where the results are."""
+
+    frames_sent: int = 0
+    results: list[FrameResult] = field(default_factory=list)
+    summary: AcquisitionSummary | None = None
+    store: Path | None = None
+    montage: Path | None = None
+    metrics_url: str = ""
+    model_line: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for r in self.results if r.status == "ok")
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.results if r.status != "ok")
+
+    @property
+    def complete(self) -> bool:
+        """Every frame sent was written (and nothing failed or went missing)."""
+        return self.frames_sent > 0 and self.ok == self.frames_sent and self.failed == 0
+
+    def percentile(self, stage: str, q: float) -> float:
+        values = sorted(r.latency[stage] for r in self.results if stage in r.latency)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def choose_model(options: DemoOptions) -> tuple[dict[str, Any], str]:
+    """Model settings for the demo and a line saying which model runs and what that means.
+
+    Order: explicit ``--weights``; the official weights (``$CELLSAM_WEIGHTS``, the cache); the bundled
+    default model if the package ships one; otherwise the random ``tiny`` model, said plainly.
+    """
+    from cellsam_core.weights import find_weights
+
+    if options.random_weights:
+        name = options.model or "tiny"
+        return {"name": name, "random_weights": True}, (
+            f"model: {name} with RANDOM weights (asked for): labels only exercise the pipeline"
+        )
+    path = Path(options.weights) if options.weights else find_weights()
+    if path is not None:
+        return {"name": options.model, "weights": str(path)}, (
+            f"model: CellSAM weights {path}: labels of the quality the weights give"
+        )
+    bundled = Path(__file__).resolve().parents[1] / "cellsam_core" / "data" / "cellsam_nano.pt"
+    if bundled.is_file():
+        return {"name": options.model, "weights": str(bundled)}, (
+            f"model: bundled cellsam_nano ({bundled.name}), trained on synthetic data by this project; "
+            "for the published accuracy get the official CellSAM weights (cellsam-stream weights fetch)"
+        )
+    return {"name": "tiny", "random_weights": True}, (
+        "model: no official weights found and no bundled model in this installation: running the tiny "
+        "model with RANDOM weights, so the labels only exercise the pipeline (get real weights with "
+        "`cellsam-stream weights fetch`)"
+    )
+
+
+def write_montage(store: Path, path: Path, *, times: int = 4, position: int = 0) -> Path:
+    """PNG: raw frame | label overlay, for up to ``times`` time points of one position of a store."""
+    import imageio.v3 as iio
+    import zarr
+    from skimage.color import label2rgb
+
+    series: Any = zarr.open_group(store, mode="r")[str(position)]
+    done = (np.asarray(series["cellsam/done"][:, 0]) & 1).astype(bool)  # bit 1: labels written
+    ts = np.flatnonzero(done)
+    picks = ts[np.linspace(0, len(ts) - 1, min(times, len(ts))).round().astype(int)] if len(ts) else []
+    rows = []
+    for t in picks:
+        raw = np.asarray(series["0"][t, :, 0], dtype=np.float64)
+        raw = raw.max(axis=0) if raw.ndim == 3 else raw
+        lo, hi = np.percentile(raw, (1, 99.8))
+        grey = np.clip((raw - lo) / max(hi - lo, 1e-9), 0, 1)
+        labels = np.asarray(series["labels/cells/0"][t, 0])
+        overlay = label2rgb(labels, image=grey, alpha=0.35, bg_label=0)
+        rgb_raw = np.repeat(grey[..., None], 3, axis=2)
+        gap = np.ones((grey.shape[0], 4, 3))
+        rows.append(np.concatenate([rgb_raw, gap, overlay], axis=1))
+    if not rows:
+        raise ValueError(f"no finished frame in {store} to draw")
+    spacer = np.ones((4, rows[0].shape[1], 3))
+    image = np.concatenate([r for row in rows for r in (row, spacer)][:-1], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, (image * 255).astype(np.uint8))
+    return path
+
+
+class _Progress:
+    """Collects results from the PUB socket in a thread and prints one live progress line."""
+
+    def __init__(self, endpoint: str, acquisition: str, total: int, out: TextIO) -> None:
+        from acquisition.client import ResultSubscriber
+
+        self.sub = ResultSubscriber(endpoint=endpoint, acquisitions=[acquisition])
+        self.sub.wait_ready(30)
+        self.total = total
+        self.out = out
+        self.results: list[FrameResult] = []
+        self.summary: AcquisitionSummary | None = None
+        self.sent = 0
+        self.started = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-results", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            try:
+                message = self.sub.recv(timeout=0.5)
+            except TimeoutError:
+                continue
+            if isinstance(message.payload, AcquisitionSummary):
+                self.summary = message.payload
+                self._done.set()
+            else:
+                self.results.append(message.payload)
+
+    def line(self) -> str:
+        ok = [r for r in self.results if r.status == "ok"]
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        e2e = sorted(r.latency.get("end_to_end", 0.0) for r in ok)
+        p50 = e2e[len(e2e) // 2] * 1000 if e2e else float("nan")
+        p99 = e2e[min(len(e2e) - 1, round(0.99 * (len(e2e) - 1)))] * 1000 if e2e else float("nan")
+        cells = statistics.fmean(r.n_cells for r in ok) if ok else 0.0
+        failed = len(self.results) - len(ok)
+        return (
+            f"sent {self.sent}/{self.total}  written {len(ok)}  failed {failed}  "
+            f"{len(ok) / elapsed:.2f} frames/s  latency p50 {p50:.0f} ms p99 {p99:.0f} ms  "
+            f"{cells:.1f} cells/frame"
+        )
+
+    def wait(self, timeout: float, interactive: bool) -> None:
+        deadline = time.monotonic() + timeout
+        last = 0.0
+        while not self._done.wait(0.25) and time.monotonic() < deadline:
+            now = time.monotonic()
+            if interactive:
+                print("\r" + self.line(), end="", file=self.out, flush=True)
+            elif now - last > 5:
+                print(self.line(), file=self.out, flush=True)
+                last = now
+        print(("\r" if interactive else "") + self.line(), file=self.out, flush=True)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.sub.close()
+
+
+def _source(options: DemoOptions) -> Any:
+    from acquisition.simulator import ArraySource, SyntheticSource
+
+    if options.source is not None:
+        return ArraySource.from_path(options.source, positions=options.positions, frames=options.frames)
+    return SyntheticSource(
+        shape=options.shape,
+        frames=options.frames,
+        positions=options.positions,
+        seed=options.seed,
+        n_cells=30,
+    )
+
+
+def run_demo(options: DemoOptions, *, out: TextIO = sys.stdout, timeout: float = 1800) -> DemoReport:
+    """Run the demo end to end; returns the report (``report.complete`` decides the exit code)."""
+    from acquisition.client import FrameSender
+    from acquisition.simulator import SimulatedMicroscope
+    from serving.runner import free_port, start_service, wait_for_signal
+
+    model_settings, model_line = choose_model(options)
+    output = options.output.resolve()
+    config = ServiceConfig.model_validate(
+        {
+            "model": model_settings,
+            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 4},
+            "results": {"endpoint": "tcp://127.0.0.1:*"},
+            "output": {"directory": str(output)},
+            "metrics": {"port": 0},
+            "encoder": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+        }
+    )
+    report = DemoReport(model_line=model_line)
+    print(model_line, file=out)
+    print("starting the service (embedded Ray, Serve, model replicas)...", file=out, flush=True)
+    began = time.monotonic()
+    service = start_service(config, http_port=free_port())
+    report.metrics_url = service.metrics_url
+    try:
+        source = _source(options)
+        total = int(np.prod(source.sizes))
+        print(service.describe(), file=out)
+        progress = _Progress(service.results, options.acquisition, total, out)
+        try:
+            with FrameSender(endpoint=service.ingest, timeout=60) as sender:
+                microscope = SimulatedMicroscope(
+                    sender=sender, source=source, acquisition=options.acquisition, fps=options.fps
+                )
+                errors: list[BaseException] = []
+
+                def play() -> None:
+                    try:
+                        microscope.run()
+                    except BaseException as exc:  # reported below, after the progress line
+                        errors.append(exc)
+
+                sim = threading.Thread(target=play, name="demo-microscope", daemon=True)
+                sim.start()
+                while sim.is_alive():
+                    sim.join(0.25)
+                    progress.sent = sender.frames_sent.get(options.acquisition, 0)
+                report.frames_sent = progress.sent = sender.frames_sent.get(options.acquisition, 0)
+                if errors:
+                    print(f"\nthe simulated microscope stopped: {errors[0]}", file=out)
+            progress.wait(timeout, interactive=out.isatty())
+        finally:
+            progress.close()
+        report.results = list(progress.results)
+        report.summary = progress.summary
+        report.store = output / f"{options.acquisition}.ome.zarr"
+        report.seconds = time.monotonic() - began
+        if report.ok:
+            report.montage = write_montage(report.store, output / f"{options.acquisition}-montage.png")
+        if options.view:
+            _open_napari(report.store, out)
+        if options.keep_serving:
+            print(service.describe(), file=out)
+            with wait_for_signal() as stopped:
+                print("--keep-serving: Ctrl-C stops the service.", file=out, flush=True)
+                stopped.wait()
+    finally:
+        service.stop()
+    return report
+
+
+def _open_napari(store: Path, out: TextIO) -> None:
+    try:
+        import napari
+    except ImportError:
+        print("--view: napari is not installed (pip install 'napari[all]' napari-ome-zarr)", file=out)
+        return
+    viewer = napari.Viewer()
+    viewer.open(str(store / "0"), plugin="napari-ome-zarr")
+    napari.run()
+
+
+def format_report(report: DemoReport) -> str:
+    """The summary printed at the end of the demo."""
+    lines = [
+        "",
+        f"frames sent {report.frames_sent}, written {report.ok}, failed {report.failed} "
+        f"in {report.seconds:.1f} s",
+        report.model_line,
+        f"labels: {report.store}  (OME-Zarr NGFF 0.5; labels in <position>/labels/cells)",
+        "  open it: napari with napari-ome-zarr (`napari " + str(report.store) + "/0`), or "
+        "zarr.open_group(...)['0/labels/cells/0'] in Python",
+    ]
+    if report.montage:
+        lines.append(f"montage (raw | labels): {report.montage}")
+    lines.append(f"metrics were served at {report.metrics_url}")
+    lines.append("per-stage latency, ms (p50 / p99):")
+    for stage in STAGES:
+        p50, p99 = (report.percentile(stage, q) * 1000 for q in (0.5, 0.99))
+        lines.append(f"  {stage:<11} {p50:8.1f} / {p99:8.1f}")
+    return "\n".join(lines)
