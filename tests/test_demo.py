@@ -35,7 +35,8 @@ def test_model_choice_says_what_runs(tmp_path, no_official_weights):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_demo_streams_every_frame_into_the_store(tmp_path, no_official_weights):
+def test_demo_streams_every_frame_into_the_store(tmp_path):
+    # HOME stays as it is: Ray keeps its session token under ~/.ray, shared by later tests' clusters.
     weights = tmp_path / "smoke.pt"
     save_model(make_smoke_model(), weights)
     out = io.StringIO()
