@@ -41,22 +41,15 @@ from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.protocol import AcquisitionSummary, FrameResult
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
-from cellsam_core.registry import build_model
 from cellsam_core.synthetic import synthetic_frame
+from cellsam_core.testing import smoke_model
 
 STAGES = ("queue", "encode", "decode", "write", "end_to_end")
 
 
 def _smoke_weights(path: Path, seed: int = 0) -> None:
     """Save ``tiny`` with random weights that detect boxes and keep masks (see module docstring)."""
-    torch.manual_seed(seed)
-    model = build_model("tiny")
-    head = model.cellfinder.decode_head.transformer.class_embed[0]
-    torch.nn.init.normal_(head.weight, std=0.5)
-    torch.nn.init.zeros_(head.bias)
-    for sam in (model.model, model.model_cp):
-        sam.mask_decoder.iou_prediction_head.layers[-1].bias.data.fill_(1.0)
-    save_model(model.eval(), path)
+    save_model(smoke_model(seed), path)
 
 
 def _free_port() -> int:
