@@ -58,11 +58,11 @@ def _describe_weights(model: ModelSettings) -> tuple[str, str, str]:
     """(name, source, sha256 prefix) of the weights the replicas load, for ``cellsam_model_info``."""
     if model.random_weights:
         return model.name or "tiny", "random", "random"
-    from cellsam_core.select import file_sha256
-    from cellsam_core.weights import resolve_weights
+    from cellsam_core.select import file_sha256, resolve_model_weights
 
-    path = resolve_weights(model.weights)
-    return model.name or "auto", str(path), file_sha256(path)[:16]
+    path, bundled = resolve_model_weights(model.weights)
+    name = model.name or ("cellsam_nano" if bundled else "auto")
+    return name, str(path), file_sha256(path)[:16]
 
 
 class ServeSegmenter:

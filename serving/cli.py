@@ -277,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(p)
     p.set_defaults(func=run_simulate_command)
 
+    from cellsam_core._cli_training import add_training_commands
     from cellsam_core._cli_weights import add_weights_commands
 
     add_weights_commands(sub)
+    add_training_commands(sub)
     return parser
 
 

@@ -15,9 +15,9 @@ from cellsam_core.registry import NANO_CONFIGS
 from cellsam_core.synthetic import MODALITIES
 from cellsam_core.training.assess import evaluate_model, heldout_frames
 
-# Measured on 6 held-out frames per modality: F1@0.5 >= MEASURED (docs/models.md); the test uses fewer
-# frames and keeps a margin below the measured values.
-MIN_F1 = 0.75
+# Measured F1@0.5 on these 2-frame sets: nuclear 0.965, whole_cell 0.904, multiplexed 0.904, phase 0.940
+# (6-frame figures in docs/models.md); the bound keeps a margin below the weakest.
+MIN_F1 = 0.8
 
 
 @pytest.fixture(scope="module")

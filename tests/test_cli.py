@@ -62,12 +62,33 @@ def test_sample_then_segment_with_weights_file(tmp_path, capsys):
     assert "cells in" in printed and "timing" in printed and str(weights) in printed
 
 
-def test_segment_without_weights_explains_how_to_get_them(tmp_path, capsys, no_weights):
+def test_segment_without_weights_runs_the_bundled_model_and_says_so(tmp_path, capsys, no_weights):
+    from cellsam_core.checkpoint import load_bundled_model
+    from cellsam_core.synthetic import synthetic_frame
+
+    image = synthetic_frame((128, 128), seed=7, n_cells=15)[0]
+    image_path = tmp_path / "x.npy"
+    np.save(image_path, image)
+    assert main(["segment", str(image_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bundled default" in out and "weights fetch" in out
+    labels = read_image(tmp_path / "x_labels.tif")
+    np.testing.assert_array_equal(labels, segment(image, load_bundled_model()).labels)
+    assert labels.max() > 5  # a trained model: real cells, not the random model's empty labels
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_a_missing_weights_file_is_an_error_not_a_fallback(tmp_path, capsys, no_weights, monkeypatch, where):
     image_path = tmp_path / "x.npy"
     np.save(image_path, np.zeros((32, 32), np.uint16))
-    assert main(["segment", str(image_path)]) == 1
-    err = capsys.readouterr().err
-    assert "weights fetch" in err and "CELLSAM_WEIGHTS" in err
+    missing = tmp_path / "typo.pt"
+    argv = ["segment", str(image_path)]
+    if where == "flag":
+        argv += ["--weights", str(missing)]
+    else:
+        monkeypatch.setenv("CELLSAM_WEIGHTS", str(missing))
+    assert main(argv) == 1
+    assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "x_labels.tif").exists()
 
 

@@ -15,7 +15,7 @@ from cellsam_core.training.assess import evaluate_model
 from cellsam_core.training.data import synthetic_examples
 
 # Small crops, few prompts: a step takes a few tens of milliseconds.
-FINETUNE_STEPS = 20
+FINETUNE_STEPS = 10
 FAST = {"batch_size": 2, "crop_size": 64, "prompts_per_image": 2, "warmup_steps": 0, "log_every": 1}
 
 

@@ -10,6 +10,7 @@ number of steps, so extending a run with more steps is the same as having asked 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -35,6 +36,8 @@ __all__ = ["TrainConfig", "train"]
 log = logging.getLogger(__name__)
 
 _STATE_FILE = "train_state.pt"
+#: Settings that may differ between a run and its resumption (they do not change the trajectory).
+_RESUMABLE_CHANGES = frozenset({"steps", "output", "work_dir", "log_every", "checkpoint_every"})
 
 
 class TrainConfig(BaseModel):
@@ -246,7 +249,7 @@ def _save_state(
         "step": step,
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
-        "config": config.model_dump_json(exclude={"steps", "output", "work_dir"}),
+        "config": config.model_dump_json(exclude=set(_RESUMABLE_CHANGES)),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -316,11 +319,14 @@ def _train(
     start = 0
     if resume and state_path.is_file():
         state: dict[str, Any] = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = state["config"]
-        if saved != config.model_dump_json(exclude={"steps", "output", "work_dir"}):
+        # Compared as validated configs, so fields added since the state was written take their defaults.
+        saved = TrainConfig.model_validate(
+            {**json.loads(state["config"]), **{k: getattr(config, k) for k in _RESUMABLE_CHANGES}}
+        )
+        if saved != config:
             raise ValueError(
                 f"the training state in {state_path} was written with other settings; resume with the same "
-                "config (only steps/output may change) or delete that directory"
+                f"config (only {', '.join(sorted(_RESUMABLE_CHANGES))} may change) or delete that directory"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
