@@ -187,22 +187,8 @@ NANO_STRIDE = 4
 """Pixels per embedding cell of cellsam-nano (SAM's mask decoder upsamples 4×: full-resolution masks)."""
 
 
-def _build_sam(config: ModelConfig) -> Sam:
-    encoder = ImageEncoderViT(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=3,
-        embed_dim=config.vit_embed_dim,
-        depth=config.vit_depth,
-        num_heads=config.vit_num_heads,
-        mlp_ratio=config.vit_mlp_ratio,
-        out_chans=config.prompt_embed_dim,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=config.vit_window_size,
-        global_attn_indexes=config.vit_global_attn_indexes,
-    )
+def _prompt_and_mask_decoder(config: ModelConfig | NanoConfig) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder at the sizes of ``config`` (shared by every architecture)."""
     prompt_encoder = PromptEncoder(
         embed_dim=config.prompt_embed_dim,
         image_embedding_size=(config.grid_size, config.grid_size),
@@ -221,6 +207,26 @@ def _build_sam(config: ModelConfig) -> Sam:
         iou_head_depth=3,
         iou_head_hidden_dim=config.decoder_iou_head_hidden_dim,
     )
+    return prompt_encoder, mask_decoder
+
+
+def _build_sam(config: ModelConfig) -> Sam:
+    encoder = ImageEncoderViT(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=3,
+        embed_dim=config.vit_embed_dim,
+        depth=config.vit_depth,
+        num_heads=config.vit_num_heads,
+        mlp_ratio=config.vit_mlp_ratio,
+        out_chans=config.prompt_embed_dim,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=config.vit_window_size,
+        global_attn_indexes=config.vit_global_attn_indexes,
+    )
+    prompt_encoder, mask_decoder = _prompt_and_mask_decoder(config)
     return Sam(
         image_encoder=encoder,
         prompt_encoder=prompt_encoder,
@@ -259,7 +265,7 @@ def _build_cellfinder(config: ModelConfig) -> CellFinder:
 
 def _build_nano(config: NanoConfig) -> CellSAM:
     trunk = ConvTrunk(widths=config.trunk_widths, out_dim=config.trunk_dim)
-    grid = config.grid_size
+    prompt_encoder, mask_decoder = _prompt_and_mask_decoder(config)
     sam = Sam(
         image_encoder=NanoImageEncoder(
             trunk=trunk,
@@ -267,24 +273,8 @@ def _build_nano(config: NanoConfig) -> CellSAM:
             trunk_dim=config.trunk_dim,
             out_chans=config.prompt_embed_dim,
         ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=config.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(config.image_size, config.image_size),
-            mask_in_chans=config.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=config.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=config.decoder_depth,
-                embedding_dim=config.prompt_embed_dim,
-                mlp_dim=config.decoder_mlp_dim,
-                num_heads=config.decoder_num_heads,
-            ),
-            transformer_dim=config.prompt_embed_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=config.decoder_iou_head_hidden_dim,
-        ),
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
         pixel_mean=list(_PIXEL_MEAN),
         pixel_std=list(_PIXEL_STD),
     )

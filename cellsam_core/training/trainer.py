@@ -196,7 +196,7 @@ def _step_losses(
     detector = model.cellfinder.decode_head
     if config.train_detector:
         if not isinstance(detector, DenseDetector):
-            raise NotImplementedError(
+            raise ValueError(
                 "detector training is implemented for the dense cellsam-nano detector; for the official "
                 "AnchorDETR CellFinder set train_detector=False (masks only)"
             )
