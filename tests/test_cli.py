@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from cellsam_core.checkpoint import save_model
 from cellsam_core.inference import segment
 from cellsam_core.io import read_image
 from serving.cli import main
+from serving.runner import free_port
 from tests.conftest import make_smoke_model
 
 
@@ -110,16 +110,10 @@ def test_segment_unreadable_image_exits_1(tmp_path, capsys):
     assert "unrecognised image format" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_command_starts_reports_and_stops_on_sigterm(tmp_path):
-    http_port = _free_port()
+    http_port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [

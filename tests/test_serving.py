@@ -6,8 +6,6 @@ One Ray instance and one Serve application for the whole module (Ray takes ~15 s
 from __future__ import annotations
 
 import json
-import socket
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,20 +18,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from acquisition.client import FrameSender, ResultSubscriber
-from acquisition.protocol import AcquisitionSummary, FrameResult
+from acquisition.protocol import FrameResult
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
 from cellsam_core.io import decode_image_bytes, encode_labels_bytes
 from cellsam_core.synthetic import synthetic_frame
+from serving.runner import free_port
 from tests.conftest import make_smoke_model
+from tests.serve_util import collect_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:
@@ -73,7 +67,7 @@ def service(tmp_path_factory):
     weights = root / "smoke.pt"
     save_model(make_smoke_model(), weights)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from serving.app import build_app
 
@@ -111,21 +105,6 @@ def _frames(n: int, seed: int = 0, shape=(96, 112)) -> list[np.ndarray]:
     return [synthetic_frame(shape, seed=seed + i, n_cells=12)[0] for i in range(n)]
 
 
-def _collect(
-    sub: ResultSubscriber, acquisition: str, timeout: float = 180
-) -> tuple[list, AcquisitionSummary]:
-    results = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout=deadline - time.monotonic())
-        if msg.acquisition != acquisition:
-            continue
-        if isinstance(msg.payload, AcquisitionSummary):
-            return results, msg.payload
-        results.append(msg)
-    raise TimeoutError(f"no summary for {acquisition}")
-
-
 def _stream(service: Service, acquisition: str, frames: list[np.ndarray], *, labels: bool = False):
     with ResultSubscriber(endpoint=service.results, acquisitions=[acquisition], labels=labels) as sub:
         sub.wait_ready(30)
@@ -133,7 +112,7 @@ def _stream(service: Service, acquisition: str, frames: list[np.ndarray], *, lab
             tx.start(sizes={"t": len(frames), "p": 1, "z": 1})
             for t, frame in enumerate(frames):
                 tx.send(frame, t=t)
-        return _collect(sub, acquisition)
+        return collect_results(sub, acquisition)
 
 
 def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_model):
@@ -217,7 +196,7 @@ def test_poison_frame_fails_alone(service):
             tx.send(poison, t=1)
             tx.send(good[1], t=2)
             tx.send(good[2], t=3)
-        results, summary = _collect(sub, "poison-run")
+        results, summary = collect_results(sub, "poison-run")
     assert summary.frames_ok == 3 and summary.frames_failed == 1
     failed = [r.payload for r in results if r.payload.status == "failed"]
     assert len(failed) == 1 and failed[0].index.t == 1 and failed[0].reason == "model_error"
@@ -254,7 +233,7 @@ def test_killed_replicas_mid_stream_lose_no_frame(service, reference_model):
             killed = _replica_actors("Encoder") + _replica_actors("Decoder")
             for actor in killed:
                 ray.kill(actor, no_restart=False)
-        results, summary = _collect(sub, acquisition, timeout=300)
+        results, summary = collect_results(sub, acquisition, timeout=300)
     results.append(first)
     assert killed
     assert summary.frames_ok == len(frames), summary

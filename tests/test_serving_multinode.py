@@ -12,8 +12,6 @@ One cluster and one application for the whole module (starting three raylets tak
 from __future__ import annotations
 
 import json
-import socket
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,23 +22,18 @@ import pytest
 import zarr
 
 from acquisition.client import FrameSender, ResultSubscriber
-from acquisition.protocol import AcquisitionSummary
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
 from cellsam_core.synthetic import synthetic_frame
+from serving.runner import free_port
 from tests.conftest import make_smoke_model
+from tests.serve_util import collect_results
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -64,7 +57,7 @@ def service(tmp_path_factory) -> Iterator[MultiNodeService]:
             "num_cpus": 2,
             "resources": {"ingress_node": 10},
             "include_dashboard": True,
-            "dashboard_port": _free_port(),
+            "dashboard_port": free_port(),
         },
     )
     try:
@@ -77,7 +70,7 @@ def service(tmp_path_factory) -> Iterator[MultiNodeService]:
             "decoder": decoder_node.node_id,
         }
         ray.init(address=cluster.address, log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         # All raylets share 127.0.0.1: one HTTP proxy (on the head) or the proxies' ports would collide.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         from serving.app import build_app
@@ -120,21 +113,6 @@ def _replica_nodes(deployment: str) -> list[str]:
     return nodes
 
 
-def _collect(
-    sub: ResultSubscriber, acquisition: str, timeout: float = 240
-) -> tuple[list, AcquisitionSummary]:
-    results = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout=deadline - time.monotonic())
-        if msg.acquisition != acquisition:
-            continue
-        if isinstance(msg.payload, AcquisitionSummary):
-            return results, msg.payload
-        results.append(msg)
-    raise TimeoutError(f"no summary for {acquisition} within {timeout} s")
-
-
 def test_replicas_run_on_the_nodes_their_resources_name(service):
     encoder_nodes = _replica_nodes("Encoder")
     decoder_nodes = _replica_nodes("Decoder")
@@ -152,7 +130,7 @@ def test_stream_across_nodes_equals_segment_on_the_same_frames(service):
             tx.start(sizes={"t": len(frames), "p": 1, "z": 1})
             for t, frame in enumerate(frames):
                 tx.send(frame, t=t)
-        results, summary = _collect(sub, acquisition)
+        results, summary = collect_results(sub, acquisition)
     assert summary.frames_ok == len(frames) and summary.frames_failed == 0, summary
     assert sorted(r.payload.index.t for r in results) == list(range(len(frames)))
     reference = load_model(service.weights, "tiny")
