@@ -20,6 +20,12 @@ from cellsam_core.errors import CellSAMError
 __all__ = ["add_training_commands"]
 
 
+def _add_annotated_inputs(p: argparse.ArgumentParser) -> None:
+    """``--images`` and ``--labels``: annotated frames, as fine-tuning and evaluation take them."""
+    p.add_argument("--images", type=Path, nargs="+", required=True, help="image files (.tif, .png, .npy)")
+    p.add_argument("--labels", type=Path, nargs="+", required=True, help="label images, same order")
+
+
 def add_training_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``train``, ``finetune`` and ``evaluate`` on ``subparsers`` (from ``add_subparsers()``)."""
     p = subparsers.add_parser(
@@ -38,8 +44,7 @@ def add_training_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         help="fine-tune a model on a few annotated frames",
         description="Few-shot fine-tuning of the bundled model (default) or of official-layout weights.",
     )
-    p.add_argument("--images", type=Path, nargs="+", required=True, help="image files (.tif, .png, .npy)")
-    p.add_argument("--labels", type=Path, nargs="+", required=True, help="label images, same order")
+    _add_annotated_inputs(p)
     p.add_argument("--weights", type=Path, default=None, help="base weights (default: bundled cellsam-nano)")
     p.add_argument("-o", "--output", type=Path, required=True, help="fine-tuned weights file to write")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
@@ -51,8 +56,7 @@ def add_training_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         help="segment annotated images and print F1 / precision / recall",
         description="Segment each image and print instance metrics at IoU 0.50-0.90 (one-to-one matching).",
     )
-    p.add_argument("--images", type=Path, nargs="+", required=True, help="image files (.tif, .png, .npy)")
-    p.add_argument("--labels", type=Path, nargs="+", required=True, help="label images, same order")
+    _add_annotated_inputs(p)
     p.add_argument("--weights", type=Path, default=None, help="weights file (default: bundled cellsam-nano)")
     p.add_argument("--model", default=None, help="architecture name; inferred from the weights by default")
     p.set_defaults(func=_run_evaluate)

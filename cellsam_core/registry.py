@@ -40,6 +40,19 @@ _PIXEL_MEAN = (123.675, 116.28, 103.53)
 _PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+def _sam_decoder_problems(prompt_embed_dim: int, decoder_num_heads: int, mask_in_chans: int) -> list[str]:
+    """Size constraints of SAM's prompt encoder and mask decoder, shared by every architecture."""
+    problems = []
+    if prompt_embed_dim % 8:
+        problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
+    # SAM's cross-attentions work at half width.
+    if (prompt_embed_dim // 2) % decoder_num_heads:
+        problems.append("decoder_num_heads must divide prompt_embed_dim / 2")
+    if mask_in_chans % 4:
+        problems.append("mask_in_chans must be a multiple of 4")
+    return problems
+
+
 class ModelConfig(BaseModel):
     """Sizes of every part of CellSAM. The three ViTs (two SAM encoders, CellFinder's backbone) share them."""
 
@@ -108,13 +121,7 @@ class ModelConfig(BaseModel):
             problems.append(
                 f"vit_global_attn_indexes {self.vit_global_attn_indexes} not all in [0, vit_depth)"
             )
-        if self.prompt_embed_dim % 8:
-            problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
-        # SAM's cross-attentions work at half width.
-        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
-            problems.append("decoder_num_heads must divide prompt_embed_dim / 2")
-        if self.mask_in_chans % 4:
-            problems.append("mask_in_chans must be a multiple of 4")
+        problems += _sam_decoder_problems(self.prompt_embed_dim, self.decoder_num_heads, self.mask_in_chans)
         if self.cellfinder_d_model % 32:
             problems.append("cellfinder_d_model must be a multiple of 32 (GroupNorm with 32 groups)")
         if self.cellfinder_d_model % self.cellfinder_nheads:
@@ -167,12 +174,7 @@ class NanoConfig(BaseModel):
         problems = []
         if self.image_size % 32:
             problems.append(f"image_size {self.image_size} must be a multiple of 32 (trunk stride)")
-        if self.prompt_embed_dim % 8:
-            problems.append("prompt_embed_dim must be a multiple of 8 (SAM's mask upscaling)")
-        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
-            problems.append("decoder_num_heads must divide prompt_embed_dim / 2")
-        if self.mask_in_chans % 4:
-            problems.append("mask_in_chans must be a multiple of 4")
+        problems += _sam_decoder_problems(self.prompt_embed_dim, self.decoder_num_heads, self.mask_in_chans)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -70,6 +70,7 @@ class SinkConformance:
     """Behaviour every `LabelSink` must show; see the `LabelSink` docstring for the contract."""
 
     def make_sink(self, tmp_path: Path) -> LabelSink:
+        """The sink under test; every implementation's test class overrides this."""
         raise NotImplementedError
 
     @pytest.fixture
