@@ -16,12 +16,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellsam_core import postprocess, preprocess, tiling
+from cellsam_core import postprocess, preprocess, tiling, windows
 from cellsam_core.errors import ImageFormatError
 from cellsam_core.modeling.cellfinder import postprocess_detections
 from cellsam_core.modeling.cellsam import CellSAM
@@ -32,6 +33,7 @@ __all__ = [
     "ImageEmbedding",
     "Segmentation",
     "decode",
+    "decode_window",
     "encode",
     "encode_batch",
     "segment",
@@ -82,6 +84,12 @@ class DecodeOptions(BaseModel):
         ge=1,
         description="Boxes decoded per SAM mask-decoder call; None picks a device default "
         "(see BENCHMARKS.md: small chunks on CPU, large on GPU).",
+    )
+    window: Annotated[int, Field(ge=1)] | Literal["full"] | None = Field(
+        None,
+        description="Side, in embedding tokens, of the window each box's mask is decoded over "
+        "(cellsam_core.windows); 'full' decodes over the whole embedding as the reference does; None "
+        "takes the model's default (cellsam-nano: 32, the official models: full).",
     )
 
 
@@ -307,6 +315,15 @@ def _detect(
     return out
 
 
+def decode_window(model: CellSAM, options: DecodeOptions) -> int | None:
+    """Window side in tokens that :func:`decode` uses with ``model`` (None: the whole embedding)."""
+    if options.window == "full":
+        return None
+    if options.window is not None:
+        return options.window
+    return getattr(model.config, "decode_window", None)
+
+
 def _masks_for_input(
     sam_embedding: torch.Tensor,
     boxes: np.ndarray,
@@ -321,30 +338,52 @@ def _masks_for_input(
     sam = model.sam
     device, dtype = _model_device_dtype(model)
     size = model.image_size
+    grid = int(sam_embedding.shape[-1])
+    window = decode_window(model, options)
     composer = postprocess.LabelComposer(out_size)
     chunk = options.box_batch_size or default_box_batch_size(device, size)
     dense_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
     emb = sam_embedding[None].to(device=device, dtype=dtype)
     logit_threshold = math.log(options.mask_threshold / (1 - options.mask_threshold))
     for start in range(0, len(boxes), chunk):
-        box_t = torch.as_tensor(boxes[start : start + chunk], dtype=torch.float32, device=device)
+        box_np = boxes[start : start + chunk]
+        box_t = torch.as_tensor(box_np, dtype=torch.float32, device=device)
         sparse, dense = sam.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
-        low_res, iou = sam.mask_decoder(
-            image_embeddings=emb,
-            image_pe=dense_pe,
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=False,
-        )
+        plan = None
+        if window is not None:
+            plan = windows.plan_windows(box_np, window=window, grid=grid, input_size=size)
+        if plan is None or plan.side >= grid:
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=emb,
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse.to(dtype),
+                dense_prompt_embeddings=dense.to(dtype),
+                multimask_output=False,
+            )
+        else:
+            # Box prompts carry no mask prompt, so every row of `dense` is SAM's "no mask" embedding.
+            low_res, iou = windows.decode_windows(
+                sam.mask_decoder, emb, dense_pe, sparse.to(dtype), dense[:1].to(dtype), plan
+            )
         keep = (iou[:, 0].float() >= options.iou_threshold).cpu().numpy()
         index = np.arange(start, start + len(box_t))
         if not keep.any():
             continue
-        up = sam.postprocess_masks(
-            low_res[torch.as_tensor(keep, device=device)].float(), (size, size), out_size
-        )
+        kept = low_res[torch.as_tensor(keep, device=device)]
         # sigmoid(x) > t  <=>  x > logit(t); the comparison on logits avoids a full-frame sigmoid.
-        composer.add(up[:, 0] > logit_threshold, index[keep])
+        if plan is None or plan.side >= grid:
+            up = sam.postprocess_masks(kept.float(), (size, size), out_size)
+            composer.add(up[:, 0] > logit_threshold, index[keep])
+        else:
+            region, offsets = windows.window_masks_to_frame(
+                kept,
+                windows.Windows(origins=plan.origins[keep], side=plan.side),
+                grid=grid,
+                low_res_size=grid * low_res.shape[-1] // plan.side,
+                input_size=size,
+                out_size=out_size,
+            )
+            composer.add_regions(region > logit_threshold, offsets, index[keep])
     return composer.labels(), composer.indices()
 
 

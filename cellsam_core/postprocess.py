@@ -168,6 +168,43 @@ class LabelComposer:
         self._indices.append(ids)
         self._count += n
 
+    def add_regions(
+        self, masks: np.ndarray | torch.Tensor, offsets: np.ndarray, indices: np.ndarray | None = None
+    ) -> None:
+        """Append a chunk of masks that each cover only a region of the image (windowed decoding).
+
+        Parameters
+        ----------
+        masks : np.ndarray or torch.Tensor
+            bool ``(n, h, w)``: mask ``i`` covers rows ``offsets[i, 0] .. + h`` and columns
+            ``offsets[i, 1] .. + w`` of the image (regions must lie inside it).
+        offsets : np.ndarray
+            int ``(n, 2)`` ``(row, col)`` of each region.
+        indices : np.ndarray, optional
+            As in :meth:`add`.
+        """
+        arr = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        arr = arr.astype(bool, copy=False)
+        n = int(arr.shape[0])
+        offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        height, width = self._labels.shape
+        if arr.ndim != 3 or offs.shape[0] != n:
+            raise ValueError(f"masks must be (n, h, w) with one offset each, got {arr.shape}, {offs.shape}")
+        h, w = arr.shape[1:]
+        if n and (offs.min() < 0 or offs[:, 0].max() + h > height or offs[:, 1].max() + w > width):
+            raise ValueError(f"mask regions of {h}x{w} at {offs.tolist()} leave the {height}x{width} image")
+        ids = np.arange(self._count, self._count + n) if indices is None else np.asarray(indices)
+        ids = ids.astype(np.int64).reshape(-1)
+        if ids.shape[0] != n:
+            raise ValueError(f"got {ids.shape[0]} indices for {n} masks; pass one per mask")
+        for j in range(n):
+            y, x = offs[j]
+            # Later masks win: assigning in box order overwrites earlier labels, as in ``add``.
+            self._labels[y : y + h, x : x + w][arr[j]] = self._count + 1 + j
+        if n:
+            self._indices.append(ids)
+            self._count += n
+
     def labels(self) -> np.ndarray:
         """int32 ``(H, W)``: the composed label image (a copy; 0 = background)."""
         return self._labels.copy()

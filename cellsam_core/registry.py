@@ -168,6 +168,13 @@ class NanoConfig(BaseModel):
     num_multimask_outputs: int = Field(
         default=1, gt=0, description="SAM multimask outputs (inference uses the single-mask token only)."
     )
+    decode_window: int | None = Field(
+        default=32,
+        ge=1,
+        description="Default window (tokens per side) each box's mask is decoded over "
+        "(cellsam_core.windows); 32 tokens = the 128-pixel crops of the training recipe. None: whole "
+        "embedding.",
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> NanoConfig:

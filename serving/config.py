@@ -7,7 +7,7 @@ the ``args`` of the Serve application in ``deploy/serve_config.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,6 +120,12 @@ class DecoderSettings(BaseModel):
         None, ge=1, description="Boxes per SAM mask-decoder call; None picks a device default."
     )
     bbox_threshold: float = Field(0.4, ge=0, le=1, description="CellFinder base box threshold.")
+    window: Annotated[int, Field(ge=1)] | Literal["full"] | None = Field(
+        None,
+        description="Embedding window (tokens per side) each box is decoded over; 'full' = the whole "
+        "embedding; None = the model's default (cellsam-nano 32, official models full). See "
+        "cellsam_core.windows.",
+    )
 
 
 class RetrySettings(BaseModel):

@@ -81,8 +81,8 @@ class Encoder:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         current = getattr(self, "batch_settings", EncoderSettings())
-        self.batch_settings = current.model_copy(update=user_config)
-        EncoderSettings.model_validate(self.batch_settings.model_dump())
+        # Validate the merged settings: a bad live update raises here and leaves the old settings.
+        self.batch_settings = EncoderSettings.model_validate({**current.model_dump(), **user_config})
         self._encode_batch.set_max_batch_size(self.batch_settings.max_batch_size)  # type: ignore[attr-defined]
         self._encode_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             self.batch_settings.batch_wait_timeout_s
@@ -147,7 +147,9 @@ class Decoder:
         self.decoder_settings = DecoderSettings.model_validate(decoder or {})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.decoder_settings = self.decoder_settings.model_copy(update=user_config)
+        # Validate the merged settings: a bad live update raises here and leaves the old settings.
+        merged = {**self.decoder_settings.model_dump(), **user_config}
+        self.decoder_settings = DecoderSettings.model_validate(merged)
 
     def _run(self, encoded: EncodedFrame) -> Segmentation:
         from cellsam_core.inference import decode
@@ -155,6 +157,7 @@ class Decoder:
         options = DecodeOptions(
             bbox_threshold=self.decoder_settings.bbox_threshold,
             box_batch_size=self.decoder_settings.box_batch_size,
+            window=self.decoder_settings.window,
         )
         return decode(encoded.embedding, self.model, options)
 

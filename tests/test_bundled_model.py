@@ -15,7 +15,7 @@ from cellsam_core.registry import NANO_CONFIGS
 from cellsam_core.synthetic import MODALITIES
 from cellsam_core.training.assess import evaluate_model, heldout_frames
 
-# Measured F1@0.5 on these 2-frame sets: nuclear 0.965, whole_cell 0.904, multiplexed 0.904, phase 0.940
+# Measured F1@0.5 on these 2-frame sets: nuclear 0.965, whole_cell 0.930, multiplexed 0.922, phase 0.957
 # (6-frame figures in docs/models.md); the bound keeps a margin below the weakest.
 MIN_F1 = 0.8
 

@@ -163,3 +163,26 @@ def test_stop_finishes_every_accepted_frame(smoke_model):
     assert accepted >= 3
     assert progress.ok + progress.failed == accepted and progress.failed == 0
     assert len(sink.progress("stopping").done) == accepted
+
+
+def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_updates() -> None:
+    """The Decoder deployment class in this process: settings reach `decode`, bad updates are refused."""
+    from pydantic import ValidationError
+
+    from cellsam_core.inference import DecodeOptions, decode, encode
+    from serving.deployments import Decoder, EncodedFrame
+
+    replica = Decoder.func_or_class(model={"random_weights": False})
+    assert replica.decoder_settings.window is None  # the model's own default (bundled nano: 32)
+    image = synthetic_frame((256, 256), seed=11, modality="nuclear", n_cells=30)[0]
+    encoded = EncodedFrame(encode(image, replica.model), 0.0, 1, {})
+    windowed = replica._run(encoded)
+    np.testing.assert_array_equal(windowed.labels, decode(encoded.embedding, replica.model).labels)
+    replica.reconfigure({"window": "full"})
+    full = replica._run(encoded)
+    expected = decode(encoded.embedding, replica.model, DecodeOptions(window="full"))
+    np.testing.assert_array_equal(full.labels, expected.labels)
+    assert not np.array_equal(full.labels, windowed.labels)  # the setting changed the computation
+    with pytest.raises(ValidationError):
+        replica.reconfigure({"window": 0})
+    assert replica.decoder_settings.window == "full"
