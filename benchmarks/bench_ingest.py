@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ours(endpoint, shape, min(20, args.frames))  # warm-up: imports, first allocations
             rss_before = rss_mib()
             # Alternate rounds and keep each side's best: this machine's noise is larger than the gap.
-            t_bare = min(bare_pyzmq(endpoint, shape, args.frames) for _ in range(args.rounds))
-            t_ours = min(ours(endpoint, shape, args.frames) for _ in range(args.rounds))
+            t_bare = t_ours = float("inf")
+            for _ in range(args.rounds):
+                t_bare = min(t_bare, bare_pyzmq(endpoint, shape, args.frames))
+                t_ours = min(t_ours, ours(endpoint, shape, args.frames))
             rss_after = rss_mib()
             row = {
                 "bare_fps": (args.frames - 1) / t_bare,

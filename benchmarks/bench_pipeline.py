@@ -10,9 +10,10 @@ In one run:
 (b) the same frames through a local Ray + Serve app (like ``tests/test_serving.py``): a sender thread
     pushes them (``--fps`` paced, 0 = as fast as backpressure allows) while a ``ResultSubscriber``
     records when each result arrives. Reports steady-state throughput (the first ``--warmup`` results are
-    left out), p50/p99 of each stage of the results' ``latency`` (queue/encode/decode/write/end_to_end),
-    the ratio pipeline fps / direct fps, and the latency added outside model compute,
-    p50(end_to_end - encode - decode).
+    left out), p50/p99 of each stage of the results' ``latency`` (queue/encode/dispatch/decode/
+    end_to_end; dispatch = Serve routing, batching wait and transfers), the ratio pipeline fps / direct
+    fps, and the latency added outside model compute, p50(end_to_end - encode - decode). Results are
+    published before the Zarr write, so the write's mean comes from the service's /metrics.
 
 The model is ``tiny`` with random weights adjusted so that boxes and masks pass their thresholds (a fresh
 init decodes nothing, which would make the decoder free); the weights are saved to a temporary file that
@@ -43,8 +44,9 @@ from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
 from cellsam_core.synthetic import synthetic_frame
 from cellsam_core.testing import smoke_model
+from serving.config import EncoderSettings
 
-STAGES = ("queue", "encode", "decode", "write", "end_to_end")
+STAGES = ("queue", "encode", "dispatch", "decode", "end_to_end")
 
 
 def _smoke_weights(path: Path, seed: int = 0) -> None:
@@ -81,10 +83,11 @@ def _send(endpoint: str, acquisition: str, frames: list[np.ndarray], fps: float,
 
 def _pipeline(
     frames: list[np.ndarray], weights: Path, args: argparse.Namespace, out: Path
-) -> tuple[list[tuple[float, FrameResult]], AcquisitionSummary, list[float], float]:
+) -> tuple[list[tuple[float, FrameResult]], AcquisitionSummary, list[float], float, str]:
     """Stream ``frames`` through a local Serve app.
 
-    Returns ``([(arrival time, result)], summary, send times, setup seconds)``; times are ``monotonic``.
+    Returns ``([(arrival time, result)], summary, send times, setup seconds, /metrics text)``; times are
+    ``monotonic``.
     """
     import ray
     from ray import serve
@@ -102,7 +105,7 @@ def _pipeline(
             "results": {"endpoint": "tcp://127.0.0.1:*"},
             "output": {"directory": str(out)},
             "metrics": {"port": 0},
-            "encoder": {"max_batch_size": args.batch, "batch_wait_timeout_s": 0.01},
+            "encoder": {"max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait},
         }
         serve.run(build_app(config), name="cellsam", route_prefix="/")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/endpoints", timeout=120) as r:
@@ -130,10 +133,28 @@ def _pipeline(
                     break
                 arrivals.append((now, msg.payload))
             sender.join()
-        return arrivals, summary, sent, setup
+        # Results go out before the write, so the write stage is read from the service's metrics.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            metrics_text = r.read().decode()
+        return arrivals, summary, sent, setup, metrics_text
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _stage_totals(metrics_text: str, stage: str) -> tuple[float, float]:
+    """``(sum, count)`` of ``cellsam_stage_seconds{stage=...}`` in a /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "cellsam_stage_seconds":
+            continue
+        for sample in family.samples:
+            kind = sample.name.rsplit("_", 1)[-1]
+            if sample.labels.get("stage") == stage and kind in totals:
+                totals[kind] += sample.value
+    return totals["sum"], totals["count"]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -152,6 +173,12 @@ def main() -> None:
     parser.add_argument("--direct-threads", type=int, default=1, help="torch threads of the direct arm")
     parser.add_argument("--cells", type=int, default=40, help="cells per synthetic frame")
     parser.add_argument("--batch", type=int, default=4, help="encoder max_batch_size")
+    parser.add_argument(
+        "--batch-wait",
+        type=float,
+        default=EncoderSettings().batch_wait_timeout_s,
+        help="encoder batch_wait_timeout_s (default: the service's)",
+    )
     parser.add_argument("--max-in-flight", type=int, default=8)
     parser.add_argument("--ray-cpus", type=int, default=4, help="num_cpus given to the local Ray")
     parser.add_argument("--device", default="cpu")
@@ -178,7 +205,7 @@ def main() -> None:
         direct = frames[: args.direct_frames]
         before, cells = _direct(direct, weights, args.device)
         print(f"(a) direct segment() before (b): {before:.3f} frames/s, {cells:.1f} cells/frame")
-        arrivals, summary, sent, setup = _pipeline(frames, weights, args, Path(tmp) / "out")
+        arrivals, summary, sent, setup, metrics_text = _pipeline(frames, weights, args, Path(tmp) / "out")
         after, _ = _direct(direct, weights, args.device)
         print(f"(a) direct segment() after (b):  {after:.3f} frames/s")
     direct_fps = max(before, after)
@@ -210,6 +237,9 @@ def main() -> None:
     for stage, values in table.items():
         print(f"  {stage:<22}{_pct(values, 50) * 1e3:>10.1f}{_pct(values, 99) * 1e3:>10.1f}")
     print(f"  {'e2e - encode - decode':<22}{_pct(outside, 50) * 1e3:>10.1f}{_pct(outside, 99) * 1e3:>10.1f}")
+    write_sum, write_count = _stage_totals(metrics_text, "write")
+    if write_count:
+        print(f"  {'write (mean, after the result)':<32}{write_sum / write_count * 1e3:>10.1f}")
     print()
     print(f"  {'direct segment() fps (best)':<34}{direct_fps:>10.3f}")
     print(f"  {'pipeline fps (steady state)':<34}{pipe_fps:>10.2f}")

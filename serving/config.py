@@ -70,6 +70,12 @@ class ResultsSettings(BaseModel):
     model_config = _FROZEN
 
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ address the publisher binds.")
+    after_write: bool = Field(
+        False,
+        description="Publish each frame's result only once its labels are stored. Default: publish as "
+        "soon as the frame is segmented (fastest feedback) and store right after; a frame whose write "
+        "then fails gets a second, `failed` result (reason `write_error`).",
+    )
 
 
 class OutputSettings(BaseModel):
@@ -102,7 +108,11 @@ class EncoderSettings(BaseModel):
     )
     max_batch_size: int = Field(4, ge=1, description="Most frames per encoder call.")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long a batch waits to fill before it runs anyway."
+        0.0,
+        ge=0,
+        description="How long a batch waits to fill before it runs anyway. 0 (default): no wait, a batch "
+        "takes the frames that queued while the encoder was busy, so batches grow under load while a "
+        "lone frame never waits (each ms here is a ms of feedback latency).",
     )
 
 

@@ -380,6 +380,7 @@ class StreamPipeline:
         except Exception as exc:
             self._record_failure(frame, "sink_error", str(exc), latency)
             return
+        t_model = time.monotonic()
         try:
             decoded = await self._segment_with_retries(frame)
         except Exception as exc:
@@ -389,9 +390,19 @@ class StreamPipeline:
         seg = decoded.segmentation
         latency["encode"] = decoded.encode_seconds
         latency["decode"] = decoded.decode_seconds
+        # Time of the model call not spent in either model stage: routing to the replicas, the encoder's
+        # batching wait, moving the embedding and the result between processes (and any retries).
+        latency["dispatch"] = max(
+            0.0, time.monotonic() - t_model - decoded.encode_seconds - decoded.decode_seconds
+        )
         m.segmented.inc()
         m.encoder_batch_size.observe(decoded.batch_size)
         m.cells_per_frame.observe(seg.n_cells)
+        after_write = self.config.results.after_write
+        result = None
+        if not after_write:
+            # Feedback first: the microscope gets the result now; the labels are stored right after.
+            result = self._publish_ok(frame, seg, latency)
         t0 = time.monotonic()
         try:
             image = frame.data if spec.write_image else None
@@ -401,12 +412,25 @@ class StreamPipeline:
                 self.sink.write, frame.id, seg.labels, image=image, cells=cell_table_from(seg)
             )
         except Exception as exc:
-            self._record_failure(frame, "write_error", f"{type(exc).__name__}: {exc}", latency)
+            # With feedback first, this frame's `ok` result is followed by this `failed` one.
+            self._record_failure(frame, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
             return
-        latency["write"] = time.monotonic() - t0
+        m.stage_seconds.labels(stage="write").observe(time.monotonic() - t0)
         m.written.inc()
+        if result is None:
+            latency["write"] = time.monotonic() - t0
+            result = self._publish_ok(frame, seg, latency)
+        prog = self._progress(frame.acquisition)
+        prog.ok += 1
+        prog.cells += seg.n_cells
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def _publish_ok(self, frame: Frame, seg: Any, latency: dict[str, float]) -> FrameResult:
+        m = self.metrics
         latency["end_to_end"] = time.monotonic() - frame.received_at
-        m.observe_stages(latency.items())
+        # The write stage is observed where it happens (after this, in feedback-first mode).
+        m.observe_stages((stage, t) for stage, t in latency.items() if stage != "write")
         m.end_to_end_seconds.observe(latency["end_to_end"])
         result = FrameResult(
             acquisition=frame.acquisition,
@@ -417,16 +441,12 @@ class StreamPipeline:
             centroids=[tuple(map(float, c)) for c in seg.centroids],
             areas=[int(a) for a in seg.areas],
             scores=[float(s) for s in seg.scores],
-            latency=latency,
+            latency=dict(latency),
             model=self.model_name,
         )
         self.publisher.publish_frame(result, labels=seg.labels)
         m.results_published.labels(status="ok").inc()
-        prog = self._progress(frame.acquisition)
-        prog.ok += 1
-        prog.cells += seg.n_cells
-        if self.on_result is not None:
-            self.on_result(result)
+        return result
 
     def _record_failure(self, frame: Frame, reason: str, detail: str, latency: dict[str, float]) -> None:
         log.warning("frame %r failed (%s): %s", frame, reason, detail)

@@ -124,7 +124,8 @@ def test_replica_that_never_comes_back_fails_the_frame_after_bounded_attempts(sm
     assert pipeline.metrics.retries.labels(deployment="model")._value.get() == 4  # 2 frames x 2 retries
 
 
-def test_write_failure_is_recorded_not_lost(smoke_model):
+@pytest.mark.parametrize("after_write", [False, True])
+def test_write_failure_is_recorded_not_lost(smoke_model, after_write):
     class BrokenSink(MemoryLabelSink):
         def write(self, frame_id, labels, image=None, cells=None):
             if frame_id.t == 1:
@@ -132,10 +133,27 @@ def test_write_failure_is_recorded_not_lost(smoke_model):
             return super().write(frame_id, labels, image=image, cells=cells)
 
     sink = BrokenSink()
-    pipeline = StreamPipeline(config=_config(), segmenter=LocalSegmenter(model=smoke_model), sink=sink)
+    config = _config().model_copy(
+        update={"results": _config().results.model_copy(update={"after_write": after_write})}
+    )
+    pipeline = StreamPipeline(config=config, segmenter=LocalSegmenter(model=smoke_model), sink=sink)
     results, summary = asyncio.run(_run(pipeline, _frames(3), "broken"))
     assert summary.frames_ok == 2 and summary.frames_failed == 1
     assert [r.reason for r in results if r.status == "failed"] == ["write_error"]
+    statuses = sorted((r.index.t, r.status) for r in results)
+    ok_latency = [r.latency for r in results if r.status == "ok"]
+    if after_write:
+        # One result per frame, sent once the labels are stored: its latency includes the write.
+        assert statuses == [(0, "ok"), (1, "failed"), (2, "ok")]
+        assert all("write" in lat and lat["end_to_end"] >= lat["write"] for lat in ok_latency)
+    else:
+        # Feedback first: every frame's result goes out before the write; frame 1's failure follows it.
+        assert statuses == [(0, "ok"), (1, "failed"), (1, "ok"), (2, "ok")]
+        assert all("write" not in lat and "dispatch" in lat for lat in ok_latency)
+        first_for_1 = next(r for r in results if r.index.t == 1)
+        assert first_for_1.status == "ok"
+    assert pipeline.metrics.written._value.get() == 2
+    assert pipeline.metrics.stage_seconds.labels(stage="write")._sum.get() > 0
 
 
 def test_stop_finishes_every_accepted_frame(smoke_model):
