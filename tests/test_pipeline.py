@@ -187,10 +187,11 @@ def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_u
     """The Decoder deployment class in this process: settings reach `decode`, bad updates are refused."""
     from pydantic import ValidationError
 
+    from cellsam_core.checkpoint import BUNDLED_WEIGHTS
     from cellsam_core.inference import DecodeOptions, decode, encode
     from serving.deployments import Decoder, EncodedFrame
 
-    replica = Decoder.func_or_class(model={"random_weights": False})
+    replica = Decoder.func_or_class(model={"weights": str(BUNDLED_WEIGHTS)})
     assert replica.decoder_settings.window is None  # the model's own default (bundled nano: 32)
     image = synthetic_frame((256, 256), seed=11, modality="nuclear", n_cells=30)[0]
     encoded = EncodedFrame(encode(image, replica.model), 0.0, 1, {})
