@@ -37,6 +37,7 @@ from acquisition.protocol import (
     StartMessage,
     decode_message,
 )
+from acquisition.sockets import bind_socket
 
 __all__ = ["AcquisitionState", "FrameListener", "ListenerEvent", "ListenerStats"]
 
@@ -233,15 +234,8 @@ class FrameListener:
         # Memory guard: ZeroMQ drops parts far over the limit before we allocate them; those between
         # the limit and this cap still arrive and are counted as ``too_large``.
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * max(self.max_frame_bytes, MAX_HEADER_BYTES) + (1 << 20))
-        if self._socket_options is not None:
-            self._socket_options(sock)
-        try:
-            sock.bind(self._bind_endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        self._endpoint = bind_socket(sock, self._bind_endpoint, self._socket_options)
         self._socket = sock
-        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._cond = asyncio.Condition()
         self._readable = asyncio.Event()
         self._fd = int(sock.getsockopt(zmq.FD))

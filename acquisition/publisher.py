@@ -29,6 +29,7 @@ from acquisition.protocol import (
     LabelsInfo,
     Reason,
 )
+from acquisition.sockets import bind_socket
 
 __all__ = ["ResultPublisher"]
 
@@ -101,14 +102,7 @@ class ResultPublisher:
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, so each new subscriber gets a hello
-        if self._socket_options is not None:
-            self._socket_options(sock)
-        try:
-            sock.bind(self._bind_endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
-        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._endpoint = bind_socket(sock, self._bind_endpoint, self._socket_options)
         self._socket = sock
         self._thread = threading.Thread(target=self._run, name="ResultPublisher", daemon=True)
         self._thread.start()
