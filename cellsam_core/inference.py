@@ -352,7 +352,9 @@ def _masks_for_input(
         plan = None
         if window is not None:
             plan = windows.plan_windows(box_np, window=window, grid=grid, input_size=size)
-        if plan is None or plan.side >= grid:
+            if plan.side >= grid:  # a window as large as the grid is the full-context computation
+                plan = None
+        if plan is None:
             low_res, iou = sam.mask_decoder(
                 image_embeddings=emb,
                 image_pe=dense_pe,
@@ -371,7 +373,7 @@ def _masks_for_input(
             continue
         kept = low_res[torch.as_tensor(keep, device=device)]
         # sigmoid(x) > t  <=>  x > logit(t); the comparison on logits avoids a full-frame sigmoid.
-        if plan is None or plan.side >= grid:
+        if plan is None:
             up = sam.postprocess_masks(kept.float(), (size, size), out_size)
             composer.add(up[:, 0] > logit_threshold, index[keep])
         else:

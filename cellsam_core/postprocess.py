@@ -155,12 +155,7 @@ class LabelComposer:
                 f"masks must be (n, {self._labels.shape[0]}, {self._labels.shape[1]}), got "
                 f"{tuple(masks.shape)}"
             )
-        if indices is None:
-            ids = np.arange(self._count, self._count + n, dtype=np.int64)
-        else:
-            ids = np.asarray(indices, dtype=np.int64).reshape(-1)
-            if ids.shape[0] != n:
-                raise ValueError(f"got {ids.shape[0]} indices for {n} masks; pass one per mask")
+        ids = self._ids(indices, n)
         if n == 0:
             return
         covered, last = _last_covering(masks)
@@ -193,10 +188,7 @@ class LabelComposer:
         h, w = arr.shape[1:]
         if n and (offs.min() < 0 or offs[:, 0].max() + h > height or offs[:, 1].max() + w > width):
             raise ValueError(f"mask regions of {h}x{w} at {offs.tolist()} leave the {height}x{width} image")
-        ids = np.arange(self._count, self._count + n) if indices is None else np.asarray(indices)
-        ids = ids.astype(np.int64).reshape(-1)
-        if ids.shape[0] != n:
-            raise ValueError(f"got {ids.shape[0]} indices for {n} masks; pass one per mask")
+        ids = self._ids(indices, n)
         for j in range(n):
             y, x = offs[j]
             # Later masks win: assigning in box order overwrites earlier labels, as in ``add``.
@@ -204,6 +196,15 @@ class LabelComposer:
         if n:
             self._indices.append(ids)
             self._count += n
+
+    def _ids(self, indices: np.ndarray | None, n: int) -> np.ndarray:
+        """The caller's ids of ``n`` new masks (default: their running positions)."""
+        if indices is None:
+            return np.arange(self._count, self._count + n, dtype=np.int64)
+        ids = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if ids.shape[0] != n:
+            raise ValueError(f"got {ids.shape[0]} indices for {n} masks; pass one per mask")
+        return ids
 
     def labels(self) -> np.ndarray:
         """int32 ``(H, W)``: the composed label image (a copy; 0 = background)."""

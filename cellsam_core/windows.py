@@ -113,12 +113,12 @@ def decode_windows(
     iou : torch.Tensor
         ``(n, 1)`` predicted mask IoU.
     """
+    if dense.shape[0] != 1:
+        raise ValueError(f"dense must be one (1, C, G, G) embedding shared by all prompts, got {dense.shape}")
     md = mask_decoder
     n = sparse.shape[0]
     output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-    if dense.shape[0] != 1:
-        raise ValueError(f"dense must be one (1, C, G, G) embedding shared by all prompts, got {dense.shape}")
     # One gather for the embedding (plus the dense prompt) and the positional encoding together.
     both = _gather(torch.cat([embedding + dense, image_pe], dim=1), windows)
     src, pos = both.split(embedding.shape[1], dim=1)
