@@ -8,6 +8,7 @@ copied: the array returned is a view on part 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -110,6 +111,7 @@ class Channels(BaseModel):
     whole_cell: int | None = Field(default=None, ge=0, description="C index of the whole-cell channel.")
 
 
+@functools.lru_cache(maxsize=16)
 def default_channels(n_channels: int) -> Channels:
     """Channel roles assumed when neither the frame nor its acquisition declared them.
 
@@ -299,19 +301,23 @@ def _model_error(exc: ValidationError, acquisition: str) -> ProtocolError:
     return ProtocolError(reason, detail, acquisition=acquisition)
 
 
+def _frame_error(header: FrameHeader, reason: Reason, detail: str) -> ProtocolError:
+    """A rejection of a frame whose header was valid: it names the acquisition and index."""
+    return ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
+
+
 def _check_layout(header: FrameHeader) -> None:
-    ctx: dict[str, Any] = {"acquisition": header.acquisition, "index": header.index.model_dump()}
     if header.dtype not in SUPPORTED_DTYPES:
-        raise ProtocolError(
-            Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}", **ctx
+        raise _frame_error(
+            header, Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}"
         )
     shape = header.shape
     if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-        raise ProtocolError(
-            Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1", **ctx
+        raise _frame_error(
+            header, Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1"
         )
     if len(shape) == 3 and shape[2] > MAX_CHANNELS:
-        raise ProtocolError(Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed", **ctx)
+        raise _frame_error(header, Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed")
 
 
 def decode_message(
@@ -382,26 +388,25 @@ def decode_message(
 
 def _wrap_buffer(header: FrameHeader, part: Any, max_frame_bytes: int) -> np.ndarray:
     _check_layout(header)
-    ctx: dict[str, Any] = {"acquisition": header.acquisition, "index": header.index.model_dump()}
     view = memoryview(part)
     declared = header.nbytes
     if declared > max_frame_bytes or view.nbytes > max_frame_bytes:
-        raise ProtocolError(
+        raise _frame_error(
+            header,
             Reason.TOO_LARGE,
             f"frame of {max(declared, view.nbytes)} bytes exceeds the limit of {max_frame_bytes}",
-            **ctx,
         )
     if view.nbytes != declared:
-        raise ProtocolError(
+        raise _frame_error(
+            header,
             Reason.SIZE_MISMATCH,
             f"buffer has {view.nbytes} bytes; shape {list(header.shape)} of {header.dtype} needs {declared}",
-            **ctx,
         )
     dtype = np.dtype(header.dtype).newbyteorder("<")
     data = np.frombuffer(view.cast("B"), dtype=dtype).reshape(header.shape)
     data.flags.writeable = False
     if dtype.kind == "f" and not np.isfinite(data).all():
-        raise ProtocolError(Reason.NON_FINITE, "float frame contains NaN or infinite values", **ctx)
+        raise _frame_error(header, Reason.NON_FINITE, "float frame contains NaN or infinite values")
     return data
 
 

@@ -3,8 +3,11 @@
 Sends ``--frames`` frames of ``--shape`` uint16 (default 2048x2048, 8 MiB) over ``tcp://127.0.0.1`` and
 ``ipc://`` and reports frames/s, GB/s and the ratio to a bare pyzmq PUSH/PULL of the same buffers in the
 same run. Senders run in a child process, like a microscope script; ``copy=False`` on both sides; time is
-measured from the first to the last frame received. Also reports the receiver's resident memory before
-and after, to show it stays flat.
+measured from the first to the last frame received. Also reports the receiving process's page faults per
+frame and its resident memory before and after, to show it stays flat.
+
+Both arms run in this process, so they share its ``malloc`` settings: the listener's ``retain_buffers``
+(default on) applies to the bare arm too. ``--no-retain-buffers`` measures both with glibc's defaults.
 
     python benchmarks/bench_ingest.py --frames 2000
     python benchmarks/bench_ingest.py --frames 10000 --transports tcp
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +38,11 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads, ZeroMQ's I/O thread included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _frames(shape: tuple[int, int]) -> list[np.ndarray]:
@@ -84,11 +93,13 @@ def bare_pyzmq(endpoint: str, shape: tuple[int, int], n: int) -> float:
     return elapsed
 
 
-def ours(endpoint: str, shape: tuple[int, int], n: int) -> float:
+def ours(endpoint: str, shape: tuple[int, int], n: int, retain_buffers: bool = True) -> float:
     """Seconds between the first and the last of ``n`` frames FrameSender -> FrameListener -> consumer."""
 
     async def main() -> float:
-        async with FrameListener(endpoint=endpoint, max_in_flight=8, max_frame_bytes=1 << 30) as listener:
+        async with FrameListener(
+            endpoint=endpoint, max_in_flight=8, max_frame_bytes=1 << 30, retain_buffers=retain_buffers
+        ) as listener:
             proc = _spawn("ours", listener.endpoint, shape, n)
             await asyncio.wait_for(listener.get(), 30)
 
@@ -117,20 +128,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--rounds", type=int, default=5, help="alternating rounds of each side (best and median reported)"
     )
     parser.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    parser.add_argument(
+        "--no-retain-buffers",
+        dest="retain_buffers",
+        action="store_false",
+        help="leave glibc's malloc thresholds alone (frame buffers are unmapped and faulted in per frame)",
+    )
     args = parser.parse_args(argv)
     shape = (int(args.shape[0]), int(args.shape[1]))
     nbytes = shape[0] * shape[1] * 2
-    report: dict[str, Any] = {"frame_bytes": nbytes, "frames": args.frames}
+    report: dict[str, Any] = {
+        "frame_bytes": nbytes,
+        "frames": args.frames,
+        "retain_buffers": args.retain_buffers,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for transport in args.transports:
             endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
-            ours(endpoint, shape, min(20, args.frames))  # warm-up: imports, first allocations
+            # Warm-up: imports, first allocations (and the listener's malloc settings, for both arms).
+            ours(endpoint, shape, min(20, args.frames), args.retain_buffers)
             rss_before = rss_mib()
             # Alternate rounds and keep each side's best: this machine's noise is larger than the gap.
             bare_times, our_times = [], []
+            faults = {"bare": 0, "ours": 0}
             for _ in range(args.rounds):
+                before = minor_faults()
                 bare_times.append(bare_pyzmq(endpoint, shape, args.frames))
-                our_times.append(ours(endpoint, shape, args.frames))
+                middle = minor_faults()
+                our_times.append(ours(endpoint, shape, args.frames, args.retain_buffers))
+                faults["bare"] += middle - before
+                faults["ours"] += minor_faults() - middle
             t_bare, t_ours = min(bare_times), min(our_times)
             median_ratio = float(np.median(bare_times) / np.median(our_times))
             rss_after = rss_mib()
@@ -141,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ours_GBps": (args.frames - 1) * nbytes / t_ours / 1e9,
                 "ratio": t_bare / t_ours,
                 "median_ratio": median_ratio,
+                "bare_faults_per_frame": faults["bare"] / (args.rounds * args.frames),
+                "ours_faults_per_frame": faults["ours"] / (args.rounds * args.frames),
                 "rss_before_MiB": rss_before,
                 "rss_after_MiB": rss_after,
             }
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{transport}: bare {row['bare_fps']:.0f} frames/s ({row['bare_GBps']:.2f} GB/s), "
                 f"ours {row['ours_fps']:.0f} frames/s ({row['ours_GBps']:.2f} GB/s), "
                 f"ratio {row['ratio']:.2f} (best of {args.rounds}; of medians {median_ratio:.2f}), "
+                f"page faults/frame bare {row['bare_faults_per_frame']:.0f} "
+                f"ours {row['ours_faults_per_frame']:.0f}, "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
             )
     return report

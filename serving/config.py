@@ -62,6 +62,11 @@ class IngestSettings(BaseModel):
         256 * 1024 * 1024, ge=1, description="Larger frames are rejected with reason too_large."
     )
     rcvhwm: int = Field(4, ge=0, description="ZeroMQ receive high-water mark (messages).")
+    retain_buffers: bool = Field(
+        True,
+        description="On glibc, keep freed frame buffers in the heap for the next frames (process-wide "
+        "malloc thresholds) instead of returning them to the kernel between frames.",
+    )
 
 
 class ResultsSettings(BaseModel):

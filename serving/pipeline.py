@@ -182,6 +182,7 @@ class StreamPipeline:
             live=config.ingest.live,
             max_frame_bytes=config.ingest.max_frame_bytes,
             rcvhwm=config.ingest.rcvhwm,
+            retain_buffers=config.ingest.retain_buffers,
             on_event=self._on_event,
         )
         self.acquisitions: dict[str, AcquisitionProgress] = {}

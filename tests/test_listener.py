@@ -256,13 +256,14 @@ def test_stop_drains_frames_already_accepted() -> None:
 
 def test_stop_with_frames_in_flight_loses_no_accepted_frame() -> None:
     async def main() -> None:
-        listener = FrameListener(endpoint=ANY_PORT, max_in_flight=1)
+        listener = FrameListener(endpoint=ANY_PORT, max_in_flight=2)
         await listener.start()
         sock = push_socket(listener.endpoint)
         for t in range(6):
             sock.send_multipart(frame_parts(t=t))
-        # One frame queued and one validated frame waiting for room: stop in the middle of that.
+        # Two frames accepted and the rest waiting inside ZeroMQ (the listener stopped reading): stop.
         await until(lambda: listener.stats.received >= 2)
+        assert listener.queue_depth == 2
         await listener.stop()
         sock.close()
         drained: list[Frame] = [frame async for frame in listener]
@@ -309,3 +310,77 @@ def test_bind_conflict_raises() -> None:
 def test_get_before_start_raises() -> None:
     with pytest.raises(ListenerClosedError):
         run(FrameListener(endpoint=ANY_PORT).get())
+
+
+def test_waiting_consumers_each_get_one_frame_in_order() -> None:
+    async def main() -> None:
+        async with FrameListener(endpoint=ANY_PORT) as listener:
+            consumers = [asyncio.create_task(listener.get()) for _ in range(3)]
+            await asyncio.sleep(0.05)  # all three are waiting on an empty buffer
+            sock = push_socket(listener.endpoint)
+            for t in range(3):
+                sock.send_multipart(frame_parts(t=t))
+            got = await asyncio.gather(*consumers)
+            sock.close()
+            assert [f.index.t for f in got] == [0, 1, 2]
+            assert listener.queue_depth == 0
+
+    run(main())
+
+
+def test_a_consumer_cancelled_after_being_woken_passes_the_frame_on() -> None:
+    async def main() -> None:
+        tasks: list[asyncio.Task[Frame]] = []
+
+        def cancel_first(event: ListenerEvent) -> None:
+            # The first waiter has just been woken for this frame but has not run yet: cancel it then.
+            if event.kind == "accepted" and not tasks[0].done():
+                tasks[0].cancel()
+
+        async with FrameListener(endpoint=ANY_PORT, on_event=cancel_first) as listener:
+            tasks.extend(asyncio.create_task(listener.get()) for _ in range(2))
+            await asyncio.sleep(0.05)
+            sock = push_socket(listener.endpoint)
+            sock.send_multipart(frame_parts(t=7))
+            frame = await asyncio.wait_for(tasks[1], 5)
+            sock.close()
+            assert frame.index.t == 7
+            assert tasks[0].cancelled()
+
+    run(main())
+
+
+def test_stop_ends_consumers_waiting_on_an_empty_buffer() -> None:
+    async def main() -> None:
+        listener = FrameListener(endpoint=ANY_PORT)
+        await listener.start()
+        waiting = asyncio.create_task(listener.get())
+        iterating = asyncio.create_task(asyncio.wait_for(_collect(listener), 5))
+        await asyncio.sleep(0.05)
+        await listener.stop()
+        with pytest.raises(ListenerClosedError):
+            await asyncio.wait_for(waiting, 5)
+        assert await iterating == []
+
+    run(main())
+
+
+async def _collect(listener: FrameListener) -> list[Frame]:
+    return [frame async for frame in listener]
+
+
+def test_a_full_buffer_resumes_reading_when_the_consumer_catches_up() -> None:
+    async def main() -> None:
+        async with FrameListener(endpoint=ANY_PORT, max_in_flight=2) as listener:
+            sock = push_socket(listener.endpoint)
+            for t in range(20):
+                sock.send_multipart(frame_parts(t=t))
+            await until(lambda: listener.stats.accepted == 2)
+            await asyncio.sleep(0.05)
+            assert listener.stats.received == 2  # full: nothing more is read until a frame is taken
+            got = [await listener.get() for _ in range(20)]
+            sock.close()
+            assert [f.index.t for f in got] == list(range(20))
+            assert listener.stats.accepted == 20 and not listener.stats.dropped
+
+    run(main())
