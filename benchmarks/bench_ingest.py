@@ -2,15 +2,19 @@
 
 Sends ``--frames`` frames of ``--shape`` uint16 (default 2048x2048, 8 MiB) over ``tcp://127.0.0.1`` and
 ``ipc://`` and reports frames/s, GB/s and the ratio to a bare pyzmq PUSH/PULL of the same buffers in the
-same run. Senders run in a child process, like a microscope script; ``copy=False`` on both sides; time is
-measured from the first to the last frame received. Also reports the receiving process's page faults per
-frame and its resident memory before and after, to show it stays flat.
+same run. One child process, like a microscope script, sends every round of both arms from the same
+buffers; ``copy=False`` on both sides; time is measured from the first to the last frame received. Also
+reports the receiving process's page faults per frame and its resident memory before and after, to show
+it stays flat.
 
-Both arms run in this process, so they share its ``malloc`` settings: the listener's ``retain_buffers``
-(default on) applies to the bare arm too. ``--no-retain-buffers`` measures both with glibc's defaults.
+Both arms use the same ZeroMQ high-water marks (``--sndhwm``/``--rcvhwm``, default: ours, 32 and 4), so
+the ratio is the cost of our code, not of a queue depth; ``--sndhwm 1000 --rcvhwm 1000`` runs both at
+pyzmq's defaults. Both arms run in this process, so they share its ``malloc`` settings: the listener's
+``retain_buffers`` (default on) applies to the bare arm too; ``--no-retain-buffers`` measures both with
+glibc's defaults.
 
-    python benchmarks/bench_ingest.py --frames 2000
-    python benchmarks/bench_ingest.py --frames 10000 --transports tcp
+    python benchmarks/bench_ingest.py
+    python benchmarks/bench_ingest.py --frames 10000 --rounds 1 --transports tcp   # memory over 10,000
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ def _frames(shape: tuple[int, int]) -> list[np.ndarray]:
     return [rng.integers(0, 4096, shape, dtype=np.uint16) for _ in range(4)]
 
 
-def _sender_process(kind: str, endpoint: str, shape: tuple[int, int], n: int) -> None:
-    """Runs in a child process, like a microscope script: sends ``n`` frames to ``endpoint``."""
-    frames = _frames(shape)
+def _send(kind: str, endpoint: str, frames: list[np.ndarray], n: int, sndhwm: int) -> None:
+    """Send ``n`` of ``frames`` (cycling) to ``endpoint``: bare pyzmq, or ``FrameSender``."""
     if kind == "bare":
         ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, sndhwm)
         push.connect(endpoint)
         header = json.dumps({"type": "frame", "v": 1}).encode()
         for i in range(n):
@@ -64,43 +68,90 @@ def _sender_process(kind: str, endpoint: str, shape: tuple[int, int], n: int) ->
         push.close(linger=-1)
         ctx.term()  # returns once every zero-copy frame has left
     else:
-        with FrameSender(endpoint=endpoint, acquisition="bench", timeout=None) as tx:
+        with FrameSender(endpoint=endpoint, acquisition="bench", timeout=None, sndhwm=sndhwm) as tx:
             for i in range(n):
                 tx.send(frames[i % len(frames)], t=i)
 
 
-def _spawn(kind: str, endpoint: str, shape: tuple[int, int], n: int) -> Any:
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_sender_process, args=(kind, endpoint, shape, n)
-    )
-    proc.start()
-    return proc
+def _sender_main(conn: Any, shape: tuple[int, int]) -> None:
+    frames = _frames(shape)
+    while (job := conn.recv()) is not None:
+        try:
+            _send(job[0], job[1], frames, job[2], job[3])
+        except Exception as exc:  # reported to the parent, which fails the run
+            conn.send(repr(exc))
+        else:
+            conn.send(None)
 
 
-def bare_pyzmq(endpoint: str, shape: tuple[int, int], n: int) -> float:
-    """Seconds between the first and the last of ``n`` frames through a plain PUSH/PULL (zero-copy)."""
+class Sender:
+    """A child process, like a microscope script, that sends frames when asked.
+
+    One process for the whole run: every round of both arms sends the very same buffers from the same
+    memory, so page placement (huge pages or not) does not differ from round to round.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_sender_main, args=(child, shape), daemon=True)
+        self._proc.start()
+
+    def start(self, kind: str, endpoint: str, n: int, sndhwm: int) -> None:
+        """Begin sending ``n`` frames to ``endpoint`` (``kind``: ``bare`` or ``ours``)."""
+        self._conn.send((kind, endpoint, n, sndhwm))
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Wait until the last frame has left; raise if sending failed."""
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"sender did not finish within {timeout} s")
+        error = self._conn.recv()
+        if error is not None:
+            raise RuntimeError(f"sender failed: {error}")
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(30)
+
+
+def bare_pyzmq(sender: Sender, endpoint: str, n: int, hwm: tuple[int, int] = (32, 4)) -> float:
+    """Seconds between the first and the last of ``n`` frames through a plain PUSH/PULL (zero-copy).
+
+    ``hwm`` is (send, receive) high-water marks.
+    """
     pull: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, hwm[1])
     pull.bind(endpoint)
-    proc = _spawn("bare", pull.getsockopt_string(zmq.LAST_ENDPOINT), shape, n)
+    sender.start("bare", pull.getsockopt_string(zmq.LAST_ENDPOINT), n, hwm[0])
     pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a crashed sender fails the run instead of hanging it
     pull.recv_multipart(copy=False)
     start = time.perf_counter()
     for _ in range(n - 1):
         pull.recv_multipart(copy=False)
     elapsed = time.perf_counter() - start
-    proc.join()
+    sender.wait()
     pull.close(linger=0)
     return elapsed
 
 
-def ours(endpoint: str, shape: tuple[int, int], n: int, retain_buffers: bool = True) -> float:
+def ours(
+    sender: Sender,
+    endpoint: str,
+    n: int,
+    hwm: tuple[int, int] = (32, 4),
+    retain_buffers: bool = True,
+) -> float:
     """Seconds between the first and the last of ``n`` frames FrameSender -> FrameListener -> consumer."""
 
     async def main() -> float:
         async with FrameListener(
-            endpoint=endpoint, max_in_flight=8, max_frame_bytes=1 << 30, retain_buffers=retain_buffers
+            endpoint=endpoint,
+            max_in_flight=8,
+            max_frame_bytes=1 << 30,
+            rcvhwm=hwm[1],
+            retain_buffers=retain_buffers,
         ) as listener:
-            proc = _spawn("ours", listener.endpoint, shape, n)
+            sender.start("ours", listener.endpoint, n, hwm[0])
             await asyncio.wait_for(listener.get(), 30)
 
             async def drain() -> None:
@@ -112,22 +163,53 @@ def ours(endpoint: str, shape: tuple[int, int], n: int, retain_buffers: bool = T
             # would measure asyncio's task overhead rather than the listener.
             await asyncio.wait_for(drain(), 30 + n * 0.1)
             elapsed = time.perf_counter() - start
-            await asyncio.to_thread(proc.join)
+            await asyncio.to_thread(sender.wait)
             return elapsed
 
     return asyncio.run(main())
+
+
+def paired_rounds(
+    sender: Sender,
+    endpoint: str,
+    frames: int,
+    rounds: int,
+    hwm: tuple[int, int],
+    retain_buffers: bool,
+) -> tuple[list[float], list[float], dict[str, int]]:
+    """Each arm's seconds per round, and each arm's page faults over all rounds.
+
+    This machine's throughput drifts by more than the gap between the arms over a run, so each round
+    measures both arms back to back (alternating which goes first); compare them round by round.
+    """
+    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    faults = {"bare": 0, "ours": 0}
+    for i in range(rounds):
+        for arm in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
+            before = minor_faults()
+            if arm == "bare":
+                times[arm].append(bare_pyzmq(sender, endpoint, frames, hwm))
+            else:
+                times[arm].append(ours(sender, endpoint, frames, hwm, retain_buffers))
+            faults[arm] += minor_faults() - before
+    return times["bare"], times["ours"], faults
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--frames", type=int, default=500, help="frames per round")
     parser.add_argument("--shape", type=int, nargs=2, default=(2048, 2048))
     parser.add_argument(
-        "--rounds", type=int, default=5, help="alternating rounds of each side (best and median reported)"
+        "--rounds",
+        type=int,
+        default=10,
+        help="pairs of back-to-back runs, one of each arm, their order alternating (median ratio reported)",
     )
     parser.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    parser.add_argument("--sndhwm", type=int, default=32, help="send high-water mark of both arms")
+    parser.add_argument("--rcvhwm", type=int, default=4, help="receive high-water mark of both arms")
     parser.add_argument(
         "--no-retain-buffers",
         dest="retain_buffers",
@@ -141,33 +223,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "frame_bytes": nbytes,
         "frames": args.frames,
         "retain_buffers": args.retain_buffers,
+        "sndhwm": args.sndhwm,
+        "rcvhwm": args.rcvhwm,
     }
+    sender = Sender(shape)
     with tempfile.TemporaryDirectory() as tmp:
         for transport in args.transports:
             endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
             # Warm-up: imports, first allocations (and the listener's malloc settings, for both arms).
-            ours(endpoint, shape, min(20, args.frames), args.retain_buffers)
+            hwm = (args.sndhwm, args.rcvhwm)
+            ours(sender, endpoint, min(20, args.frames), hwm, args.retain_buffers)
             rss_before = rss_mib()
-            # Alternate rounds and keep each side's best: this machine's noise is larger than the gap.
-            bare_times, our_times = [], []
-            faults = {"bare": 0, "ours": 0}
-            for _ in range(args.rounds):
-                before = minor_faults()
-                bare_times.append(bare_pyzmq(endpoint, shape, args.frames))
-                middle = minor_faults()
-                our_times.append(ours(endpoint, shape, args.frames, args.retain_buffers))
-                faults["bare"] += middle - before
-                faults["ours"] += minor_faults() - middle
+            bare_times, our_times, faults = paired_rounds(
+                sender, endpoint, args.frames, args.rounds, hwm, args.retain_buffers
+            )
             t_bare, t_ours = min(bare_times), min(our_times)
-            median_ratio = float(np.median(bare_times) / np.median(our_times))
+            paired = np.array(bare_times) / np.array(our_times)
+            median_ratio = float(np.median(paired))
             rss_after = rss_mib()
             row = {
                 "bare_fps": (args.frames - 1) / t_bare,
                 "bare_GBps": (args.frames - 1) * nbytes / t_bare / 1e9,
                 "ours_fps": (args.frames - 1) / t_ours,
                 "ours_GBps": (args.frames - 1) * nbytes / t_ours / 1e9,
-                "ratio": t_bare / t_ours,
-                "median_ratio": median_ratio,
+                "ratio": median_ratio,
+                "ratio_of_bests": t_bare / t_ours,
+                "ratio_range": [float(paired.min()), float(paired.max())],
                 "bare_faults_per_frame": faults["bare"] / (args.rounds * args.frames),
                 "ours_faults_per_frame": faults["ours"] / (args.rounds * args.frames),
                 "rss_before_MiB": rss_before,
@@ -177,11 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"{transport}: bare {row['bare_fps']:.0f} frames/s ({row['bare_GBps']:.2f} GB/s), "
                 f"ours {row['ours_fps']:.0f} frames/s ({row['ours_GBps']:.2f} GB/s), "
-                f"ratio {row['ratio']:.2f} (best of {args.rounds}; of medians {median_ratio:.2f}), "
+                f"ratio {median_ratio:.2f} (median of {args.rounds} paired rounds, "
+                f"range {paired.min():.2f}-{paired.max():.2f}; of bests {t_bare / t_ours:.2f}), "
                 f"page faults/frame bare {row['bare_faults_per_frame']:.0f} "
                 f"ours {row['ours_faults_per_frame']:.0f}, "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
             )
+    sender.close()
     return report
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from acquisition.errors import ProtocolError
 from acquisition.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
     AcquisitionSizes,
     EndMessage,
@@ -19,6 +20,11 @@ from acquisition.protocol import (
     Index,
     Reason,
     StartMessage,
+    _decode_full,
+    _dump,
+    _dump_frame_header,
+    _frame_header_fast,
+    _wrap_buffer,
     decode_message,
     encode_control,
     encode_frame,
@@ -285,3 +291,140 @@ def test_frame_result_model_roundtrip() -> None:
     again = FrameResult.model_validate_json(result.model_dump_json())
     assert again == result
     assert again.status == "ok" and again.index is not None and again.index.t == 1
+
+
+# -- the per-frame fast path accepts exactly what the full decoder accepts -------------------------------
+
+_VARIANTS: dict[str, list[Any]] = {
+    "type": [DROP, "frame", "start", "FRAME", 1, None],
+    "v": [DROP, 1, 2, 0, True, 1.0, "1", None, [1]],
+    "acquisition": [DROP, "exp-1", "../up", ".hidden", "", "a" * 129, 7, None, "é"],
+    "index": [
+        DROP,
+        {},
+        {"t": 1},
+        {"t": 1, "p": 2, "z": 3, "c": 0},
+        {"t": -1},
+        {"t": 1.0},
+        {"t": True},
+        {"t": "1"},
+        {"t": 2**70},
+        {"t": 1, "q": 4},
+        {"c": None},
+        [],
+        None,
+    ],
+    "shape": [DROP, [4, 6], [6, 4], [4, 6, 1], [24], [4, 6.0], [4, True], ["4", 6], [0, 6], [-4, 6], None],
+    "dtype": [DROP, "uint16", "<u2", "float64", "complex64", "object", 16, None],
+    "timestamp": [DROP, None, 1.7e9, 17, "17", True, [1]],
+    "channels": [
+        DROP,
+        None,
+        {},
+        {"names": ["dapi"], "nuclear": 0},
+        {"nuclear": True},
+        {"nuclear": -1},
+        {"names": "dapi"},
+        {"extra": 1},
+        [],
+    ],
+    "metadata": [
+        DROP,
+        {},
+        {"exposure_ms": 20, "pos": [1.5, 2.5]},
+        {"deep": {"a": [{"b": None}]}},
+        [],
+        "x",
+        None,
+    ],
+}
+
+_RAW_VARIANTS = [
+    b"",
+    b"{}",
+    b"[]",
+    b"null",
+    b"\xef\xbb\xbf" + header(),  # UTF-8 byte-order mark
+    header().decode().encode("utf-16"),
+    header() + b" trailing",
+    header() + b"  \n",
+    b"  " + header(),
+    header().replace(b'"dtype"', b'"dtype": "uint8", "dtype"'),  # duplicate key: the last one counts
+    header().replace(b'"acquisition": "exp-1"', b'"acquisition": "../x", "acquisition": "exp-1"'),
+    header(metadata={"x": 1}).replace(b'{"x": 1}', b'{"x": NaN}'),
+    header(metadata={"x": 1}).replace(b'{"x": 1}', b'{"x": -Infinity}'),
+    header(metadata={"x": "NaN and Infinity in a string"}),
+    header(metadata={"x": 1}).replace(b'{"x": 1}', b'{"x": "\\ud800"}'),  # lone surrogate
+    header(metadata={"x": 1}).replace(b'{"x": 1}', b'{"x": 1e400}'),
+    header(metadata={"x": 1}).replace(b'{"x": 1}', b'{"x": ' + b"[" * 300 + b"]" * 300 + b"}"),
+    header(metadata={"pad": "x" * MAX_HEADER_BYTES}),
+    header(timestamp=1).replace(b'"timestamp": 1', b'"timestamp": 1E2'),
+    header().replace(b'"v": 1', b'"v": 1.0'),
+    header().replace(b'"v": 1', b'"v": 1e0'),
+    header().replace(b'"v": 1', b'"v": -0'),
+]
+
+
+def _header_variants() -> list[bytes]:
+    out = [header(**{key: value}) for key, values in _VARIANTS.items() for value in values]
+    return out + _RAW_VARIANTS
+
+
+def _outcome(decode: Any) -> Any:
+    """A decode's result as comparable data: the header, or the rejection's reason and context."""
+    try:
+        message = decode()
+    except ProtocolError as exc:
+        return ("rejected", exc.reason, exc.acquisition, exc.index)
+    except RecursionError:
+        return ("recursion",)
+    return ("accepted", message.header, message.header.model_fields_set)
+
+
+def test_fast_frame_path_gives_the_full_paths_result_whenever_it_takes_a_header() -> None:
+    taken = 0
+    for raw in _header_variants():
+        full = _outcome(lambda raw=raw: _decode_full([raw, PIXELS], DEFAULT_MAX_FRAME_BYTES))
+        header = _frame_header_fast(raw)
+        if header is None:  # left to the full path: always allowed
+            continue
+        taken += 1
+        # Taking a header the full path rejects (bad version, missing index, NaN, ...) fails here.
+        fast = _outcome(lambda h=header: FrameMessage(h, _wrap_buffer(h, PIXELS, DEFAULT_MAX_FRAME_BYTES)))
+        assert fast == full, raw[:200]
+        assert _outcome(lambda raw=raw: decode_message([raw, PIXELS])) == full
+    assert taken >= 20  # the valid variants above do take the fast path
+
+
+def test_fast_frame_path_takes_ordinary_valid_frames() -> None:
+    image = np.zeros((4, 6), np.uint16)
+    for extra in ({}, {"timestamp": 1.7e9}, {"metadata": {"exposure_ms": 20.5, "stage": [1, 2, 3]}}):
+        raw = encode_frame(frame_header(image.shape, image.dtype, acquisition="a", **extra), image)[0]
+        assert _frame_header_fast(raw) is not None, raw
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {},
+        {"exposure_ms": 20.5, "pos_um": [1.25, -3.5e-7, 1e300], "name": "é µm \u2603", "none": None},
+        {"nested": {"a": [{"b": [1, 2, {"c": True}]}]}, "big": 2**80},
+        {"x": "NaN and Infinity, as text"},
+        {"x": float("nan")},
+        {"x": float("-inf")},
+        {"x": {1, 2}},
+        {"x": b"bytes"},
+        {"x": np.int64(3)},
+        {"x": object()},
+    ],
+)
+def test_sender_header_fast_path_matches_the_reference_encoding(metadata: dict[str, Any]) -> None:
+    header = frame_header((4, 6), "uint16", acquisition="a", timestamp=1.7e9, metadata=metadata)
+
+    def outcome(dump: Any) -> Any:
+        try:
+            return json.loads(dump(header))
+        except ProtocolError as exc:
+            return exc.reason
+
+    assert outcome(_dump_frame_header) == outcome(_dump)
