@@ -361,19 +361,21 @@ class FrameListener:
         sock = self._socket
         if sock is None or not self._reading:
             return
+        check = False  # on a wake-up, just try: the descriptor fired because something arrived
         for _ in range(_MESSAGES_PER_TURN):
             if not self.live and len(self._buffer) >= self.max_in_flight:
                 # Backpressure: stop reading until the consumer takes a frame (get() resumes).
                 self._pause()
                 return
             try:
-                # ZeroMQ's descriptor is edge-triggered: ask ZeroMQ itself (which re-arms the descriptor)
-                # whether a message is waiting, instead of letting a non-blocking receive fail.
-                if not int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+                # ZeroMQ's descriptor is edge-triggered: before sleeping, ask ZeroMQ itself (which re-arms
+                # the descriptor) whether another message is waiting; a failed receive costs more.
+                if check and not int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                     return
+                check = True
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                continue
+                continue  # a wake-up for something else: the next turn asks ZeroMQ
             except zmq.ZMQError as exc:
                 if self._closing or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     self._pause()

@@ -195,6 +195,17 @@ def paired_rounds(
     return times["bare"], times["ours"], faults
 
 
+def control_ratios(
+    sender: Sender, endpoint: str, frames: int, rounds: int, hwm: tuple[int, int]
+) -> np.ndarray:
+    """Bare pyzmq against itself, paired the same way: the spread a ratio of 1 shows on this machine."""
+    ratios = []
+    for _ in range(rounds):
+        first = bare_pyzmq(sender, endpoint, frames, hwm)
+        ratios.append(first / bare_pyzmq(sender, endpoint, frames, hwm))
+    return np.array(ratios)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
     parser.add_argument("--sndhwm", type=int, default=32, help="send high-water mark of both arms")
     parser.add_argument("--rcvhwm", type=int, default=4, help="receive high-water mark of both arms")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also pair bare pyzmq with itself, to show how far from 1 noise alone moves the ratio",
+    )
     parser.add_argument(
         "--no-retain-buffers",
         dest="retain_buffers",
@@ -264,6 +280,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"ours {row['ours_faults_per_frame']:.0f}, "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
             )
+            if args.control:
+                control = control_ratios(sender, endpoint, args.frames, args.rounds, hwm)
+                row["control_ratio"] = float(np.median(control))
+                row["control_range"] = [float(control.min()), float(control.max())]
+                print(
+                    f"{transport} control, bare vs bare: ratio {np.median(control):.2f} "
+                    f"(median of {args.rounds} paired rounds, range {control.min():.2f}-{control.max():.2f})"
+                )
     sender.close()
     return report
 
