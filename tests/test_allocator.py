@@ -105,3 +105,30 @@ def test_rejects_nonsense() -> None:
         allocator.retain_frame_buffers(0, buffers=4)
     with pytest.raises(ValueError, match="≥ 1"):
         allocator.retain_frame_buffers(1 << 20, buffers=0)
+
+
+@glibc
+def test_the_service_setting_reaches_the_listener() -> None:
+    code = """
+        import asyncio, json
+        from acquisition import allocator
+        from acquisition.memory_sink import MemoryLabelSink
+        from serving.config import ServiceConfig
+        from serving.pipeline import StreamPipeline
+        async def main(retain):
+            config = ServiceConfig.model_validate({{
+                "ingest": {{"endpoint": "tcp://127.0.0.1:*", "queue_size": 4, "rcvhwm": 2,
+                            "max_frame_bytes": 8 << 20, "retain_buffers": retain}},
+                "results": {{"endpoint": "tcp://127.0.0.1:*"}},
+            }})
+            pipeline = StreamPipeline(config=config, segmenter=None, sink=MemoryLabelSink())
+            await pipeline.start()
+            try:
+                t = allocator.applied_tuning()
+                return None if t is None else t.mmap_threshold
+            finally:
+                await pipeline.stop()
+        print(json.dumps(asyncio.run(main({retain}))))
+        """
+    assert _run(code.format(retain=False)) is None
+    assert _run(code.format(retain=True)) == (8 << 20) + 4096
