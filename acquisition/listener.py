@@ -2,8 +2,8 @@
 
 asyncio, with a plain ZeroMQ socket watched by the event loop: the reader callback on ZeroMQ's
 edge-triggered file descriptor receives, validates and queues every message ZeroMQ holds, then hands
-frames straight to waiting consumers. One event-loop turn per wake-up and no task switch per message: a
-fraction of the Python work of ``zmq.asyncio``, which matters at gigabytes per second. Messages are
+frames straight to waiting consumers. No receive task or condition variable sits in between: a fraction
+of the Python work of ``zmq.asyncio``, which matters at gigabytes per second. Messages are
 received with ``copy=False`` and pixels wrapped with ``np.frombuffer``: a
 :class:`~acquisition.frames.Frame`'s array is a view on the ZeroMQ message, no copy.
 
