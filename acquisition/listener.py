@@ -275,9 +275,7 @@ class FrameListener:
             self._socket.close(linger=0)
         self._closed = True
         while self._waiters:  # consumers waiting on an empty buffer learn that it is over
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            self._wake_one()
 
     async def __aenter__(self) -> FrameListener:
         await self.start()

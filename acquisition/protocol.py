@@ -138,7 +138,7 @@ class FrameHeader(BaseModel):
     """Part 0 of a frame message."""
 
     # NaN and infinities serialise as JSON's non-standard constants, which encode_frame then refuses.
-    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="constants")
+    model_config = _WIRE | ConfigDict(ser_json_inf_nan="constants")
     type: Literal["frame"] = Field(default="frame", description="Message type.")
     v: Literal[1] = Field(default=1, description="Protocol version.")
     acquisition: str = Field(pattern=ACQUISITION_ID_PATTERN, description="Acquisition id.")
@@ -412,7 +412,11 @@ def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | S
 
 _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
 _FRAME_REQUIRED = frozenset({"type", "v", "index"})  # required by the spec though the model has defaults
-_CONSTANTS = (b"NaN", b"Infinity")  # JSON extensions the full path rejects; pydantic's parser takes them
+
+
+def _has_json_constant(raw: bytes) -> bool:
+    """``NaN``/``Infinity`` somewhere in ``raw``: JSON extensions the protocol refuses and pydantic takes."""
+    return b"NaN" in raw or b"Infinity" in raw
 
 
 def _frame_header_fast(part: Any) -> FrameHeader | None:
@@ -426,7 +430,7 @@ def _frame_header_fast(part: Any) -> FrameHeader | None:
     if len(raw) > MAX_HEADER_BYTES:
         return None
     raw = bytes(raw)
-    if _CONSTANTS[0] in raw or _CONSTANTS[1] in raw:
+    if _has_json_constant(raw):
         return None
     try:
         header = FrameHeader.model_validate_json(raw, strict=True)
@@ -526,7 +530,7 @@ def _dump_frame_header(header: FrameHeader) -> bytes:
         raw = _FRAME_HEADER_TO_JSON(header)
     except ValueError:  # PydanticSerializationError
         return _dump(header)
-    if _CONSTANTS[0] in raw or _CONSTANTS[1] in raw:
+    if _has_json_constant(raw):
         return _dump(header)
     return raw
 
