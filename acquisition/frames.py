@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from acquisition.protocol import Channels, FrameHeader, Index, default_channels
+from acquisition.protocol import Channels, FrameHeader, FrameMessage, Index, default_channels
 
 __all__ = ["Frame", "FrameId"]
 
@@ -21,53 +20,72 @@ class FrameId(NamedTuple):
     z: int
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Frame:
     """One accepted frame.
 
     Attributes
     ----------
-    header : FrameHeader
-        The validated wire header (acquisition, index, shape, dtype, channels, metadata).
     data : numpy.ndarray
         Pixels, shape (H, W) or (H, W, C), dtype ``header.dtype``. Read-only: when it came from the
         listener it is a zero-copy view on the received ZeroMQ message, which it keeps alive.
     received_at : float
         ``time.monotonic()`` when the listener accepted the frame (for ingest/end-to-end latency).
-    channels : Channels
-        Channel roles: the frame's own declaration, else its acquisition's ``start``, else
-        :func:`~acquisition.protocol.default_channels`.
     """
 
-    header: FrameHeader
-    data: np.ndarray
-    received_at: float
-    channels: Channels
+    __slots__ = ("_channels", "_fallback", "_message", "data", "received_at")
+
+    def __init__(
+        self,
+        message: FrameMessage,
+        *,
+        received_at: float,
+        channels: Channels | None = None,
+    ) -> None:
+        self._message = message
+        self.data = message.data
+        self.received_at = received_at
+        self._fallback = channels
+        self._channels: Channels | None = None
 
     @classmethod
     def from_header(
         cls, header: FrameHeader, data: np.ndarray, *, received_at: float, channels: Channels | None = None
     ) -> Frame:
-        """Build a frame, resolving channel roles (frame header > ``channels`` argument > defaults)."""
-        n_channels = data.shape[2] if data.ndim == 3 else 1
-        resolved = header.channels or channels or default_channels(n_channels)
-        return cls(header=header, data=data, received_at=received_at, channels=resolved)
+        """Build a frame from a header and its pixels; ``channels`` holds when the header names none."""
+        return cls(FrameMessage(header, data), received_at=received_at, channels=channels)
+
+    @property
+    def header(self) -> FrameHeader:
+        """The validated wire header (acquisition, index, shape, dtype, channels, metadata)."""
+        return self._message.header
 
     @property
     def acquisition(self) -> str:
         """Acquisition id."""
-        return self.header.acquisition
+        return self._message.acquisition
 
     @property
     def index(self) -> Index:
         """Frame index (t, p, z, c)."""
-        return self.header.index
+        return self._message.header.index
 
     @property
     def id(self) -> FrameId:
         """``FrameId(acquisition, p, t, z)``."""
-        i = self.header.index
-        return FrameId(self.header.acquisition, i.p, i.t, i.z)
+        t, p, z = self._message.position
+        return FrameId(self._message.acquisition, p, t, z)
+
+    @property
+    def channels(self) -> Channels:
+        """Channel roles: the frame's own declaration, else its acquisition's ``start``, else
+        :func:`~acquisition.protocol.default_channels`."""
+        if self._channels is None:
+            message = self._message
+            resolved = message.header.channels if message.declares_channels else self._fallback
+            if resolved is None:
+                resolved = default_channels(self.data.shape[2] if self.data.ndim == 3 else 1)
+            self._channels = resolved
+        return self._channels
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +93,7 @@ class Frame:
         return int(self.data.nbytes)
 
     def __repr__(self) -> str:
-        i = self.header.index
+        i = self.index
         return (
             f"Frame({self.acquisition!r}, t={i.t}, p={i.p}, z={i.z}, c={i.c}, "
             f"shape={self.data.shape}, dtype={self.data.dtype})"

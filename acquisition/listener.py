@@ -436,9 +436,9 @@ class FrameListener:
         self._emit(ListenerEvent("ended", acquisition=message.acquisition, control=message))
 
     def _on_frame(self, message: FrameMessage, received_at: float) -> None:
-        header = message.header
-        state = self._state(header.acquisition)
+        state = self._state(message.acquisition)
         if state.ended:
+            header = message.header
             self._reject(
                 ProtocolError(
                     Reason.ACQUISITION_ENDED,
@@ -448,7 +448,7 @@ class FrameListener:
                 )
             )
             return
-        frame = Frame.from_header(header, message.data, received_at=received_at, channels=state.channels)
+        frame = Frame(message, received_at=received_at, channels=state.channels)
         if self.live:
             while len(self._buffer) >= self.max_in_flight:
                 self._drop(self._buffer.popleft())

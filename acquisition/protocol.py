@@ -13,10 +13,10 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -251,15 +251,52 @@ class Hello(BaseModel):
     time: float = Field(description="Publication time, seconds since epoch.")
 
 
-@dataclass(frozen=True, slots=True)
 class FrameMessage:
     """A decoded, validated frame: header plus a zero-copy, read-only view of the pixel buffer.
 
     ``data`` has shape ``header.shape`` ((H, W) or (H, W, C)) and dtype ``header.dtype`` (little-endian).
+    On the per-frame path the header arrives as a compact, already validated record and the pydantic
+    :class:`FrameHeader` is built from it the first time ``header`` is read; ``acquisition`` and
+    ``position`` are read without building it.
     """
 
-    header: FrameHeader
-    data: np.ndarray
+    __slots__ = ("_header", "_wire", "data")
+
+    def __init__(self, header: FrameHeader | _FrameHeaderWire, data: np.ndarray) -> None:
+        self._header: FrameHeader | None = header if isinstance(header, FrameHeader) else None
+        self._wire: _FrameHeaderWire | None = header if isinstance(header, _FrameHeaderWire) else None
+        self.data = data
+
+    @property
+    def header(self) -> FrameHeader:
+        """The validated header."""
+        if self._header is None:
+            assert self._wire is not None
+            self._header = self._wire.model()
+        return self._header
+
+    @property
+    def acquisition(self) -> str:
+        """Acquisition id."""
+        return self._wire.acquisition if self._wire is not None else self.header.acquisition
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """``(t, p, z)`` of the frame's index."""
+        if self._wire is not None:
+            return self._wire.index.position
+        i = self.header.index
+        return i.t, i.p, i.z
+
+    @property
+    def declares_channels(self) -> bool:
+        """Whether the header itself names the channels (else its acquisition's or the defaults hold)."""
+        if self._wire is not None:
+            return isinstance(self._wire.channels, _ChannelsWire)
+        return self.header.channels is not None
+
+    def __repr__(self) -> str:
+        return f"FrameMessage({self.header!r}, data={self.data.shape} {self.data.dtype})"
 
 
 def validate_acquisition_id(value: object) -> str:
@@ -268,7 +305,7 @@ def validate_acquisition_id(value: object) -> str:
     Safe means 1-128 characters from ``[A-Za-z0-9._-]``, not starting with a dot: it can be used as a
     directory name without naming a parent directory, a hidden file or a path outside the output folder.
     """
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ProtocolError(
             Reason.BAD_ACQUISITION_ID,
             f"acquisition id {str(value)[:140]!r} must be 1-128 characters from [A-Za-z0-9._-], "
@@ -316,12 +353,14 @@ def _model_error(exc: ValidationError, acquisition: str) -> ProtocolError:
     return ProtocolError(reason, detail, acquisition=acquisition)
 
 
-def _frame_error(header: FrameHeader, reason: Reason, detail: str) -> ProtocolError:
+def _frame_error(header: FrameHeader | _FrameHeaderWire, reason: Reason, detail: str) -> ProtocolError:
     """A rejection of a frame whose header was valid: it names the acquisition and index."""
+    if isinstance(header, _FrameHeaderWire):
+        header = header.model()
     return ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
 
 
-def _check_layout(header: FrameHeader) -> None:
+def _check_layout(header: FrameHeader | _FrameHeaderWire) -> None:
     if header.dtype not in SUPPORTED_DTYPES:
         raise _frame_error(
             header, Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}"
@@ -411,37 +450,90 @@ def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | S
 
 
 _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
-_FRAME_REQUIRED = frozenset({"type", "v", "index"})  # required by the spec though the model has defaults
+
+# The per-frame header as msgspec types: what a valid v1 frame header is, and nothing the full path
+# would refuse (msgspec is strict: no bool or float for an int, no NaN, no lone surrogate, no BOM).
+# ``type``, ``v`` and ``index`` are required, as the spec says; UNSET marks an optional field that was
+# absent, so the pydantic model built from it knows which fields were set.
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _IndexWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    t: _NonNegative | msgspec.UnsetType = msgspec.UNSET
+    p: _NonNegative | msgspec.UnsetType = msgspec.UNSET
+    z: _NonNegative | msgspec.UnsetType = msgspec.UNSET
+    c: _NonNegative | msgspec.UnsetType | None = msgspec.UNSET
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """``(t, p, z)``, a missing axis being 0 (UNSET is false)."""
+        return self.t or 0, self.p or 0, self.z or 0
+
+
+class _ChannelsWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    names: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
+    nuclear: _NonNegative | msgspec.UnsetType | None = msgspec.UNSET
+    whole_cell: _NonNegative | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class _FrameHeaderWire(msgspec.Struct, frozen=True):  # unknown fields are ignored, as in FrameHeader
+    type: Literal["frame"]
+    v: Literal[1]
+    acquisition: str
+    index: _IndexWire
+    shape: tuple[int, ...]
+    dtype: str
+    timestamp: float | msgspec.UnsetType | None = msgspec.UNSET
+    channels: _ChannelsWire | msgspec.UnsetType | None = msgspec.UNSET
+    metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+    def model(self) -> FrameHeader:
+        """The same header as :class:`FrameHeader`, assembled without validating again."""
+        fields = _given(self)
+        fields["index"] = Index.model_construct(**_given(self.index))
+        if isinstance(self.channels, _ChannelsWire):
+            fields["channels"] = Channels.model_construct(**_given(self.channels))
+        return FrameHeader.model_construct(**fields)
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes the pixel buffer must have (``dtype`` must be supported)."""
+        return math.prod(self.shape) * _WIRE_DTYPES[self.dtype].itemsize
+
+
+_FRAME_HEADER_WIRE = msgspec.json.Decoder(_FrameHeaderWire)
+
+
+def _given(wire: msgspec.Struct) -> dict[str, Any]:
+    """The fields of ``wire`` that the message carried."""
+    given = ((name, getattr(wire, name)) for name in wire.__struct_fields__)
+    return {name: value for name, value in given if value is not msgspec.UNSET}
 
 
 def _has_json_constant(raw: bytes) -> bool:
-    """``NaN``/``Infinity`` somewhere in ``raw``: JSON extensions the protocol refuses and pydantic takes."""
+    """``NaN``/``Infinity`` in ``raw``: JSON extensions the protocol refuses (and pydantic writes)."""
     return b"NaN" in raw or b"Infinity" in raw
 
 
-def _frame_header_fast(part: Any) -> FrameHeader | None:
+def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
     """The frame header in ``part`` when it is valid as it stands, else ``None``.
 
-    One strict pass of pydantic's JSON parser instead of ``json`` plus model validation: the per-frame
-    path. It accepts only what the full path in :func:`decode_message` accepts, with the same result;
-    anything else (including every invalid header) returns ``None`` and the full path finds the reason.
+    One pass of msgspec's strict JSON decoder instead of ``json`` plus model validation: the per-frame
+    path. It accepts only what the full path in :func:`decode_message` accepts, with the same result
+    (``.model()`` gives the same values, types and set fields); anything else (including every invalid
+    header) returns ``None`` and the full path finds the reason.
     """
     raw = part if isinstance(part, bytes) else memoryview(part)
     if len(raw) > MAX_HEADER_BYTES:
         return None
-    raw = bytes(raw)
-    if _has_json_constant(raw):
-        return None
     try:
-        header = FrameHeader.model_validate_json(raw, strict=True)
-    except ValidationError:
+        wire = _FRAME_HEADER_WIRE.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
-    if not header.model_fields_set >= _FRAME_REQUIRED:
-        return None
-    return header
+    return wire if _ID_RE.fullmatch(wire.acquisition) else None
 
 
-def _wrap_buffer(header: FrameHeader, part: Any, max_frame_bytes: int) -> np.ndarray:
+def _wrap_buffer(header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int) -> np.ndarray:
     _check_layout(header)
     view = memoryview(part)
     declared = header.nbytes
@@ -458,7 +550,7 @@ def _wrap_buffer(header: FrameHeader, part: Any, max_frame_bytes: int) -> np.nda
             f"buffer has {view.nbytes} bytes; shape {list(header.shape)} of {header.dtype} needs {declared}",
         )
     dtype = _WIRE_DTYPES[header.dtype]  # _check_layout admitted only these
-    data = np.frombuffer(view.cast("B"), dtype=dtype).reshape(header.shape)
+    data = np.ndarray(header.shape, dtype, buffer=view)  # a view: one array object, no copy
     data.flags.writeable = False
     if dtype.kind == "f" and not np.isfinite(data).all():
         raise _frame_error(header, Reason.NON_FINITE, "float frame contains NaN or infinite values")

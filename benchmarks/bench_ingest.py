@@ -4,8 +4,9 @@ Sends ``--frames`` frames of ``--shape`` uint16 (default 2048x2048, 8 MiB) over 
 ``ipc://`` and reports frames/s, GB/s and the ratio to a bare pyzmq PUSH/PULL of the same buffers in the
 same run. One child process, like a microscope script, sends every round of both arms from the same
 buffers; ``copy=False`` on both sides; time is measured from the first to the last frame received. Also
-reports the receiving process's page faults per frame and its resident memory before and after, to show
-it stays flat.
+reports the CPU time per frame of the receiving thread (where our code runs; a plain blocking ``recv``
+loop in the bare arm), the receiving process's page faults per frame and its resident memory before and
+after, to show it stays flat.
 
 Both arms use the same ZeroMQ high-water marks (``--sndhwm``/``--rcvhwm``, default: ours, 32 and 4), so
 the ratio is the cost of our code, not of a queue depth; ``--sndhwm 1000 --rcvhwm 1000`` runs both at
@@ -176,23 +177,28 @@ def paired_rounds(
     rounds: int,
     hwm: tuple[int, int],
     retain_buffers: bool,
-) -> tuple[list[float], list[float], dict[str, int]]:
-    """Each arm's seconds per round, and each arm's page faults over all rounds.
+) -> tuple[list[float], list[float], dict[str, int], dict[str, list[float]]]:
+    """Each arm's seconds per round; its page faults over all rounds; its receiving thread's CPU seconds
+    per round.
 
     This machine's throughput drifts by more than the gap between the arms over a run, so each round
-    measures both arms back to back (alternating which goes first); compare them round by round.
+    measures both arms back to back (alternating which goes first); compare them round by round. The
+    receiving thread (this one: a blocking ``recv`` loop, or the listener's event loop) is where our code
+    runs; ZeroMQ's own I/O thread is the same in both arms.
     """
     times: dict[str, list[float]] = {"bare": [], "ours": []}
+    cpu: dict[str, list[float]] = {"bare": [], "ours": []}
     faults = {"bare": 0, "ours": 0}
     for i in range(rounds):
         for arm in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
-            before = minor_faults()
+            before, cpu_before = minor_faults(), time.thread_time()
             if arm == "bare":
                 times[arm].append(bare_pyzmq(sender, endpoint, frames, hwm))
             else:
                 times[arm].append(ours(sender, endpoint, frames, hwm, retain_buffers))
+            cpu[arm].append(time.thread_time() - cpu_before)
             faults[arm] += minor_faults() - before
-    return times["bare"], times["ours"], faults
+    return times["bare"], times["ours"], faults, cpu
 
 
 def control_ratios(
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hwm = (args.sndhwm, args.rcvhwm)
             ours(sender, endpoint, min(20, args.frames), hwm, args.retain_buffers)
             rss_before = rss_mib()
-            bare_times, our_times, faults = paired_rounds(
+            bare_times, our_times, faults, cpu = paired_rounds(
                 sender, endpoint, args.frames, args.rounds, hwm, args.retain_buffers
             )
             t_bare, t_ours = min(bare_times), min(our_times)
@@ -265,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ratio": median_ratio,
                 "ratio_of_bests": t_bare / t_ours,
                 "ratio_range": [float(paired.min()), float(paired.max())],
+                "bare_cpu_us_per_frame": float(np.median(cpu["bare"])) / args.frames * 1e6,
+                "ours_cpu_us_per_frame": float(np.median(cpu["ours"])) / args.frames * 1e6,
                 "bare_faults_per_frame": faults["bare"] / (args.rounds * args.frames),
                 "ours_faults_per_frame": faults["ours"] / (args.rounds * args.frames),
                 "rss_before_MiB": rss_before,
@@ -276,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"ours {row['ours_fps']:.0f} frames/s ({row['ours_GBps']:.2f} GB/s), "
                 f"ratio {median_ratio:.2f} (median of {args.rounds} paired rounds, "
                 f"range {paired.min():.2f}-{paired.max():.2f}; of bests {t_bare / t_ours:.2f}), "
+                f"receiving thread CPU/frame bare {row['bare_cpu_us_per_frame']:.0f} µs "
+                f"ours {row['ours_cpu_us_per_frame']:.0f} µs, "
                 f"page faults/frame bare {row['bare_faults_per_frame']:.0f} "
                 f"ours {row['ours_faults_per_frame']:.0f}, "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
