@@ -399,12 +399,12 @@ class FrameListener:
         except ProtocolError as exc:
             self._reject(exc)
             return
-        if isinstance(message, StartMessage):
-            self._on_start(message)
-        elif isinstance(message, EndMessage):
-            self._on_end(message)
-        else:
+        if isinstance(message, FrameMessage):
             self._on_frame(message, received_at)
+        elif isinstance(message, StartMessage):
+            self._on_start(message)
+        else:
+            self._on_end(message)
 
     def _state(self, acquisition: str) -> AcquisitionState:
         state = self.acquisitions.get(acquisition)
@@ -456,11 +456,13 @@ class FrameListener:
 
     def _append(self, frame: Frame, state: AcquisitionState) -> None:
         self._buffer.append(frame)
-        self.stats.accepted += 1
-        self.stats.bytes_accepted += frame.nbytes
-        self.stats.queue_depth = len(self._buffer)
+        nbytes = frame.data.nbytes
+        stats = self.stats
+        stats.accepted += 1
+        stats.bytes_accepted += nbytes
+        stats.queue_depth = len(self._buffer)
         state.frames_accepted += 1
-        state.bytes_accepted += frame.nbytes
+        state.bytes_accepted += nbytes
         self._wake_one()
         if self._on_event is not None:
             self._emit(ListenerEvent("accepted", acquisition=frame.acquisition, frame=frame))

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import numpy as np
@@ -59,9 +59,8 @@ MAX_CHANNELS = 16
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
 ACQUISITION_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 _ID_RE = re.compile(ACQUISITION_ID_PATTERN)
-SUPPORTED_DTYPES: frozenset[str] = frozenset(
-    {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"}
-)
+_DtypeName = Literal["uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"]
+SUPPORTED_DTYPES: frozenset[str] = frozenset(get_args(_DtypeName))
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
 
 
@@ -360,7 +359,7 @@ def _frame_error(header: FrameHeader | _FrameHeaderWire, reason: Reason, detail:
     return ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
 
 
-def _check_layout(header: FrameHeader | _FrameHeaderWire) -> None:
+def _check_layout(header: FrameHeader) -> None:
     if header.dtype not in SUPPORTED_DTYPES:
         raise _frame_error(
             header, Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}"
@@ -398,8 +397,8 @@ def decode_message(
     """
     if len(parts) == 2:
         header = _frame_header_fast(parts[0])
-        if header is not None:
-            return FrameMessage(header=header, data=_wrap_buffer(header, parts[1], max_frame_bytes))
+        if header is not None:  # its layout is checked already
+            return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
     return _decode_full(parts, max_frame_bytes)
 
 
@@ -446,7 +445,8 @@ def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | S
         header = FrameHeader.model_validate(obj)
     except ValidationError as exc:
         raise _model_error(exc, acquisition) from None
-    return FrameMessage(header=header, data=_wrap_buffer(header, parts[1], max_frame_bytes))
+    _check_layout(header)
+    return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
 
 
 _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
@@ -456,6 +456,7 @@ _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
 # ``type``, ``v`` and ``index`` are required, as the spec says; UNSET marks an optional field that was
 # absent, so the pydantic model built from it knows which fields were set.
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_Shape = Annotated[tuple[Annotated[int, msgspec.Meta(ge=1)], ...], msgspec.Meta(min_length=2, max_length=3)]
 
 
 class _IndexWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -481,8 +482,8 @@ class _FrameHeaderWire(msgspec.Struct, frozen=True):  # unknown fields are ignor
     v: Literal[1]
     acquisition: str
     index: _IndexWire
-    shape: tuple[int, ...]
-    dtype: str
+    shape: _Shape  # with dtype: what _check_layout checks, but for the channel limit
+    dtype: _DtypeName
     timestamp: float | msgspec.UnsetType | None = msgspec.UNSET
     channels: _ChannelsWire | msgspec.UnsetType | None = msgspec.UNSET
     metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
@@ -530,11 +531,13 @@ def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
         wire = _FRAME_HEADER_WIRE.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
-    return wire if _ID_RE.fullmatch(wire.acquisition) else None
+    if not _ID_RE.fullmatch(wire.acquisition) or (len(wire.shape) == 3 and wire.shape[2] > MAX_CHANNELS):
+        return None
+    return wire
 
 
 def _wrap_buffer(header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int) -> np.ndarray:
-    _check_layout(header)
+    """The pixels of ``part`` as a read-only array view, for a header whose layout is checked."""
     view = memoryview(part)
     declared = header.nbytes
     if declared > max_frame_bytes or view.nbytes > max_frame_bytes:
@@ -549,7 +552,7 @@ def _wrap_buffer(header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_by
             Reason.SIZE_MISMATCH,
             f"buffer has {view.nbytes} bytes; shape {list(header.shape)} of {header.dtype} needs {declared}",
         )
-    dtype = _WIRE_DTYPES[header.dtype]  # _check_layout admitted only these
+    dtype = _WIRE_DTYPES[header.dtype]  # only supported dtypes get here
     data = np.ndarray(header.shape, dtype, buffer=view)  # a view: one array object, no copy
     data.flags.writeable = False
     if dtype.kind == "f" and not np.isfinite(data).all():
