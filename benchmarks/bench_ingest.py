@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
 import resource
@@ -157,7 +158,8 @@ def ours(
 
             async def drain() -> None:
                 for _ in range(n - 1):
-                    await listener.get()
+                    frame = await listener.get()
+                    frame.id  # noqa: B018 -- a consumer reads at least where the frame belongs
 
             start = time.perf_counter()
             # One timeout around the loop, not one per frame: wait_for wraps each call in a task, which
@@ -170,6 +172,71 @@ def ours(
     return asyncio.run(main())
 
 
+def asyncio_floor(sender: Sender, endpoint: str, n: int, hwm: tuple[int, int] = (32, 4)) -> float:
+    """Seconds for ``n`` frames FrameSender -> the least an asyncio receiver does -> consumer.
+
+    The listener's structure with nothing else: a reader callback on ZeroMQ's descriptor receives until
+    ZeroMQ is empty, queues the raw parts (at most 8) and wakes the consumer waiting on a future. No
+    validation, no ``Frame``, no bookkeeping: what any event-loop receiver pays on this machine.
+    """
+    pull: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, hwm[1])
+    pull.bind(endpoint)
+    fd = pull.getsockopt(zmq.FD)
+    queue: collections.deque[list[Any]] = collections.deque()
+    waiting: list[asyncio.Future[None]] = []
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        reading = False
+
+        def on_readable() -> None:
+            nonlocal reading
+            while len(queue) < 8:
+                if not pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                queue.append(pull.recv_multipart(zmq.NOBLOCK, copy=False))
+                if waiting:
+                    waiting.pop().set_result(None)
+            loop.remove_reader(fd)
+            reading = False
+
+        async def get() -> list[Any]:
+            nonlocal reading
+            while not queue:
+                waiter = loop.create_future()
+                waiting.append(waiter)
+                await waiter
+            parts = queue.popleft()
+            if not reading:
+                loop.add_reader(fd, on_readable)
+                reading = True
+                loop.call_soon(on_readable)
+            return parts
+
+        loop.add_reader(fd, on_readable)
+        reading = True
+        sender.start("ours", pull.getsockopt_string(zmq.LAST_ENDPOINT), n, hwm[0])
+        await asyncio.wait_for(get(), 30)
+
+        async def drain() -> None:
+            for _ in range(n - 1):
+                await get()
+
+        start = time.perf_counter()
+        await asyncio.wait_for(drain(), 30 + n * 0.1)
+        elapsed = time.perf_counter() - start
+        if reading:
+            loop.remove_reader(fd)
+        await asyncio.to_thread(sender.wait)
+        return elapsed
+
+    try:
+        return asyncio.run(main())
+    finally:
+        pull.close(linger=0)
+
+
 def paired_rounds(
     sender: Sender,
     endpoint: str,
@@ -177,28 +244,32 @@ def paired_rounds(
     rounds: int,
     hwm: tuple[int, int],
     retain_buffers: bool,
-) -> tuple[list[float], list[float], dict[str, int], dict[str, list[float]]]:
-    """Each arm's seconds per round; its page faults over all rounds; its receiving thread's CPU seconds
-    per round.
+    arms: tuple[str, ...] = ("bare", "ours"),
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
+    """Per arm: seconds per round; page faults over all rounds; the receiving thread's CPU seconds per
+    round.
 
     This machine's throughput drifts by more than the gap between the arms over a run, so each round
-    measures both arms back to back (alternating which goes first); compare them round by round. The
-    receiving thread (this one: a blocking ``recv`` loop, or the listener's event loop) is where our code
-    runs; ZeroMQ's own I/O thread is the same in both arms.
+    measures every arm back to back (the order rotating and alternating); compare them round by round.
+    The receiving thread (this one: a blocking ``recv`` loop, or the event loop) is where our code runs;
+    ZeroMQ's own I/O thread is the same in every arm.
     """
-    times: dict[str, list[float]] = {"bare": [], "ours": []}
-    cpu: dict[str, list[float]] = {"bare": [], "ours": []}
-    faults = {"bare": 0, "ours": 0}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    faults = dict.fromkeys(arms, 0)
     for i in range(rounds):
-        for arm in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
+        order = arms[i % len(arms) :] + arms[: i % len(arms)]
+        for arm in order if i % 2 == 0 else order[::-1]:
             before, cpu_before = minor_faults(), time.thread_time()
             if arm == "bare":
                 times[arm].append(bare_pyzmq(sender, endpoint, frames, hwm))
+            elif arm == "floor":
+                times[arm].append(asyncio_floor(sender, endpoint, frames, hwm))
             else:
                 times[arm].append(ours(sender, endpoint, frames, hwm, retain_buffers))
             cpu[arm].append(time.thread_time() - cpu_before)
             faults[arm] += minor_faults() - before
-    return times["bare"], times["ours"], faults, cpu
+    return times, faults, cpu
 
 
 def control_ratios(
@@ -233,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also pair bare pyzmq with itself, to show how far from 1 noise alone moves the ratio",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also pair the least an asyncio receiver does (no validation, no bookkeeping) with bare "
+        "pyzmq: the share of the gap that is the event loop's, not the listener's",
+    )
+    parser.add_argument(
         "--no-retain-buffers",
         dest="retain_buffers",
         action="store_false",
@@ -256,9 +333,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hwm = (args.sndhwm, args.rcvhwm)
             ours(sender, endpoint, min(20, args.frames), hwm, args.retain_buffers)
             rss_before = rss_mib()
-            bare_times, our_times, faults, cpu = paired_rounds(
-                sender, endpoint, args.frames, args.rounds, hwm, args.retain_buffers
+            arms = ("bare", "ours", "floor") if args.floor else ("bare", "ours")
+            times, faults, cpu = paired_rounds(
+                sender, endpoint, args.frames, args.rounds, hwm, args.retain_buffers, arms
             )
+            bare_times, our_times = times["bare"], times["ours"]
             t_bare, t_ours = min(bare_times), min(our_times)
             paired = np.array(bare_times) / np.array(our_times)
             median_ratio = float(np.median(paired))
@@ -290,6 +369,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"ours {row['ours_faults_per_frame']:.0f}, "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
             )
+            if args.floor:
+                floor = np.array(bare_times) / np.array(times["floor"])
+                row["floor_ratio"] = float(np.median(floor))
+                row["floor_ratio_of_bests"] = t_bare / min(times["floor"])
+                row["floor_cpu_us_per_frame"] = float(np.median(cpu["floor"])) / args.frames * 1e6
+                print(
+                    f"{transport} floor, least asyncio receiver / bare: ratio {np.median(floor):.2f} "
+                    f"(median of {args.rounds}, range {floor.min():.2f}-{floor.max():.2f}; "
+                    f"of bests {row['floor_ratio_of_bests']:.2f}), "
+                    f"receiving thread CPU/frame {row['floor_cpu_us_per_frame']:.0f} µs"
+                )
             if args.control:
                 control = control_ratios(sender, endpoint, args.frames, args.rounds, hwm)
                 row["control_ratio"] = float(np.median(control))
