@@ -21,7 +21,10 @@ class FrameId(NamedTuple):
 
 
 class Frame:
-    """One accepted frame.
+    """One accepted frame: a decoded message, when it arrived, and its acquisition's channel roles.
+
+    ``channels`` (the roles its acquisition's ``start`` declared) holds when the frame's own header names
+    none. The header, index and channel roles are read from the message when first asked for.
 
     Attributes
     ----------
