@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
-
 from acquisition.protocol import Channels, FrameHeader, FrameMessage, Index, default_channels
 
 __all__ = ["Frame", "FrameId"]
@@ -49,13 +47,6 @@ class Frame:
         self.received_at = received_at
         self._fallback = channels
         self._channels: Channels | None = None
-
-    @classmethod
-    def from_header(
-        cls, header: FrameHeader, data: np.ndarray, *, received_at: float, channels: Channels | None = None
-    ) -> Frame:
-        """Build a frame from a header and its pixels; ``channels`` holds when the header names none."""
-        return cls(FrameMessage(header, data), received_at=received_at, channels=channels)
 
     @property
     def header(self) -> FrameHeader:

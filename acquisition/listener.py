@@ -4,7 +4,7 @@ asyncio, with a plain ZeroMQ socket watched by the event loop: the reader callba
 edge-triggered file descriptor receives, validates and queues every message ZeroMQ holds, then hands
 frames straight to waiting consumers. No receive task or condition variable sits in between: a fraction
 of the Python work of ``zmq.asyncio``, which matters at gigabytes per second. Messages are
-received with ``copy=False`` and pixels wrapped with ``np.frombuffer``: a
+received with ``copy=False`` and the pixels are an ``np.ndarray`` over the message's buffer: a
 :class:`~acquisition.frames.Frame`'s array is a view on the ZeroMQ message, no copy.
 
 Flow control: accepted frames wait in a bounded buffer (``max_in_flight``). When it is full the listener
