@@ -48,7 +48,7 @@ import numpy as np
 
 from acquisition.client import FrameSender
 from acquisition.errors import AcquisitionError, SendTimeoutError
-from acquisition.protocol import validate_acquisition_id
+from acquisition.ids import validate_acquisition_id
 
 __all__ = ["PycromanagerForwarder", "PymmcorePlusForwarder", "json_safe"]
 

@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from acquisition.errors import AcquisitionError, ProtocolError, SendTimeoutError
+from acquisition.ids import validate_acquisition_id
 from acquisition.protocol import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_RESULT_ENDPOINT,
@@ -27,11 +28,8 @@ from acquisition.protocol import (
     FrameResult,
     Index,
     StartMessage,
-    encode_control,
-    encode_frame,
-    frame_header,
-    validate_acquisition_id,
 )
+from acquisition.wire import encode_control, encode_frame, frame_header
 
 __all__ = ["FrameSender", "ResultMessage", "ResultSubscriber"]
 

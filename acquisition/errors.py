@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "AcquisitionError",
+    "InvalidAcquisitionIdError",
     "ListenerClosedError",
     "ProtocolError",
     "SendTimeoutError",
@@ -50,6 +51,17 @@ class ProtocolError(AcquisitionError, ValueError):
         self.acquisition = acquisition
         self.index = index
         super().__init__(f"{self.reason}: {detail}")
+
+
+class InvalidAcquisitionIdError(ProtocolError):
+    """An acquisition id breaks the id rule (:mod:`acquisition.ids`); reason ``bad_acquisition_id``.
+
+    The one error for a bad id, wherever it is checked: on the wire (the message is rejected with this
+    reason), in a client before sending, in a label sink before touching the output folder.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("bad_acquisition_id", detail)
 
 
 class SendTimeoutError(AcquisitionError, TimeoutError):

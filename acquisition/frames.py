@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from acquisition.protocol import Channels, FrameHeader, FrameMessage, Index, default_channels
+from acquisition.protocol import Channels, FrameHeader, Index, StartMessage, default_channels
+from acquisition.wire import FrameMessage
 
 __all__ = ["Frame", "FrameId"]
 
@@ -19,10 +20,11 @@ class FrameId(NamedTuple):
 
 
 class Frame:
-    """One accepted frame: a decoded message, when it arrived, and its acquisition's channel roles.
+    """One accepted frame: a decoded message, when it arrived, and its acquisition's declaration.
 
-    ``channels`` (the roles its acquisition's ``start`` declared) holds when the frame's own header names
-    none. The header, index and channel roles are read from the message when first asked for.
+    ``declaration`` is the acquisition's latest ``start`` when the frame was accepted (None if none came):
+    its channel roles hold when the frame's own header names none, and its sizes and metadata describe
+    the acquisition. The header, index and channel roles are read from the message when first asked for.
 
     Attributes
     ----------
@@ -31,21 +33,23 @@ class Frame:
         listener it is a zero-copy view on the received ZeroMQ message, which it keeps alive.
     received_at : float
         ``time.monotonic()`` when the listener accepted the frame (for ingest/end-to-end latency).
+    declaration : StartMessage or None
+        The acquisition's ``start`` (sizes, channels, metadata), if one came before the frame.
     """
 
-    __slots__ = ("_channels", "_fallback", "_message", "data", "received_at")
+    __slots__ = ("_channels", "_message", "data", "declaration", "received_at")
 
     def __init__(
         self,
         message: FrameMessage,
         *,
         received_at: float,
-        channels: Channels | None = None,
+        declaration: StartMessage | None = None,
     ) -> None:
         self._message = message
         self.data = message.data
         self.received_at = received_at
-        self._fallback = channels
+        self.declaration = declaration
         self._channels: Channels | None = None
 
     @property
@@ -75,7 +79,10 @@ class Frame:
         :func:`~acquisition.protocol.default_channels`."""
         if self._channels is None:
             message = self._message
-            resolved = message.header.channels if message.declares_channels else self._fallback
+            if message.declares_channels:
+                resolved = message.header.channels
+            else:
+                resolved = self.declaration.channels if self.declaration is not None else None
             if resolved is None:
                 resolved = default_channels(self.data.shape[2] if self.data.ndim == 3 else 1)
             self._channels = resolved

@@ -11,22 +11,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from acquisition.cell_table import CellTable
-from acquisition.sink import (
-    AcquisitionProgress,
-    AcquisitionSpec,
-    FrameId,
-    PreparedFrame,
-    check_acquisition_id,
-    check_frame_index,
-    prepare_frame,
-)
+from acquisition.frames import FrameId
+from acquisition.ids import validate_acquisition_id
+from acquisition.sink import PreparedFrame, StoreState, prepare_frame
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
     FrameNotWrittenError,
     IncompatibleStoreError,
 )
+from acquisition.spec import AcquisitionSpec, check_frame_index
+from cellsam_core.cells import CellTable
 
 __all__ = ["MemoryLabelSink"]
 
@@ -47,7 +42,7 @@ class MemoryLabelSink:
         self._acquisitions: dict[str, _Acquisition] = {}
 
     def open_acquisition(self, spec: AcquisitionSpec) -> None:
-        check_acquisition_id(spec.acquisition)
+        validate_acquisition_id(spec.acquisition)
         with self._lock:
             existing = self._acquisitions.get(spec.acquisition)
             if existing is None:
@@ -73,7 +68,8 @@ class MemoryLabelSink:
         stored = PreparedFrame(
             labels=frame.labels.copy(),
             image=None if frame.image is None else frame.image.copy(),
-            cells=CellTable.from_array(frame.cells.to_array()),
+            cells=CellTable.from_array(frame.cells.to_array(), pixel_size_um=frame.cells.pixel_size_um),
+            key=frame.key,
         )
         with self._lock:
             if acq.closed:
@@ -81,7 +77,7 @@ class MemoryLabelSink:
                     f"acquisition {frame_id.acquisition!r} is closed; "
                     "open_acquisition() it again to add frames"
                 )
-            acq.frames[check_frame_index(acq.spec, frame_id)] = stored
+            acq.frames[frame.key] = stored
 
     def close_acquisition(self, acquisition: str, summary: Mapping[str, Any] | None = None) -> None:
         acq = self._get(acquisition)
@@ -105,11 +101,11 @@ class MemoryLabelSink:
     def read_cells(self, frame_id: FrameId) -> CellTable:
         return self._frame(frame_id).cells
 
-    def progress(self, acquisition: str) -> AcquisitionProgress:
+    def progress(self, acquisition: str) -> StoreState:
         acq = self._get(acquisition)
         with self._lock:
             keys = sorted(acq.frames)
-            return AcquisitionProgress(
+            return StoreState(
                 acquisition=acquisition,
                 done=tuple(FrameId(acquisition, p, t, z) for p, t, z in keys),
                 t_size=max((t for _, t, _ in keys), default=-1) + 1,
@@ -118,7 +114,7 @@ class MemoryLabelSink:
             )
 
     def _get(self, acquisition: str) -> _Acquisition:
-        check_acquisition_id(acquisition)
+        validate_acquisition_id(acquisition)
         with self._lock:
             acq = self._acquisitions.get(acquisition)
         if acq is None:

@@ -1,4 +1,4 @@
-"""``ResultPublisher``: publishes per-frame results, rejections and end-of-acquisition summaries.
+"""``ResultPublisher``: the ZeroMQ :class:`~acquisition.results.ResultSink` (an XPUB socket).
 
 An XPUB socket bound by a background thread that owns it (ZeroMQ sockets are not thread-safe), so
 ``publish_*`` may be called from any thread or event loop and never blocks: PUB drops messages for a
@@ -7,28 +7,26 @@ subscriber that is behind rather than slowing the pipeline. Topics and payloads:
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import zmq
 
-from acquisition.errors import ProtocolError
-from acquisition.listener import ListenerEvent
+from acquisition.outcome import FrameOutcome
 from acquisition.protocol import (
     DEFAULT_RESULT_ENDPOINT,
     AcquisitionSummary,
     FrameResult,
     Hello,
-    Index,
     LabelsInfo,
-    Reason,
+    dump_json,
 )
+from acquisition.results import check_labels
 from acquisition.sockets import bind_socket
 
 __all__ = ["ResultPublisher"]
@@ -36,13 +34,6 @@ __all__ = ["ResultPublisher"]
 log = logging.getLogger(__name__)
 
 _Item = tuple[FrameResult | AcquisitionSummary, bytes, np.ndarray | None]
-
-
-def _json(model: FrameResult | AcquisitionSummary | Hello) -> bytes:
-    try:
-        return json.dumps(model.model_dump(mode="json"), allow_nan=False, separators=(",", ":")).encode()
-    except ValueError as exc:
-        raise ProtocolError(Reason.BAD_FIELD, f"result is not JSON-serialisable: {exc}") from None
 
 
 class ResultPublisher:
@@ -132,56 +123,26 @@ class ResultPublisher:
         topic = "l/" + acquisition
         return any(topic.startswith(prefix) for prefix in tuple(self._label_prefixes))
 
-    def publish_frame(
-        self, result: FrameResult | Mapping[str, Any], labels: np.ndarray | None = None
-    ) -> None:
-        """Publish a per-frame result, with its (H, W) label image for subscribers that asked for labels.
+    def publish(self, outcome: FrameOutcome) -> None:
+        """Publish one frame's outcome; an ``ok`` outcome's labels go to subscribers that asked for them.
 
-        Parameters
-        ----------
-        result : FrameResult or mapping
-            The result (a mapping is validated as :class:`FrameResult`).
-        labels : numpy.ndarray, optional
-            (H, W) integer label image (0 = background). Sent as little-endian ``uint32``, without a copy
-            when it already is; do not modify it afterwards. Ignored when no subscriber wants labels.
+        The label image is sent as little-endian ``uint32`` without a copy when it already is one; it
+        must not be modified afterwards.
         """
-        model = result if isinstance(result, FrameResult) else FrameResult.model_validate(dict(result))
-        if model.timestamp is None:
-            model = model.model_copy(update={"timestamp": time.time()})
-        if labels is not None and (labels.ndim != 2 or labels.dtype.kind not in "ui"):
-            raise ValueError(f"labels must be an (H, W) integer array, got {labels.shape} {labels.dtype}")
+        self.publish_result(outcome.result(), labels=outcome.labels)
+
+    def publish_result(self, result: FrameResult, labels: np.ndarray | None = None) -> None:
+        """Publish a ready-made :class:`FrameResult` (with its (H, W) integer label image, if any)."""
+        if result.timestamp is None:
+            result = result.model_copy(update={"timestamp": time.time()})
+        check_labels(labels)
         # Whether anyone wants the labels is decided in the publishing thread, after it has read the
         # latest subscriptions; until then the array is only referenced, never copied.
-        self._queue.put((model, _json(model.model_copy(update={"labels": None})), labels))
+        self._queue.put((result, dump_json(result), labels))
 
-    def publish_rejection(
-        self,
-        acquisition: str,
-        reason: str,
-        detail: str | None = None,
-        index: Index | Mapping[str, Any] | None = None,
-    ) -> None:
-        """Publish a ``status="rejected"`` result for a message of a known acquisition."""
-        idx = index if isinstance(index, Index) or index is None else Index.model_validate(dict(index))
-        self.publish_frame(
-            FrameResult(
-                acquisition=acquisition, index=idx, status="rejected", reason=str(reason), detail=detail
-            )
-        )
-
-    def publish_summary(self, summary: AcquisitionSummary | Mapping[str, Any]) -> None:
+    def publish_summary(self, summary: AcquisitionSummary) -> None:
         """Publish an end-of-acquisition summary."""
-        model = (
-            summary
-            if isinstance(summary, AcquisitionSummary)
-            else AcquisitionSummary.model_validate(dict(summary))
-        )
-        self._queue.put((model, _json(model), None))
-
-    def on_listener_event(self, event: ListenerEvent) -> None:
-        """``FrameListener(on_event=...)`` hook: publishes rejections whose acquisition id is known."""
-        if event.kind == "rejected" and event.acquisition is not None:
-            self.publish_rejection(event.acquisition, event.reason or "unknown", event.detail, event.index)
+        self._queue.put((summary, dump_json(summary), None))
 
     # -- the thread that owns the socket ---------------------------------------------------------
 
@@ -204,7 +165,7 @@ class ResultPublisher:
                 if item is not False:
                     self._send(sock, item)  # type: ignore[arg-type]
                 if time.monotonic() >= next_hello:
-                    sock.send_multipart([b"h", _json(Hello(time=time.time()))])
+                    sock.send_multipart([b"h", dump_json(Hello(time=time.time()))])
                     next_hello = time.monotonic() + self.heartbeat_interval
             # Flush what was queued before close().
             while True:
@@ -246,7 +207,7 @@ class ResultPublisher:
             if labels is not None and isinstance(model, FrameResult):
                 buffer = np.ascontiguousarray(labels, dtype=np.dtype("<u4"))
                 info = LabelsInfo(shape=tuple(buffer.shape), dtype="uint32")
-                header = _json(model.model_copy(update={"labels": info}))
+                header = dump_json(model.model_copy(update={"labels": info}))
                 parts: list[Any] = [b"l/" + topic, header, buffer]
                 sock.send_multipart(parts, copy=False)
             else:

@@ -26,7 +26,7 @@ from cellsam_core.synthetic import MODALITIES, Modality, SyntheticMovie
 
 __all__ = [
     "ArraySource",
-    "FrameSource",
+    "ImageSource",
     "SimulatedMicroscope",
     "SimulationReport",
     "SyntheticSource",
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-class FrameSource(Protocol):
+class ImageSource(Protocol):
     """What a simulator plays: a (T, P, Z) grid of (H, W) or (H, W, C) images.
 
     Contract: ``sizes`` is ``(T, P, Z)``; ``image(t, p, z)`` returns the same array for the same
@@ -171,13 +171,13 @@ class SimulationReport:
 
 
 class SimulatedMicroscope:
-    """Play a :class:`FrameSource` through a :class:`FrameSender`.
+    """Play a :class:`ImageSource` through a :class:`FrameSender`.
 
     Parameters
     ----------
     sender : FrameSender
         Connected sender (its ``timeout`` bounds each send).
-    source : FrameSource
+    source : ImageSource
         What to play.
     acquisition : str
         Acquisition id.
@@ -191,7 +191,7 @@ class SimulatedMicroscope:
         self,
         *,
         sender: FrameSender,
-        source: FrameSource,
+        source: ImageSource,
         acquisition: str = "simulated",
         fps: float | None = None,
         progress: bool = False,
@@ -260,7 +260,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_simulate_command(args: argparse.Namespace) -> int:
     """Run the simulator from parsed arguments; returns a process exit code."""
-    source: FrameSource
+    source: ImageSource
     if args.source == "synthetic":
         source = SyntheticSource(
             shape=tuple(args.shape),

@@ -3,171 +3,33 @@
 `LabelSink` is the protocol; `acquisition.zarr_sink.ZarrLabelSink` (OME-Zarr on disk) and
 `acquisition.memory_sink.MemoryLabelSink` (tests, notebooks) implement it and share one conformance
 suite (`tests/test_sink_conformance.py`). `prepare_frame` holds the input checks both apply, so a
-frame refused by one is refused by the other with the same error.
+frame refused by one is refused by the other with the same error. What a sink is told about an
+acquisition is `acquisition.spec`.
 """
 
 from __future__ import annotations
 
-import operator
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from acquisition import protocol
-from acquisition.cell_table import CellTable
 from acquisition.frames import FrameId
-from acquisition.sink_errors import InvalidFrameError, InvalidIdentifierError
+from acquisition.sink_errors import InvalidFrameError
+from acquisition.spec import AcquisitionSpec, check_frame_index
+from cellsam_core.cells import CellTable
 
-__all__ = [
-    "ACQUISITION_ID_PATTERN",
-    "AcquisitionProgress",
-    "AcquisitionSpec",
-    "FrameId",
-    "LabelSink",
-    "PreparedFrame",
-    "Sizes",
-    "StorageOptions",
-    "check_acquisition_id",
-    "check_frame_index",
-    "prepare_frame",
-]
-
-#: Acquisition ids (the wire protocol's rule): one safe path component, never hidden, never `..`.
-ACQUISITION_ID_PATTERN = re.compile(protocol.ACQUISITION_ID_PATTERN)
+__all__ = ["LabelSink", "PreparedFrame", "StoreState", "prepare_frame"]
 
 #: Label dtypes accepted by `write`; all convert to the stored uint32 without loss.
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 
-Codec = Literal["blosc-zstd", "zstd", "none"]
-
-
-def check_acquisition_id(acquisition: object) -> str:
-    """Return ``acquisition`` if it is a valid id, else raise `InvalidIdentifierError`.
-
-    Valid ids match `ACQUISITION_ID_PATTERN`: 1–128 of ``[A-Za-z0-9._-]``, not starting with a dot,
-    so an id can never name a parent directory, a hidden file or a path outside the output folder.
-    """
-    if not isinstance(acquisition, str) or ACQUISITION_ID_PATTERN.fullmatch(acquisition) is None:
-        raise InvalidIdentifierError(
-            f"acquisition id {acquisition!r} is not allowed: use 1-128 characters from [A-Za-z0-9._-], "
-            "not starting with '.'"
-        )
-    return acquisition
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Sizes(_Frozen):
-    """Extent of an acquisition along each index."""
-
-    t: int | None = Field(
-        default=None,
-        ge=1,
-        description="Number of time points; None = unknown, the store grows as frames come.",
-    )
-    p: int = Field(default=1, ge=1, description="Number of stage positions (one OME-Zarr series each).")
-    z: int = Field(default=1, ge=1, description="Number of z planes per time point.")
-    c: int = Field(default=1, ge=1, description="Number of channels of the raw image.")
-
-
-class StorageOptions(_Frozen):
-    """How the Zarr sink lays arrays out on disk (the in-memory sink ignores these)."""
-
-    chunk_yx: tuple[int, int] | None = Field(
-        default=None, description="Chunk size (y, x) within a frame; None = one chunk per frame plane."
-    )
-    shard_t: int | None = Field(
-        default=None,
-        ge=1,
-        description="Frames per shard along t (Zarr v3 sharding); None = no sharding, one file per chunk.",
-    )
-    label_codec: Codec = Field(default="blosc-zstd", description="Compressor of the label arrays.")
-    image_codec: Codec = Field(default="blosc-zstd", description="Compressor of the raw image arrays.")
-    compression_level: int = Field(default=3, ge=0, le=9, description="Compression level of both codecs.")
-    levels: int = Field(
-        default=1, ge=1, le=8, description="Multiscale levels; level k is downsampled 2**k in y and x."
-    )
-    t_growth: int = Field(
-        default=64, ge=1, description="Time points added at once when an unbounded acquisition grows."
-    )
-
-    @field_validator("chunk_yx")
-    @classmethod
-    def _positive_chunks(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and min(value) < 1:
-            raise ValueError(f"chunk_yx must be positive, got {value}")
-        return value
-
-
-class AcquisitionSpec(_Frozen):
-    """Everything a sink needs to lay out one acquisition; given once to `LabelSink.open_acquisition`."""
-
-    acquisition: str = Field(
-        description="Acquisition id, [A-Za-z0-9._-], 1-128 chars, not starting with '.'."
-    )
-    sizes: Sizes = Field(default_factory=Sizes, description="Extent along t, p, z, c.")
-    frame_shape: tuple[int, int] = Field(description="Frame size (H, W) in pixels.")
-    image_dtype: str = Field(default="uint16", description="NumPy dtype name of the raw image.")
-    channel_names: tuple[str, ...] | None = Field(
-        default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
-    )
-    pixel_size_um: float | None = Field(
-        default=None, gt=0, description="Pixel size in y and x (micrometres)."
-    )
-    z_step_um: float | None = Field(
-        default=None, gt=0, description="Distance between z planes (micrometres)."
-    )
-    time_interval_s: float | None = Field(default=None, gt=0, description="Time between time points (s).")
-    write_image: bool = Field(default=True, description="Store the raw image next to the labels.")
-    storage: StorageOptions = Field(default_factory=StorageOptions, description="On-disk layout options.")
-
-    @field_validator("acquisition")
-    @classmethod
-    def _valid_id(cls, value: str) -> str:
-        if ACQUISITION_ID_PATTERN.fullmatch(value) is None:
-            raise ValueError(f"{value!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
-        return value
-
-    @field_validator("frame_shape")
-    @classmethod
-    def _positive_shape(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 1:
-            raise ValueError(f"frame_shape must be positive (H, W), got {value}")
-        return value
-
-    @field_validator("image_dtype")
-    @classmethod
-    def _numeric_dtype(cls, value: str) -> str:
-        try:
-            dtype = np.dtype(value)
-        except TypeError as err:
-            raise ValueError(f"image_dtype {value!r} is not a NumPy dtype") from err
-        if dtype.kind not in "uif" or dtype.byteorder == ">":
-            raise ValueError(f"image_dtype must be a native integer or float dtype, got {value!r}")
-        return dtype.name
-
-    @model_validator(mode="after")
-    def _channels_match(self) -> AcquisitionSpec:
-        if self.channel_names is not None and len(self.channel_names) != self.sizes.c:
-            raise ValueError(f"{len(self.channel_names)} channel_names given for sizes.c={self.sizes.c}")
-        return self
-
-    @property
-    def channels(self) -> tuple[str, ...]:
-        """Channel names, defaulted to 'c0', 'c1', ..."""
-        return self.channel_names or tuple(f"c{i}" for i in range(self.sizes.c))
-
 
 @dataclass(frozen=True)
-class AcquisitionProgress:
-    """What a sink holds for one acquisition.
+class StoreState:
+    """What a sink has stored of one acquisition (the done map): the store is the source of truth.
 
     Attributes
     ----------
@@ -204,32 +66,14 @@ class PreparedFrame:
     image : ndarray, shape (C, H, W), spec.image_dtype, or None
         None when no image was given or the spec does not store images.
     cells : CellTable
+    key : (int, int, int)
+        ``(p, t, z)`` of the frame, checked against the spec.
     """
 
     labels: NDArray[np.uint32]
     image: NDArray[Any] | None
     cells: CellTable
-
-
-def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, int, int]:
-    """Return ``(p, t, z)`` of ``frame_id`` as ints, or raise `InvalidIdentifierError`.
-
-    ``frame_id.acquisition`` must be ``spec.acquisition``; ``p`` in [0, sizes.p), ``z`` in
-    [0, sizes.z), ``t`` >= 0 and < sizes.t when t is bounded.
-    """
-    if frame_id.acquisition != spec.acquisition:
-        raise InvalidIdentifierError(f"{frame_id!r} does not belong to acquisition {spec.acquisition!r}")
-    try:
-        p, t, z = (operator.index(v) for v in (frame_id.p, frame_id.t, frame_id.z))
-    except TypeError as err:
-        raise InvalidIdentifierError(f"frame index of {frame_id!r} must be integers") from err
-    sizes = spec.sizes
-    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, sizes.z)}
-    for name, (value, size) in limits.items():
-        if value < 0 or (size is not None and value >= size):
-            bound = "[0, inf)" if size is None else f"[0, {size})"
-            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
-    return p, t, z
+    key: tuple[int, int, int]
 
 
 def prepare_frame(
@@ -252,7 +96,8 @@ def prepare_frame(
     image : ndarray, shape (C, H, W) or (H, W) when C == 1, dtype spec.image_dtype, optional
         Raw image; dropped when ``spec.write_image`` is False.
     cells : CellTable, optional
-        Cell table; measured from ``labels`` (scores NaN) when omitted.
+        Cell table; measured from ``labels`` (scores NaN) when omitted. Its pixel size must be the spec's
+        or None (the prepared table then takes the spec's).
 
     Raises
     ------
@@ -262,7 +107,7 @@ def prepare_frame(
         Shape or dtype mismatch, wrong types.
     """
     sizes = spec.sizes
-    check_frame_index(spec, frame_id)
+    key = check_frame_index(spec, frame_id)
     height, width = spec.frame_shape
     if not isinstance(labels, np.ndarray):
         raise InvalidFrameError(f"labels must be a numpy array, got {type(labels).__name__}")
@@ -295,12 +140,21 @@ def prepare_frame(
         out_image = np.ascontiguousarray(image)
 
     if cells is None:
-        table = CellTable.from_labels(out_labels)
+        table = CellTable.from_labels(out_labels, pixel_size_um=spec.pixel_size_um)
     elif isinstance(cells, CellTable):
-        table = cells
+        # The stored table's pixel size is the acquisition's (a store keeps it once, in the spec), so
+        # every sink reads back the same table; a table measured at another pixel size is refused.
+        if cells.pixel_size_um is not None and cells.pixel_size_um != spec.pixel_size_um:
+            raise InvalidFrameError(
+                f"cells of {frame_id!r} have pixel_size_um={cells.pixel_size_um}, but the acquisition's "
+                f"is {spec.pixel_size_um}; measure with the spec's pixel size or pass a table without one"
+            )
+        table = (
+            cells if cells.pixel_size_um == spec.pixel_size_um else cells.with_pixel_size(spec.pixel_size_um)
+        )
     else:
         raise InvalidFrameError(f"cells must be a CellTable or None, got {type(cells).__name__}")
-    return PreparedFrame(labels=out_labels, image=out_image, cells=table)
+    return PreparedFrame(labels=out_labels, image=out_image, cells=table, key=key)
 
 
 @runtime_checkable
@@ -358,6 +212,6 @@ class LabelSink(Protocol):
         """Cell table of a done frame."""
         ...
 
-    def progress(self, acquisition: str) -> AcquisitionProgress:
+    def progress(self, acquisition: str) -> StoreState:
         """Done frames, time extent and closed state of an opened acquisition."""
         ...

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from acquisition.sink import AcquisitionSpec
+from acquisition.spec import AcquisitionSpec
 
 __all__ = [
     "CELLSAM_KEY",
@@ -31,7 +31,7 @@ __all__ = [
 
 NGFF_VERSION = "0.5"
 #: Version of our own layout (groups `cellsam/`, `done`, cell tables); bump on incompatible change.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 #: Key of our metadata in the root group's attributes (next to `ome`).
 CELLSAM_KEY = "cellsam"
 #: Bits of the `done` array: labels and cell table complete; raw image stored too.

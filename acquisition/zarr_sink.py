@@ -32,18 +32,10 @@ from pydantic import ValidationError
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from acquisition.cell_table import CELL_TABLE_COLUMNS, CellTable
 from acquisition.file_lock import flock as _flock
-from acquisition.sink import (
-    AcquisitionProgress,
-    AcquisitionSpec,
-    Codec,
-    FrameId,
-    PreparedFrame,
-    check_acquisition_id,
-    check_frame_index,
-    prepare_frame,
-)
+from acquisition.frames import FrameId
+from acquisition.ids import validate_acquisition_id
+from acquisition.sink import PreparedFrame, StoreState, prepare_frame
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
@@ -51,6 +43,7 @@ from acquisition.sink_errors import (
     IncompatibleStoreError,
     InvalidFrameError,
 )
+from acquisition.spec import AcquisitionSpec, Codec, check_frame_index
 from acquisition.zarr_layout import (
     CELLSAM_KEY,
     DONE_IMAGE,
@@ -65,6 +58,7 @@ from acquisition.zarr_layout import (
     root_attrs,
     table_name,
 )
+from cellsam_core.cells import CELL_COLUMNS, CellTable
 
 __all__ = ["ZarrLabelSink"]
 
@@ -121,12 +115,12 @@ class ZarrLabelSink:
 
     def store_path(self, acquisition: str) -> Path:
         """Path of the OME-Zarr of ``acquisition`` (whether or not it exists)."""
-        return self._output / f"{check_acquisition_id(acquisition)}.ome.zarr"
+        return self._output / f"{validate_acquisition_id(acquisition)}.ome.zarr"
 
     # -- protocol -----------------------------------------------------------------------------
 
     def open_acquisition(self, spec: AcquisitionSpec) -> None:
-        acq = check_acquisition_id(spec.acquisition)
+        acq = validate_acquisition_id(spec.acquisition)
         path = self.store_path(acq)
         lock_dir = self._output / f".{acq}.ome.zarr.locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +153,7 @@ class ZarrLabelSink:
     ) -> None:
         store = self._store(frame_id.acquisition)
         frame = prepare_frame(store.spec, frame_id, labels, image, cells)
-        p, t, z = check_frame_index(store.spec, frame_id)
+        p, t, z = frame.key
         while True:
             self._ensure_t(store, p, t)
             with _flock(store.lock_file, exclusive=False):
@@ -220,16 +214,19 @@ class ZarrLabelSink:
     def read_cells(self, frame_id: FrameId) -> CellTable:
         store, _, (p, t, z) = self._done_frame(frame_id)
         table = zarr.open_array(store.zstore, path=f"{p}/cellsam/cells/{table_name(t, z)}", mode="r")
-        return CellTable.from_array(np.asarray(table[...]))
+        meta = table.attrs.get(CELLSAM_KEY)
+        columns = meta.get("columns") if isinstance(meta, dict) else None
+        names = [str(c) for c in columns] if isinstance(columns, list) else list(CELL_COLUMNS)
+        return CellTable.from_array(np.asarray(table[...]), names, pixel_size_um=store.spec.pixel_size_um)
 
-    def progress(self, acquisition: str) -> AcquisitionProgress:
+    def progress(self, acquisition: str) -> StoreState:
         store = self._store(acquisition)
         state = self._root_state(store)
         done: list[FrameId] = []
         for p in range(store.spec.sizes.p):
             values = np.asarray(zarr.open_array(store.zstore, path=f"{p}/cellsam/done", mode="r")[...])
             done += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(values & DONE_LABELS)]
-        return AcquisitionProgress(
+        return StoreState(
             acquisition=acquisition,
             done=tuple(done),
             t_size=max((f.t for f in done), default=-1) + 1,
@@ -292,7 +289,7 @@ class ZarrLabelSink:
                 compressors=None,
                 dimension_names=("t", "z"),
             )
-            ours.create_group("cells", attributes={CELLSAM_KEY: {"columns": list(CELL_TABLE_COLUMNS)}})
+            ours.create_group("cells", attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}})
         os.rename(tmp, path)
 
     @staticmethod
@@ -412,10 +409,10 @@ class ZarrLabelSink:
             store.zstore,
             name=f"{p}/cellsam/cells/{table_name(t, z)}",
             data=rows,
-            chunks=(max(len(rows), 1), len(CELL_TABLE_COLUMNS)),
+            chunks=(max(len(rows), 1), len(CELL_COLUMNS)),
             compressors=ZstdCodec(level=3),
             dimension_names=("cell", "column"),
-            attributes={CELLSAM_KEY: {"columns": list(CELL_TABLE_COLUMNS)}},
+            attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}},
             overwrite=True,
         )
         done[t, z] = DONE_LABELS | (DONE_IMAGE if frame.image is not None else 0)
@@ -423,7 +420,7 @@ class ZarrLabelSink:
     # -- lookups ------------------------------------------------------------------------------
 
     def _store(self, acquisition: str) -> _Store:
-        check_acquisition_id(acquisition)
+        validate_acquisition_id(acquisition)
         with self._mutex:
             store = self._stores.get(acquisition)
         if store is None:

@@ -101,7 +101,7 @@ def _pipeline(
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = {
             "model": {"name": "tiny", "weights": str(weights), "device": args.device},
-            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": args.max_in_flight},
+            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": args.max_concurrent},
             "results": {"endpoint": "tcp://127.0.0.1:*"},
             "output": {"directory": str(out)},
             "metrics": {"port": 0},
@@ -179,7 +179,7 @@ def main() -> None:
         default=EncoderSettings().batch_wait_timeout_s,
         help="encoder batch_wait_timeout_s (default: the service's)",
     )
-    parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--max-concurrent", type=int, default=8)
     parser.add_argument("--ray-cpus", type=int, default=4, help="num_cpus given to the local Ray")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for all results")

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import disk
 
-from acquisition.cell_table import CellTable
-from acquisition.sink import AcquisitionSpec, FrameId, Sizes, StorageOptions
+from acquisition.frames import FrameId
+from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.cells import CellTable
 
 
 def make_frame(rng: np.random.Generator, size: int, n_cells: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,16 +25,10 @@ from typing import Any, TypeAlias
 
 import torch
 
+from cellsam_core.configs import ModelConfig, NanoConfig
 from cellsam_core.errors import CheckpointError, WeightsNotFoundError
 from cellsam_core.modeling.cellsam import CellSAM
-from cellsam_core.registry import (
-    MODEL_CONFIGS,
-    NANO_CONFIGS,
-    ModelConfig,
-    NanoConfig,
-    build_from_config,
-    build_model,
-)
+from cellsam_core.registry import MODEL_CONFIGS, NANO_CONFIGS, build_from_config, build_model
 
 __all__ = [
     "BUNDLED_WEIGHTS",
@@ -223,7 +217,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig | NanoCo
 
     Returns the registered configuration with those sizes when there is one (so head counts, which shapes
     do not determine, are the registered ones); otherwise a new configuration with official head widths.
-    A cellsam-nano checkpoint (dense detector keys) gives a :class:`~cellsam_core.registry.NanoConfig`.
+    A cellsam-nano checkpoint (dense detector keys) gives a :class:`~cellsam_core.configs.NanoConfig`.
 
     Raises
     ------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CellSAMError",
+    "CellTableError",
     "CheckpointError",
     "DownloadError",
     "ImageFormatError",
@@ -22,6 +23,10 @@ class CellSAMError(Exception):
 
 class ImageFormatError(CellSAMError, ValueError):
     """An input image has a shape, dtype or values the model cannot take (e.g. 4+ channels, NaN)."""
+
+
+class CellTableError(CellSAMError, ValueError):
+    """Columns of a cell table that do not fit together (lengths, shapes, label ids, missing columns)."""
 
 
 class UnknownModelError(CellSAMError, KeyError):

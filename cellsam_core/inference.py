@@ -15,14 +15,16 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellsam_core import postprocess, preprocess, tiling, windows
+from cellsam_core import masks, postprocess, preprocess, tiling, windows
+from cellsam_core.acceleration import Acceleration, Plan, set_attention
+from cellsam_core.cells import CellTable
 from cellsam_core.errors import ImageFormatError
 from cellsam_core.modeling.cellfinder import postprocess_detections
 from cellsam_core.modeling.cellsam import CellSAM
@@ -33,6 +35,7 @@ __all__ = [
     "ImageEmbedding",
     "Segmentation",
     "decode",
+    "decode_batch",
     "decode_window",
     "encode",
     "encode_batch",
@@ -62,6 +65,11 @@ class EncodeOptions(BaseModel):
     overlap: int = Field(56, ge=0, description="Tile overlap in pixels on each side (reference: 56).")
     iou_depth: int = Field(56, ge=0, description="Seam strip half-width used to merge tiles (56).")
     iou_threshold: float = Field(0.5, ge=0, le=1, description="IoU above which seam labels merge.")
+    acceleration: Acceleration = Field(
+        default_factory=Acceleration,
+        description="Fast paths of the two ViT encoders (bf16 autocast, SDPA attention, torch.compile); "
+        "the defaults are the exact fp32 path on a CPU and bf16 + SDPA on CUDA (cellsam_core.acceleration).",
+    )
 
 
 class DecodeOptions(BaseModel):
@@ -90,6 +98,12 @@ class DecodeOptions(BaseModel):
         description="Side, in embedding tokens, of the window each box's mask is decoded over "
         "(cellsam_core.windows); 'full' decodes over the whole embedding as the reference does; None "
         "takes the model's default (cellsam-nano: 32, the official models: full).",
+    )
+    acceleration: Acceleration = Field(
+        default_factory=Acceleration,
+        description="Fast paths of CellFinder's transformer and SAM's mask decoder (bf16 autocast of the "
+        "transformers, SDPA attention, torch.compile); mask logits and thresholds stay float32 "
+        "(cellsam_core.acceleration).",
     )
 
 
@@ -138,48 +152,37 @@ class ImageEmbedding:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Segmentation:
     """Result of segmenting one frame.
 
     Attributes
     ----------
     labels : np.ndarray
-        ``uint32 (H, W)``; 0 is background, cells are 1..N.
-    boxes : np.ndarray
-        ``float32 (N, 4)`` XYXY in input pixels of the box that prompted each cell (row ``i`` is label
-        ``i + 1``); for tiled frames the tight bounding box of the merged mask.
-    scores : np.ndarray
-        ``float32 (N,)`` CellFinder confidence of each cell's box.
-    areas : np.ndarray
-        ``int64 (N,)`` pixel count of each label.
-    centroids : np.ndarray
-        ``float64 (N, 2)`` centroid of each label as ``(y, x)`` in input pixels.
+        ``uint32 (H, W)``; 0 is background, cells are ``cells.label``. From one model input the ids lie in
+        1..K with possible gaps: a cell whose pixels all fell into a later cell's filled hole leaves its id
+        unused (as in the reference). Tiled frames are relabelled 1..N.
+    cells : CellTable
+        One row per label present in ``labels``, measured on ``labels`` (area, ``(y, x)`` centroid, tight
+        ``(y0, x0, y1, x1)`` box), with the prompt box ``(y0, x0, y1, x1)`` in frame pixels and the
+        CellFinder score of the detection that produced the cell (see :func:`decode`).
     timings : dict
         Seconds spent per step (``detect``, ``masks``, ``postprocess``).
     """
 
     labels: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    areas: np.ndarray
-    centroids: np.ndarray
+    cells: CellTable
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
-        return int(self.areas.shape[0])
+        """Number of cells (rows of :attr:`cells`)."""
+        return len(self.cells)
 
 
 def _model_device_dtype(model: CellSAM) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def _prepare(image: np.ndarray, options: EncodeOptions) -> np.ndarray:
-    """Channel formatting and (optionally) normalisation: ``float64 (H, W, 3)``."""
-    formatted = preprocess.format_image_shape(np.asarray(image))
-    return preprocess.normalize_image(formatted) if options.normalize else formatted
 
 
 def _should_tile(shape: tuple[int, int], size: int, options: EncodeOptions) -> bool:
@@ -242,9 +245,10 @@ def encode_batch(
     options = options or EncodeOptions()
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    device, dtype = _model_device_dtype(model)
+    device, _ = _model_device_dtype(model)
     size = model.image_size
     sam = model.sam
+    accel = options.acceleration.resolve(device)
     per_frame: list[tuple[int, tiling.TilePlan | None, tuple[int, int], list[tuple[int, int]]]] = []
     resized: list[torch.Tensor] = []
     for image in images:
@@ -262,8 +266,9 @@ def encode_batch(
         box_in = preprocess.finder_input(
             x, adv_mode=model.adv_mode, pixel_mean=sam.pixel_mean, pixel_std=sam.pixel_std
         )
-        sam_out.append(sam.image_encoder(emb_in.to(dtype)))
-        finder_out.append(model.cellfinder.decode_head.encode(box_in.to(dtype)))
+        sam_emb, finder_emb = _run_encoders(emb_in, box_in, model, accel)
+        sam_out.append(sam_emb)
+        finder_out.append(finder_emb)
     sam_all = torch.cat(sam_out) if sam_out else torch.empty(0)
     finder_all = torch.cat(finder_out) if finder_out else torch.empty(0)
     result = []
@@ -281,6 +286,25 @@ def encode_batch(
         )
         offset += n
     return result
+
+
+def _run_encoders(
+    emb_in: torch.Tensor, box_in: torch.Tensor, model: CellSAM, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ViT passes on prepared ``(B, 3, S, S)`` inputs: SAM embedding and CellFinder memory.
+
+    Runs as ``plan`` says (attention kernel, autocast, compiled calls); the outputs are in the model's
+    dtype whatever the autocast dtype, so an :class:`ImageEmbedding` has one layout.
+    """
+    _, dtype = _model_device_dtype(model)
+    sam_encoder = model.sam.image_encoder
+    finder = model.cellfinder.decode_head
+    set_attention(sam_encoder, plan.sdpa)
+    set_attention(finder, plan.sdpa)
+    with plan.autocast():
+        sam_emb = plan.call(sam_encoder)(emb_in.to(dtype))
+        finder_emb = plan.call(finder, "encode")(box_in.to(dtype))
+    return sam_emb.to(dtype), finder_emb.to(dtype)
 
 
 def encode(image: np.ndarray, model: CellSAM, options: EncodeOptions | None = None) -> ImageEmbedding:
@@ -302,10 +326,16 @@ def default_box_batch_size(device: torch.device, image_size: int) -> int:
 
 
 def _detect(
-    finder: torch.Tensor, model: CellSAM, options: DecodeOptions
+    finder: torch.Tensor, model: CellSAM, options: DecodeOptions, plan: Plan
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """CellFinder head + dynamic threshold per model input: ``[(boxes (n,4) XYXY in S-frame, scores)]``."""
-    logits, boxes = model.cellfinder.decode_head.detect(finder)
+    """CellFinder head + dynamic threshold per model input: ``[(boxes (n,4) XYXY in S-frame, scores)]``.
+
+    One transformer call for all inputs; the scores come to the host once for the KMeans threshold.
+    """
+    head = model.cellfinder.decode_head
+    _, dtype = _model_device_dtype(model)
+    with plan.autocast():
+        logits, boxes = plan.call(head, "detect")(finder.to(dtype))
     scores, xyxy = postprocess_detections(logits.float(), boxes.float(), model.image_size)
     out = []
     for s, b in zip(scores.cpu().numpy(), xyxy.cpu().numpy(), strict=True):
@@ -324,24 +354,25 @@ def decode_window(model: CellSAM, options: DecodeOptions) -> int | None:
     return getattr(model.config, "decode_window", None)
 
 
-def _masks_for_input(
+def _windowed_masks(
     sam_embedding: torch.Tensor,
     boxes: np.ndarray,
     out_size: tuple[int, int],
     model: CellSAM,
+    window: int,
+    chunk: int,
     options: DecodeOptions,
+    plan: Plan,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """SAM masks for the boxes of one model input, composed "later box wins" into one label image.
+    """SAM masks for the boxes of one model input, each decoded over its window of the embedding.
 
-    Returns ``(labels int64 (h, w) with values = 1-based index into the kept boxes, kept box indices)``.
+    Returns ``(labels int32 (h, w) with values = 1-based index into the kept boxes, kept box indices)``.
     """
     sam = model.sam
     device, dtype = _model_device_dtype(model)
     size = model.image_size
     grid = int(sam_embedding.shape[-1])
-    window = decode_window(model, options)
-    composer = postprocess.LabelComposer(out_size)
-    chunk = options.box_batch_size or default_box_batch_size(device, size)
+    composer = postprocess.LabelComposer(out_size, device=device)
     dense_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
     emb = sam_embedding[None].to(device=device, dtype=dtype)
     logit_threshold = math.log(options.mask_threshold / (1 - options.mask_threshold))
@@ -349,49 +380,69 @@ def _masks_for_input(
         box_np = boxes[start : start + chunk]
         box_t = torch.as_tensor(box_np, dtype=torch.float32, device=device)
         sparse, dense = sam.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
-        plan = None
-        if window is not None:
-            plan = windows.plan_windows(box_np, window=window, grid=grid, input_size=size)
-            if plan.side >= grid:  # a window as large as the grid is the full-context computation
-                plan = None
-        if plan is None:
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=emb,
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse.to(dtype),
-                dense_prompt_embeddings=dense.to(dtype),
-                multimask_output=False,
-            )
-        else:
-            # Box prompts carry no mask prompt, so every row of `dense` is SAM's "no mask" embedding.
-            low_res, iou = windows.decode_windows(
-                sam.mask_decoder, emb, dense_pe, sparse.to(dtype), dense[:1].to(dtype), plan
-            )
+        plan_w = windows.plan_windows(box_np, window=window, grid=grid, input_size=size)
+        # Box prompts carry no mask prompt, so every row of `dense` is SAM's "no mask" embedding.
+        low_res, iou = windows.decode_windows(
+            sam.mask_decoder, emb, dense_pe, sparse.to(dtype), dense[:1].to(dtype), plan_w, plan=plan
+        )
         keep = (iou[:, 0].float() >= options.iou_threshold).cpu().numpy()
-        index = np.arange(start, start + len(box_t))
         if not keep.any():
             continue
-        kept = low_res[torch.as_tensor(keep, device=device)]
-        # sigmoid(x) > t  <=>  x > logit(t); the comparison on logits avoids a full-frame sigmoid.
-        if plan is None:
-            up = sam.postprocess_masks(kept.float(), (size, size), out_size)
-            composer.add(up[:, 0] > logit_threshold, index[keep])
-        else:
-            region, offsets = windows.window_masks_to_frame(
-                kept,
-                windows.Windows(origins=plan.origins[keep], side=plan.side),
-                grid=grid,
-                low_res_size=grid * low_res.shape[-1] // plan.side,
-                input_size=size,
-                out_size=out_size,
-            )
-            composer.add_regions(region > logit_threshold, offsets, index[keep])
+        region, offsets = windows.window_masks_to_frame(
+            low_res[torch.as_tensor(keep, device=device)],
+            windows.Windows(origins=plan_w.origins[keep], side=plan_w.side),
+            grid=grid,
+            low_res_size=grid * low_res.shape[-1] // plan_w.side,
+            input_size=size,
+            out_size=out_size,
+        )
+        composer.add_regions(region > logit_threshold, offsets, np.arange(start, start + len(box_t))[keep])
     return composer.labels(), composer.indices()
+
+
+def _masks_for_inputs(
+    sam_embeddings: torch.Tensor,
+    boxes: Sequence[np.ndarray],
+    out_sizes: Sequence[tuple[int, int]],
+    model: CellSAM,
+    options: DecodeOptions,
+    plan: Plan,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """SAM masks for the boxes of each model input, composed "later box wins" into one label image each.
+
+    Returns, per input, ``(labels int32 (h, w), kept)``: label value ``v > 0`` is the mask prompted by
+    ``boxes[t][kept[v - 1]]``. Full-context decoding batches the boxes of all inputs together
+    (:func:`cellsam_core.masks.decode_boxes`); windowed decoding goes input by input.
+    """
+    sam = model.sam
+    device, dtype = _model_device_dtype(model)
+    size = model.image_size
+    grid = int(sam_embeddings.shape[-1])
+    chunk = options.box_batch_size or default_box_batch_size(device, size)
+    window = decode_window(model, options)
+    set_attention(sam.mask_decoder, plan.sdpa)
+    if window is not None and window < grid:
+        return [
+            _windowed_masks(sam_embeddings[t], b, out_sizes[t], model, window, chunk, options, plan)
+            for t, b in enumerate(boxes)
+        ]
+    return masks.decode_boxes(
+        sam,
+        sam_embeddings.to(device=device, dtype=dtype),
+        boxes,
+        out_sizes,
+        chunk=chunk,
+        iou_threshold=options.iou_threshold,
+        logit_threshold=math.log(options.mask_threshold / (1 - options.mask_threshold)),
+        plan=plan,
+        transformer=plan.call(sam.mask_decoder.transformer) if plan.compile_mode else None,
+        pad_chunks=plan.compile_mode is not None,
+    )
 
 
 @torch.inference_mode()
 def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | None = None) -> Segmentation:
-    """Boxes from CellFinder, masks from SAM, one label image for the frame.
+    """Boxes from CellFinder, masks from SAM, one label image and its cell table for the frame.
 
     Parameters
     ----------
@@ -403,71 +454,194 @@ def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | N
     Returns
     -------
     Segmentation
-        Labels ``uint32 (H, W)`` of the frame and the per-cell table.
+        Labels ``uint32 (H, W)`` of the frame and the :class:`~cellsam_core.cells.CellTable` measured on
+        them once. Each cell's ``prompt_box`` and ``score`` come from one detection:
+
+        * single model input: the box that prompted the SAM mask the cell comes from, scaled from the
+          ``S × S`` model input to the frame;
+        * tiled frame: the detection whose cleaned tile mask supplies the cell's highest-score pixel
+          (pixels of the final image each come from exactly one tile's core), its box scaled from the
+          model input to that tile and shifted by the tile's origin. Tiles wrap periodically at the frame
+          edges, so a box of a cell at the edge may reach outside ``[0, H) × [0, W)``.
+    """
+    return decode_batch([embedding], model, options)[0]
+
+
+@torch.inference_mode()
+def decode_batch(
+    embeddings: Sequence[ImageEmbedding], model: CellSAM, options: DecodeOptions | None = None
+) -> list[Segmentation]:
+    """:func:`decode` of several frames at once: one detection call, mask decoding batched across frames.
+
+    Every frame's result equals ``decode(embedding, model, options)`` up to float rounding (chunks of
+    boxes then span frames). ``timings`` of each frame hold its share of the batch's ``detect`` and
+    ``masks`` time (the batch's time divided by the number of frames) and its own ``postprocess`` time.
     """
     options = options or DecodeOptions()
-    if embedding.input_size != model.image_size:
-        raise ImageFormatError(
-            f"embedding was made for a {embedding.input_size}-pixel model input but this model takes "
-            f"{model.image_size}; encode and decode with the same model"
-        )
+    for embedding in embeddings:
+        if embedding.input_size != model.image_size:
+            raise ImageFormatError(
+                f"embedding was made for a {embedding.input_size}-pixel model input but this model takes "
+                f"{model.image_size}; encode and decode with the same model"
+            )
+    if not embeddings:
+        return []
     device, _ = _model_device_dtype(model)
-    timings: dict[str, float] = {}
+    plan = options.acceleration.resolve(device)
+    share = 1.0 / len(embeddings)
     t0 = time.perf_counter()
-    detections = _detect(embedding.finder.to(device), model, options)
-    timings["detect"] = time.perf_counter() - t0
+    detections = _detect(torch.cat([e.finder.to(device) for e in embeddings]), model, options, plan)
+    detect_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tile_labels: list[np.ndarray] = []
-    tile_boxes: list[np.ndarray] = []
-    tile_scores: list[np.ndarray] = []
-    for i, (boxes, scores) in enumerate(detections):
-        labels, kept = _masks_for_input(embedding.sam[i], boxes, embedding.tile_sizes[i], model, options)
-        tile_labels.append(labels)
-        tile_boxes.append(boxes[kept])
-        tile_scores.append(scores[kept])
-    timings["masks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if embedding.plan is None:
-        labels, kept = postprocess.fill_holes_and_remove_small(tile_labels[0], min_size=options.min_size)
-        table = postprocess.cell_table(labels)
-        h, w = embedding.frame_size
-        size = embedding.input_size
-        scale = np.array([w / size, h / size, w / size, h / size], dtype=np.float64)
-        boxes_out = (tile_boxes[0][kept - 1] * scale).astype(np.float32)
-        scores_out = tile_scores[0][kept - 1].astype(np.float32)
-    else:
-        cleaned = []
-        score_maps = []
-        for labels_i, scores_i in zip(tile_labels, tile_scores, strict=True):
-            clean_i, kept_i = postprocess.fill_holes_and_remove_small(labels_i, min_size=options.min_size)
-            cleaned.append(clean_i)
-            lut = np.concatenate([[0.0], scores_i[kept_i - 1]]).astype(np.float32)
-            score_maps.append(lut[clean_i])
-        labels = tiling.merge_tiles(cleaned, embedding.plan, sequential=True)
-        score_image = tiling.merge_values(score_maps, embedding.plan)
-        table = postprocess.cell_table(labels)
-        boxes_out = table.bboxes.astype(np.float32)
-        n = int(labels.max()) if labels.size else 0
-        scores_out = _max_per_label(score_image, labels, n)
-    timings["postprocess"] = time.perf_counter() - t0
-    if table.areas.shape[0] == 0:
-        log.debug("no cells detected in the image")
-    return Segmentation(
-        labels=labels.astype(np.uint32, copy=False),
-        boxes=boxes_out.reshape(-1, 4),
-        scores=scores_out.reshape(-1),
-        areas=table.areas,
-        centroids=table.centroids,
-        timings=timings,
+    composed = _masks_for_inputs(
+        torch.cat([e.sam.to(device) for e in embeddings]),
+        [boxes for boxes, _ in detections],
+        [size for e in embeddings for size in e.tile_sizes],
+        model,
+        options,
+        plan,
     )
+    masks_s = time.perf_counter() - t0
+    results = []
+    offset = 0
+    for embedding in embeddings:
+        n = len(embedding.tile_sizes)
+        t0 = time.perf_counter()
+        tile_labels = [labels for labels, _ in composed[offset : offset + n]]
+        tile_boxes = [
+            detections[offset + i][0][kept] for i, (_, kept) in enumerate(composed[offset : offset + n])
+        ]
+        tile_scores = [
+            detections[offset + i][1][kept] for i, (_, kept) in enumerate(composed[offset : offset + n])
+        ]
+        offset += n
+        if embedding.plan is None:
+            labels, cells = _cells_of_input(
+                tile_labels[0],
+                tile_boxes[0],
+                tile_scores[0],
+                input_size=embedding.input_size,
+                min_size=options.min_size,
+            )
+        else:
+            labels, cells = _cells_of_tiles(
+                tile_labels,
+                tile_boxes,
+                tile_scores,
+                plan=embedding.plan,
+                tile_sizes=embedding.tile_sizes,
+                input_size=embedding.input_size,
+                min_size=options.min_size,
+            )
+        timings = {
+            "detect": detect_s * share,
+            "masks": masks_s * share,
+            "postprocess": time.perf_counter() - t0,
+        }
+        if len(cells) == 0:
+            log.debug("no cells detected in the image")
+        results.append(Segmentation(labels=labels, cells=cells, timings=timings))
+    return results
 
 
-def _max_per_label(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    if n == 0:
-        return np.zeros(0, dtype=np.float32)
+def _frame_boxes(xyxy: np.ndarray, input_size: int, size_hw: tuple[int, ...]) -> np.ndarray:
+    """XYXY boxes in the ``S × S`` model input -> float64 ``(n, 4)`` ``(y0, x0, y1, x1)`` in ``(h, w)``."""
+    h, w = size_hw
+    scale = np.array([h, w, h, w], dtype=np.float64) / input_size
+    return np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)[:, [1, 0, 3, 2]] * scale
+
+
+def _cells_of_input(
+    composed: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    input_size: int,
+    min_size: int,
+) -> tuple[np.ndarray, CellTable]:
+    """Clean up the composed masks of one whole-frame model input and tabulate its cells.
+
+    Parameters
+    ----------
+    composed : np.ndarray
+        int ``(H, W)``: value ``v > 0`` is the mask prompted by ``boxes[v - 1]`` (later masks won overlaps).
+    boxes : np.ndarray
+        float ``(K, 4)`` XYXY prompt boxes in the ``input_size × input_size`` model input.
+    scores : np.ndarray
+        float ``(K,)`` their CellFinder scores.
+    input_size : int
+        Side ``S`` of the square model input.
+    min_size : int
+        Objects under this many pixels are removed
+        (:func:`~cellsam_core.postprocess.fill_holes_and_remove_small`).
+
+    Returns
+    -------
+    labels : np.ndarray
+        uint32 ``(H, W)``.
+    cells : CellTable
+        One row per label present in ``labels``, with its prompt box ``(y0, x0, y1, x1)`` in frame pixels
+        and its score.
+    """
+    labels, kept = postprocess.fill_holes_and_remove_small(composed, min_size=min_size)
+    table = CellTable.from_labels(labels)
+    # Label k came from composed value kept[k - 1], i.e. from boxes[kept[k - 1] - 1]. A label whose
+    # pixels all went to a later label's filled hole is absent, so index by the labels present.
+    source = kept[table.label.astype(np.int64) - 1] - 1
+    prompt = _frame_boxes(np.asarray(boxes)[source], input_size, labels.shape)
+    return labels, replace(table, prompt_box=prompt, score=np.asarray(scores)[source])
+
+
+def _cells_of_tiles(
+    tile_labels: Sequence[np.ndarray],
+    tile_boxes: Sequence[np.ndarray],
+    tile_scores: Sequence[np.ndarray],
+    *,
+    plan: tiling.TilePlan,
+    tile_sizes: Sequence[tuple[int, int]],
+    input_size: int,
+    min_size: int,
+) -> tuple[np.ndarray, CellTable]:
+    """Clean up each tile, merge the tiles, and give each cell the detection at its best-score pixel.
+
+    ``tile_labels[i]`` is tile ``i``'s composed masks (value ``v`` from ``tile_boxes[i][v - 1]``, XYXY in
+    the ``input_size`` model input, scored ``tile_scores[i][v - 1]``), of shape ``tile_sizes[i]``, in
+    :meth:`~cellsam_core.tiling.TilePlan.indices` order. Returns the merged uint32 ``(H, W)`` labels and
+    their table (see :func:`decode` for the prompt box and score).
+    """
     from scipy import ndimage
 
-    return np.asarray(ndimage.maximum(values, labels, index=np.arange(1, n + 1)), dtype=np.float32)
+    cleaned: list[np.ndarray] = []
+    score_maps: list[np.ndarray] = []
+    detection_maps: list[np.ndarray] = []
+    frame_boxes: list[np.ndarray] = []
+    offset = 0
+    for index, labels_i, boxes_i, scores_i, size_i in zip(
+        plan.indices(), tile_labels, tile_boxes, tile_scores, tile_sizes, strict=True
+    ):
+        clean_i, kept_i = postprocess.fill_holes_and_remove_small(labels_i, min_size=min_size)
+        cleaned.append(clean_i)
+        source = kept_i - 1  # cleaned label k of this tile came from boxes_i[source[k - 1]]
+        score_lut = np.concatenate([[0.0], np.asarray(scores_i, dtype=np.float64)[source]])
+        detection_lut = np.concatenate([[-1], offset + source]).astype(np.int64)
+        score_maps.append(score_lut[clean_i])
+        detection_maps.append(detection_lut[clean_i])
+        y0, _, x0, _ = plan.core_bounds(index)
+        origin = np.array([y0, x0, y0, x0], dtype=np.float64) - plan.overlap
+        frame_boxes.append(_frame_boxes(boxes_i, input_size, size_i) + origin)
+        offset += len(boxes_i)
+    labels = tiling.merge_tiles(cleaned, plan, sequential=True)
+    table = CellTable.from_labels(labels)
+    if len(table) == 0:
+        return labels, table
+    score_image = tiling.merge_values(score_maps, plan)
+    detection_image = tiling.merge_values(detection_maps, plan)
+    # Every labelled pixel comes from a labelled pixel of one tile's core, so it names a detection (>= 0).
+    peaks = ndimage.maximum_position(score_image, labels, index=table.label)
+    detection = np.array([detection_image[pos] for pos in peaks], dtype=np.int64)
+    all_boxes = np.concatenate(frame_boxes)
+    all_scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in tile_scores])
+    return labels, replace(table, prompt_box=all_boxes[detection], score=all_scores[detection])
 
 
 def segment(

@@ -1,4 +1,4 @@
-"""CellSAM post-processing: box-score threshold, label composition, clean-up and the per-cell table.
+"""CellSAM post-processing: box-score threshold, label composition and clean-up of the label image.
 
 Reproduces the reference (vanvalenlab/cellSAM, commit 35bc6e0) so the same weights give the same labels:
 
@@ -8,13 +8,11 @@ Reproduces the reference (vanvalenlab/cellSAM, commit 35bc6e0) so the same weigh
   ``max(stack(masks) * arange(1, N + 1))``), fed in chunks so all masks never sit in memory at once.
 * :func:`fill_holes_and_remove_small`: the cellpose-derived clean-up (small objects dropped, holes filled,
   labels made sequential), exactly in the reference's order of in-place updates.
-* :func:`cell_table`: areas, centroids and bounding boxes of the final labels.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,9 +21,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 __all__ = [
-    "CellTable",
     "LabelComposer",
-    "cell_table",
     "dynamic_box_threshold",
     "fill_holes_and_remove_small",
     "select_boxes",
@@ -112,19 +108,22 @@ class LabelComposer:
     Label ``k`` (1-based) is the ``k``-th mask added, which equals the reference's
     ``max(stack(masks) * arange(1, N + 1)[:, None, None], axis=0)``. A mask completely covered by later
     masks leaves no pixel. Masks are added in chunks (:meth:`add`), so 1,000 masks of 1024² never have to
-    be in memory together; torch chunks are reduced on their own device and only one ``(H, W)`` map per
-    chunk is copied to the host.
+    be in memory together. The label image lives on ``device`` (a torch tensor): chunks of masks made on
+    a GPU are composed there, and the host gets the labels once, from :meth:`labels`.
 
     Parameters
     ----------
     shape : tuple of int
         ``(H, W)`` of the label image.
+    device : torch.device or str, optional
+        Where the label image is kept and composed (default: the CPU).
     """
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], *, device: torch.device | str | None = None) -> None:
         if len(shape) != 2 or min(shape) <= 0:
             raise ValueError(f"shape must be a positive (H, W), got {shape}")
-        self._labels = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
+        self._shape = (int(shape[0]), int(shape[1]))
+        self._labels = torch.zeros(self._shape, dtype=torch.int32, device=device)
         self._indices: list[np.ndarray] = []
         self._count = 0
 
@@ -145,21 +144,23 @@ class LabelComposer:
         Parameters
         ----------
         masks : np.ndarray or torch.Tensor
-            bool ``(n, H, W)`` (other dtypes: non-zero = inside), in box order after the previous chunk.
+            bool ``(n, H, W)`` (other dtypes: non-zero = inside), in box order after the previous chunk;
+            a tensor on another device than the labels is copied over.
         indices : np.ndarray, optional
             ``(n,)`` caller's ids of these masks (e.g. box indices); defaults to their running positions.
         """
         n = int(masks.shape[0])
-        if masks.ndim != 3 or tuple(masks.shape[1:]) != self._labels.shape:
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != self._shape:
             raise ValueError(
-                f"masks must be (n, {self._labels.shape[0]}, {self._labels.shape[1]}), got "
-                f"{tuple(masks.shape)}"
+                f"masks must be (n, {self._shape[0]}, {self._shape[1]}), got {tuple(masks.shape)}"
             )
         ids = self._ids(indices, n)
         if n == 0:
             return
-        covered, last = _last_covering(masks)
-        self._labels = np.where(covered, self._count + 1 + last, self._labels).astype(np.int32, copy=False)
+        m = self._as_bool(masks)
+        # argmax over the flipped stack finds the last True (first maximum of a 0/1 array).
+        last = (n - 1) - torch.flip(m, dims=(0,)).to(torch.uint8).argmax(dim=0).to(torch.int32)
+        self._labels = torch.where(m.any(dim=0), self._count + 1 + last, self._labels)
         self._indices.append(ids)
         self._count += n
 
@@ -178,24 +179,29 @@ class LabelComposer:
         indices : np.ndarray, optional
             As in :meth:`add`.
         """
-        arr = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-        arr = arr.astype(bool, copy=False)
-        n = int(arr.shape[0])
+        m = self._as_bool(masks)
+        n = int(m.shape[0])
         offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        height, width = self._labels.shape
-        if arr.ndim != 3 or offs.shape[0] != n:
-            raise ValueError(f"masks must be (n, h, w) with one offset each, got {arr.shape}, {offs.shape}")
-        h, w = arr.shape[1:]
+        height, width = self._shape
+        if m.ndim != 3 or offs.shape[0] != n:
+            raise ValueError(
+                f"masks must be (n, h, w) with one offset each, got {tuple(m.shape)}, {offs.shape}"
+            )
+        h, w = m.shape[1:]
         if n and (offs.min() < 0 or offs[:, 0].max() + h > height or offs[:, 1].max() + w > width):
             raise ValueError(f"mask regions of {h}x{w} at {offs.tolist()} leave the {height}x{width} image")
         ids = self._ids(indices, n)
         for j in range(n):
             y, x = offs[j]
             # Later masks win: assigning in box order overwrites earlier labels, as in ``add``.
-            self._labels[y : y + h, x : x + w][arr[j]] = self._count + 1 + j
+            self._labels[y : y + h, x : x + w][m[j]] = self._count + 1 + j
         if n:
             self._indices.append(ids)
             self._count += n
+
+    def _as_bool(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(masks))
+        return t.to(device=self._labels.device, dtype=torch.bool)
 
     def _ids(self, indices: np.ndarray | None, n: int) -> np.ndarray:
         """The caller's ids of ``n`` new masks (default: their running positions)."""
@@ -207,23 +213,8 @@ class LabelComposer:
         return ids
 
     def labels(self) -> np.ndarray:
-        """int32 ``(H, W)``: the composed label image (a copy; 0 = background)."""
-        return self._labels.copy()
-
-
-def _last_covering(masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """For a chunk ``(n, H, W)``: which pixels any mask covers, and the last such mask's position."""
-    n = int(masks.shape[0])
-    if isinstance(masks, torch.Tensor):
-        m = masks.to(torch.bool)
-        covered_t = m.any(dim=0)
-        # argmax over the flipped stack finds the last True (first maximum of a 0/1 array).
-        last_t = (n - 1) - torch.flip(m, dims=(0,)).to(torch.uint8).argmax(dim=0)
-        return covered_t.cpu().numpy(), last_t.to(torch.int32).cpu().numpy()
-    m_np = np.asarray(masks).astype(bool, copy=False)
-    covered = np.asarray(m_np.any(axis=0))
-    last = (n - 1) - np.argmax(m_np[::-1], axis=0)
-    return covered, np.asarray(last, dtype=np.int32)
+        """int32 ``(H, W)``: the composed label image on the host (a copy; 0 = background)."""
+        return self._labels.cpu().numpy().copy()
 
 
 def fill_holes_and_remove_small(
@@ -248,7 +239,8 @@ def fill_holes_and_remove_small(
     Returns
     -------
     labels : np.ndarray
-        uint32 ``(H, W)``, labels 1..K.
+        uint32 ``(H, W)``, labels in 1..K. A label can be missing from it: a later object's filled hole
+        may cover all pixels of an earlier, already relabelled object.
     kept : np.ndarray
         int64 ``(K,)``: ``kept[k - 1]`` is the input label that became label ``k``.
     """
@@ -272,57 +264,3 @@ def fill_holes_and_remove_small(
             window[binary_fill_holes(mask)] = len(kept) + 1
             kept.append(i + 1)
     return work.astype(np.uint32), np.asarray(kept, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class CellTable:
-    """Per-object measurements of a label image, one row per present label, in increasing label order.
-
-    Attributes
-    ----------
-    label_ids : np.ndarray
-        int64 ``(K,)`` label values.
-    areas : np.ndarray
-        int64 ``(K,)`` pixel counts.
-    centroids : np.ndarray
-        float64 ``(K, 2)`` mean pixel coordinates as ``(y, x)`` (row, column).
-    bboxes : np.ndarray
-        int64 ``(K, 4)`` tight boxes as XYXY ``(x0, y0, x1, y1)`` in pixels, max exclusive
-        (``labels[y0:y1, x0:x1]`` holds the object).
-    """
-
-    label_ids: np.ndarray
-    areas: np.ndarray
-    centroids: np.ndarray
-    bboxes: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.label_ids.shape[0])
-
-
-def cell_table(labels: np.ndarray) -> CellTable:
-    """Areas, centroids ``(y, x)`` and XYXY boxes of every label of an ``(H, W)`` integer image."""
-    arr = np.asarray(labels)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be a 2-D integer array, got {arr.dtype} {arr.shape}")
-    flat = arr.ravel().astype(np.int64)
-    if flat.size and flat.min() < 0:
-        raise ValueError("labels must be non-negative (0 = background)")
-    n_bins = int(flat.max()) + 1 if flat.size else 1
-    counts = np.bincount(flat, minlength=n_bins)
-    ids = np.flatnonzero(counts[1:]) + 1
-    rows, cols = np.indices(arr.shape, dtype=np.float64)
-    sum_y = np.bincount(flat, weights=rows.ravel(), minlength=n_bins)
-    sum_x = np.bincount(flat, weights=cols.ravel(), minlength=n_bins)
-    areas = counts[ids].astype(np.int64)
-    centroids = np.stack([sum_y[ids] / areas, sum_x[ids] / areas], axis=1).reshape(-1, 2)
-    slices = find_objects(arr.astype(np.int64, copy=False))
-    bboxes = np.array(
-        [
-            [s[1].start, s[0].start, s[1].stop, s[0].stop]
-            for s in (slices[i - 1] for i in ids)
-            if s is not None
-        ],
-        dtype=np.int64,
-    ).reshape(-1, 4)
-    return CellTable(label_ids=ids.astype(np.int64), areas=areas, centroids=centroids, bboxes=bboxes)

@@ -24,14 +24,14 @@ import numpy as np
 from scipy import ndimage
 from skimage.draw import ellipse
 
-__all__ = ["MODALITIES", "CellTable", "Modality", "SyntheticMovie", "synthetic_frame"]
+__all__ = ["MODALITIES", "Modality", "SyntheticCells", "SyntheticMovie", "synthetic_frame"]
 
 Modality = Literal["nuclear", "whole_cell", "multiplexed", "phase"]
 MODALITIES: tuple[str, ...] = get_args(Modality)
 
 
 @dataclass(frozen=True, slots=True)
-class CellTable:
+class SyntheticCells:
     """Cell geometry at one time point; all arrays have shape (N,).
 
     ``y, x`` centre (pixels), ``a, b`` semi-axes along / across ``theta`` (radians, skimage's
@@ -53,11 +53,11 @@ class CellTable:
 
 def _initial_cells(
     rng: np.random.Generator, shape: tuple[int, int], n_cells: int, radius: tuple[float, float]
-) -> CellTable:
+) -> SyntheticCells:
     h, w = shape
     r = rng.uniform(radius[0], radius[1], n_cells)
     elong = rng.uniform(1.0, 1.5, n_cells)
-    return CellTable(
+    return SyntheticCells(
         y=rng.uniform(0, h, n_cells),
         x=rng.uniform(0, w, n_cells),
         a=r * np.sqrt(elong),
@@ -70,14 +70,14 @@ def _initial_cells(
 
 def _step(
     rng: np.random.Generator,
-    cells: CellTable,
+    cells: SyntheticCells,
     shape: tuple[int, int],
     *,
     drift: tuple[float, float],
     growth: float,
     divide_area: np.ndarray,
     next_id: int,
-) -> tuple[CellTable, np.ndarray, int]:
+) -> tuple[SyntheticCells, np.ndarray, int]:
     """Advance one frame; returns new cells, their division-area thresholds and the next free id."""
     n = len(cells)
     h, w = shape
@@ -110,7 +110,7 @@ def _step(
         for sign in (1.0, -1.0):
             k = d.size
             parts.append(
-                CellTable(
+                SyntheticCells(
                     y=np.clip(y[d] + sign * dy, 0, h - 1),
                     x=np.clip(x[d] + sign * dx, 0, w - 1),
                     a=a[d] / math.sqrt(2.0) * 0.9,
@@ -122,13 +122,13 @@ def _step(
             )
             thresholds.append(divide_area[d])
             next_id += k
-    merged = CellTable(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in (fl.name for fl in fields(CellTable)))
+    merged = SyntheticCells(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in (fl.name for fl in fields(SyntheticCells)))
     )
     return merged, np.concatenate(thresholds), next_id
 
 
-def _paint(cells: CellTable, shape: tuple[int, int], scale: float) -> np.ndarray:
+def _paint(cells: SyntheticCells, shape: tuple[int, int], scale: float) -> np.ndarray:
     """Label image (H, W) int32: ellipses scaled by ``scale``, drawn in order (later cells win)."""
     labels = np.zeros(shape, np.int32)
     for i in range(len(cells)):
@@ -144,7 +144,7 @@ def _paint(cells: CellTable, shape: tuple[int, int], scale: float) -> np.ndarray
     return labels
 
 
-def _lut(cells: CellTable, values: np.ndarray) -> np.ndarray:
+def _lut(cells: SyntheticCells, values: np.ndarray) -> np.ndarray:
     """Lookup table id -> value (index 0 = background = 0)."""
     lut = np.zeros(int(cells.ids.max(initial=0)) + 1, np.float32)
     lut[cells.ids] = values
@@ -220,7 +220,7 @@ class SyntheticMovie:
         cells = _initial_cells(rng, self.shape, n_cells, radius)
         divide_area = cells.a * cells.b * rng.uniform(1.8, 2.4, len(cells))
         next_id = n_cells + 1
-        self.cells: list[CellTable] = [cells]
+        self.cells: list[SyntheticCells] = [cells]
         for _ in range(1, self.n_frames):
             cells, divide_area, next_id = _step(
                 rng, cells, self.shape, drift=drift, growth=growth, divide_area=divide_area, next_id=next_id
@@ -271,7 +271,7 @@ class SyntheticMovie:
 
     @staticmethod
     def _cytoplasm(
-        cells: CellTable, cell_labels: np.ndarray, nuc_labels: np.ndarray, texture: np.ndarray
+        cells: SyntheticCells, cell_labels: np.ndarray, nuc_labels: np.ndarray, texture: np.ndarray
     ) -> np.ndarray:
         cyto = _lut(cells, 0.6 * cells.brightness[::-1])[cell_labels] * texture
         return np.where(nuc_labels > 0, 0.6 * cyto, cyto)

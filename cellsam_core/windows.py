@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 
+from cellsam_core.acceleration import Plan
+from cellsam_core.masks import predict_single_masks
+
 __all__ = ["Windows", "decode_windows", "plan_windows", "window_masks_to_frame"]
 
 
@@ -83,6 +86,8 @@ def decode_windows(
     sparse: torch.Tensor,
     dense: torch.Tensor,
     windows: Windows,
+    *,
+    plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's single-mask prediction for each prompt over its own window of the embedding.
 
@@ -104,6 +109,8 @@ def decode_windows(
         SAM's "no mask" embedding).
     windows : Windows
         One window per prompt.
+    plan : Plan, optional
+        Autocast of the transformer (:func:`cellsam_core.masks.predict_single_masks`).
 
     Returns
     -------
@@ -115,22 +122,10 @@ def decode_windows(
     """
     if dense.shape[0] != 1:
         raise ValueError(f"dense must be one (1, C, G, G) embedding shared by all prompts, got {dense.shape}")
-    md = mask_decoder
-    n = sparse.shape[0]
-    output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     # One gather for the embedding (plus the dense prompt) and the positional encoding together.
     both = _gather(torch.cat([embedding + dense, image_pe], dim=1), windows)
     src, pos = both.split(embedding.shape[1], dim=1)
-    b, c, h, w = src.shape
-    hs, src_out = md.transformer(src, pos, tokens)
-    upscaled = md.output_upscaling(src_out.transpose(1, 2).reshape(b, c, h, w))
-    # multimask_output=False: only the first mask token and its IoU are used.
-    hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :])  # (n, c')
-    _, cu, hu, wu = upscaled.shape
-    masks = torch.bmm(hyper[:, None, :], upscaled.reshape(b, cu, hu * wu)).reshape(b, 1, hu, wu)
-    iou = md.iou_prediction_head(hs[:, 0, :])[:, 0:1]
-    return masks, iou
+    return predict_single_masks(mask_decoder, src, pos, sparse, plan=plan)
 
 
 def window_masks_to_frame(

@@ -15,8 +15,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import ModelSettings, ServiceConfig
-from serving.deployments import DecodedFrame, Decoder, Encoder
+from serving.deployments import Decoder, Encoder
 from serving.metrics import ServiceMetrics
+from serving.segmenter import DecodedFrame
 
 __all__ = ["Ingress", "ServeSegmenter", "build_app"]
 
@@ -66,14 +67,15 @@ def _describe_weights(model: ModelSettings) -> tuple[str, str, str]:
 
 
 class ServeSegmenter:
-    """Encoder → decoder through deployment handles; the embedding never passes through the caller."""
+    """The :class:`~serving.segmenter.Segmenter` of the service: encoder → decoder through deployment
+    handles; the embedding never passes through the caller."""
 
     def __init__(self, *, encoder: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.encoder = encoder
         self.decoder = decoder
 
-    async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
-        encoded = self.encoder.remote(image, options)
+    async def segment(self, image: np.ndarray) -> DecodedFrame:
+        encoded = self.encoder.remote(image)
         try:
             result: DecodedFrame = await self.decoder.remote(encoded)
         except Exception as exc:
@@ -103,7 +105,7 @@ class Ingress:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: dict[str, Any]
     ):
-        from acquisition.zarr_sink import ZarrLabelSink
+        from serving import components
         from serving.pipeline import StreamPipeline
 
         self.config = ServiceConfig.model_validate(config)
@@ -116,9 +118,11 @@ class Ingress:
         )
         self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
         self.pipeline = StreamPipeline(
-            config=self.config,
+            source=components.frame_listener(self.config),
             segmenter=self.segmenter,
-            sink=ZarrLabelSink(self.config.output.directory),
+            labels=components.label_store(self.config),
+            results=components.result_publisher(self.config),
+            config=self.config,
             metrics=self.metrics,
             model_name=name,
         )
@@ -147,7 +151,7 @@ class Ingress:
         image, _ = synthetic_frame((64, 64), seed=0, modality="nuclear", n_cells=3)
         t0 = time.perf_counter()
         try:
-            decoded = await asyncio.wait_for(self.segmenter.segment(image, {}), timeout=120)
+            decoded = await asyncio.wait_for(self.segmenter.segment(image), timeout=120)
         except Exception as exc:
             raise HTTPException(status_code=503, detail=f"inference failed: {exc}") from exc
         return {
@@ -161,8 +165,8 @@ class Ingress:
     def acquisitions(self) -> dict[str, Any]:
         """Status and progress of each acquisition seen since the service started."""
         return {
-            "acquisitions": [p.as_dict() for p in self.pipeline.acquisitions.values()],
-            "listener": self.pipeline.listener.stats.as_dict(),
+            "acquisitions": [entry.as_dict() for entry in self.pipeline.ledger.values()],
+            "listener": self.pipeline.source.stats.as_dict(),
         }
 
     @http_app.get("/metrics")
@@ -184,7 +188,7 @@ class Ingress:
         except ImageFormatError as exc:
             raise HTTPException(status_code=415, detail=str(exc)) from exc
         try:
-            decoded = await self.segmenter.segment(image, {})
+            decoded = await self.segmenter.segment(image)
         except ValueError as exc:  # ImageFormatError and friends, raised inside the replicas
             raise HTTPException(status_code=422, detail=str(exc)) from exc
         labels = decoded.segmentation.labels

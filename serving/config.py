@@ -7,7 +7,7 @@ the ``args`` of the Serve application in ``deploy/serve_config.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,9 @@ __all__ = [
     "RetrySettings",
     "ServiceConfig",
 ]
+
+if TYPE_CHECKING:
+    from cellsam_core.inference import DecodeOptions
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -51,10 +54,18 @@ class IngestSettings(BaseModel):
     model_config = _FROZEN
 
     endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ address the listener binds.")
-    max_in_flight: int = Field(
-        8, ge=1, description="Frames between listener and sink at once; beyond it the sender is blocked."
+    max_concurrent: int = Field(
+        8,
+        ge=1,
+        description="Frames being segmented, published and stored at once (pipeline workers); more "
+        "frames wait in the queue.",
     )
-    queue_size: int = Field(16, ge=1, description="Accepted frames waiting for a pipeline slot.")
+    max_queued: int = Field(
+        16,
+        ge=1,
+        description="Accepted frames waiting for a free worker; when full the listener stops reading "
+        "and the sender is blocked (or, live, the oldest waiting frame is dropped).",
+    )
     live: bool = Field(
         False, description="Live mode: when the queue is full drop the oldest waiting frame (counted)."
     )
@@ -141,6 +152,14 @@ class DecoderSettings(BaseModel):
         "embedding; None = the model's default (cellsam-nano 32, official models full). See "
         "cellsam_core.windows.",
     )
+
+    def decode_options(self) -> DecodeOptions:
+        """The :class:`cellsam_core.DecodeOptions` these settings mean (one mapping for every segmenter)."""
+        from cellsam_core.inference import DecodeOptions
+
+        return DecodeOptions(
+            bbox_threshold=self.bbox_threshold, box_batch_size=self.box_batch_size, window=self.window
+        )
 
 
 class RetrySettings(BaseModel):

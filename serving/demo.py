@@ -231,7 +231,7 @@ def run_demo(options: DemoOptions, *, out: TextIO = sys.stdout, timeout: float =
     config = ServiceConfig.model_validate(
         {
             "model": model_settings,
-            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 4},
+            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 4},
             "results": {"endpoint": "tcp://127.0.0.1:*"},
             "output": {"directory": str(output)},
             "metrics": {"port": 0},

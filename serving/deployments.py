@@ -16,31 +16,20 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from cellsam_core.inference import DecodeOptions, EncodeOptions, ImageEmbedding, Segmentation
+from cellsam_core.inference import ImageEmbedding, Segmentation
 from serving.config import DecoderSettings, EncoderSettings, ModelSettings
+from serving.segmenter import DecodedFrame
 
-__all__ = ["DecodedFrame", "Decoder", "EncodedFrame", "Encoder", "load_model_for"]
+__all__ = ["Decoder", "EncodedFrame", "Encoder", "load_model_for"]
 
 
 @dataclass(frozen=True)
 class EncodedFrame:
-    """What the encoder hands the decoder: the embedding (CPU tensors) and how it was made."""
+    """What the encoder hands the decoder: the embedding (CPU tensors), its batch and encoder time."""
 
     embedding: ImageEmbedding
     encode_seconds: float
     batch_size: int
-    options: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class DecodedFrame:
-    """What comes back to the ingress: the segmentation and the timings of both model stages."""
-
-    segmentation: Segmentation
-    encode_seconds: float
-    decode_seconds: float
-    batch_size: int
-    embedding_bytes: int
 
 
 def load_model_for(settings: ModelSettings) -> tuple[Any, Any]:
@@ -88,16 +77,14 @@ class Encoder:
             self.batch_settings.batch_wait_timeout_s
         )
 
-    def _run(self, images: list[np.ndarray], options: EncodeOptions) -> list[ImageEmbedding]:
+    def _run(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         from cellsam_core.inference import encode_batch
 
-        return [e.to("cpu") for e in encode_batch(images, self.model, options)]
+        return [e.to("cpu") for e in encode_batch(images, self.model)]
 
-    async def _encode_group(
-        self, images: list[np.ndarray], options: EncodeOptions
-    ) -> list[ImageEmbedding | Exception]:
+    async def _encode_all(self, images: list[np.ndarray]) -> list[ImageEmbedding | Exception]:
         try:
-            return list(await asyncio.to_thread(self._run, images, options))
+            return list(await asyncio.to_thread(self._run, images))
         except Exception as exc:
             if len(images) == 1:
                 return [exc]
@@ -105,32 +92,20 @@ class Encoder:
         results: list[ImageEmbedding | Exception] = []
         for image in images:
             try:
-                results.extend(await asyncio.to_thread(self._run, [image], options))
+                results.extend(await asyncio.to_thread(self._run, [image]))
             except Exception as exc:
                 results.append(exc)
         return results
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, requests: list[tuple[np.ndarray, dict[str, Any]]]) -> list[Any]:
+    async def _encode_batch(self, images: list[np.ndarray]) -> list[EncodedFrame | Exception]:
         t0 = time.perf_counter()
-        # Frames with different encode options cannot share a ViT call; group them.
-        groups: dict[str, list[int]] = {}
-        for i, (_, opts) in enumerate(requests):
-            groups.setdefault(repr(sorted(opts.items())), []).append(i)
-        out: list[Any] = [None] * len(requests)
-        for indices in groups.values():
-            options = EncodeOptions.model_validate(requests[indices[0]][1])
-            results = await self._encode_group([requests[i][0] for i in indices], options)
-            for i, r in zip(indices, results, strict=True):
-                out[i] = r
+        results = await self._encode_all(images)
         seconds = time.perf_counter() - t0
-        return [
-            r if isinstance(r, Exception) else EncodedFrame(r, seconds, len(requests), requests[i][1])
-            for i, r in enumerate(out)
-        ]
+        return [r if isinstance(r, Exception) else EncodedFrame(r, seconds, len(images)) for r in results]
 
-    async def __call__(self, image: np.ndarray, options: dict[str, Any] | None = None) -> EncodedFrame:
-        result = await self._encode_batch((image, options or {}))
+    async def __call__(self, image: np.ndarray) -> EncodedFrame:
+        result = await self._encode_batch(image)
         if isinstance(result, Exception):
             raise result
         return result
@@ -154,12 +129,7 @@ class Decoder:
     def _run(self, encoded: EncodedFrame) -> Segmentation:
         from cellsam_core.inference import decode
 
-        options = DecodeOptions(
-            bbox_threshold=self.decoder_settings.bbox_threshold,
-            box_batch_size=self.decoder_settings.box_batch_size,
-            window=self.decoder_settings.window,
-        )
-        return decode(encoded.embedding, self.model, options)
+        return decode(encoded.embedding, self.model, self.decoder_settings.decode_options())
 
     async def __call__(self, encoded: EncodedFrame) -> DecodedFrame:
         t0 = time.perf_counter()

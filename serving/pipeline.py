@@ -1,13 +1,17 @@
-"""The streaming pipeline: listener → segmenter → sink + publisher, with accounting for every frame.
+"""The streaming pipeline: a coordinator over four injected seams, with one ledger per acquisition.
 
-:class:`StreamPipeline` is plain asyncio and knows nothing of Ray: the ingress deployment runs it with a
-:class:`Segmenter` that calls the encoder and decoder deployments, tests and notebooks can run it with
-:class:`LocalSegmenter`. Guarantees (see ``docs/serving.md``):
+:class:`StreamPipeline` takes events from a :class:`~acquisition.source.FrameSource`, segments frames with
+a :class:`~serving.segmenter.Segmenter`, stores them in a :class:`~acquisition.sink.LabelSink` and
+publishes every outcome to a :class:`~acquisition.results.ResultSink`. It receives all four, never builds
+them, and none of them calls back into it: the ingress deployment runs it with the ZeroMQ listener, the
+Ray Serve segmenter, the Zarr sink and the ZeroMQ publisher; tests and notebooks with in-memory ones.
+Guarantees (see ``docs/serving.md``):
 
-* every accepted frame ends as written labels plus an ``ok`` result, or as a recorded failure (counter
+* every accepted frame ends as stored labels plus an ``ok`` result, or as a recorded failure (counter
   with a reason, log line, ``failed`` result); nothing is silently lost;
-* at most ``max_in_flight`` frames are between the listener and the sink; beyond that the listener stops
-  reading and ZeroMQ pushes back on the sender (or, in live mode, drops the oldest waiting frame);
+* at most ``ingest.max_concurrent`` frames are being segmented or stored at once and at most
+  ``ingest.max_queued`` wait in the source; beyond that the source stops taking messages and the sender
+  is blocked (or, in live mode, the oldest waiting frame is dropped and counted);
 * a replica that dies mid-frame is retried (bounded attempts); a frame that makes the model raise fails
   alone.
 """
@@ -18,142 +22,41 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
 
-from acquisition.cell_table import CellTable
 from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
-from acquisition.listener import FrameListener, ListenerEvent
-from acquisition.protocol import AcquisitionSummary, FrameResult
-from acquisition.publisher import ResultPublisher
-from acquisition.sink import AcquisitionSpec, LabelSink, Sizes
+from acquisition.outcome import FrameOutcome
+from acquisition.results import ResultSink
+from acquisition.sink import LabelSink
+from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
+from acquisition.spec import AcquisitionSpec, Sizes
+from cellsam_core.cells import CellTable
 from serving.config import ServiceConfig
-from serving.deployments import DecodedFrame
+from serving.ledger import AcquisitionLedger, Ledger
 from serving.metrics import ServiceMetrics
+from serving.segmenter import DecodedFrame, Segmenter
 
-__all__ = [
-    "AcquisitionProgress",
-    "LocalSegmenter",
-    "RetryableError",
-    "Segmenter",
-    "StreamPipeline",
-    "cell_table_from",
-]
+__all__ = ["StreamPipeline"]
 
 log = logging.getLogger(__name__)
 
 
-class RetryableError(RuntimeError):
-    """A segmenter failure worth retrying (the replica died or was unreachable), not the frame's fault."""
-
-
-class Segmenter(Protocol):
-    """Segments one frame.
-
-    ``segment`` returns a :class:`~serving.deployments.DecodedFrame`. It raises
-    :class:`RetryableError` (or an exception ``is_retryable`` accepts) when the failure is the
-    infrastructure's (a replica died); any other exception means the frame itself failed.
-    """
-
-    async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame: ...
-
-    def is_retryable(self, exc: BaseException) -> bool: ...
-
-
-class LocalSegmenter:
-    """Runs :func:`cellsam_core.encode`/``decode`` in this process, in a worker thread."""
-
-    def __init__(self, *, model: Any, box_batch_size: int | None = None, bbox_threshold: float = 0.4):
-        self.model = model
-        self.box_batch_size = box_batch_size
-        self.bbox_threshold = bbox_threshold
-        self._lock = asyncio.Lock()
-
-    def _run(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
-        from cellsam_core.inference import DecodeOptions, EncodeOptions, decode, encode
-
-        t0 = time.perf_counter()
-        embedding = encode(image, self.model, EncodeOptions.model_validate(options))
-        t1 = time.perf_counter()
-        seg = decode(
-            embedding,
-            self.model,
-            DecodeOptions(box_batch_size=self.box_batch_size, bbox_threshold=self.bbox_threshold),
-        )
-        return DecodedFrame(seg, t1 - t0, time.perf_counter() - t1, 1, embedding.nbytes)
-
-    async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
-        async with self._lock:  # one model, one frame at a time
-            return await asyncio.to_thread(self._run, image, options)
-
-    def is_retryable(self, exc: BaseException) -> bool:
-        return isinstance(exc, RetryableError)
-
-
-@dataclass
-class AcquisitionProgress:
-    """Per-acquisition accounting of the pipeline (``GET /acquisitions``)."""
-
-    acquisition: str
-    accepted: int = 0
-    ok: int = 0
-    failed: int = 0
-    dropped: int = 0
-    rejected: int = 0
-    cells: int = 0
-    ended: bool = False
-    closed: bool = False
-    frames_declared: int | None = None
-    started_at: float = field(default_factory=time.time)
-    ended_at: float | None = None
-    failures: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def pending(self) -> int:
-        return self.accepted - self.dropped - self.ok - self.failed
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "acquisition": self.acquisition,
-            "accepted": self.accepted,
-            "ok": self.ok,
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "rejected": self.rejected,
-            "pending": self.pending,
-            "cells": self.cells,
-            "ended": self.ended,
-            "closed": self.closed,
-            "frames_declared": self.frames_declared,
-            "failures": dict(self.failures),
-        }
-
-
-def cell_table_from(seg: Any) -> CellTable:
-    """The sink's cell table from a :class:`~cellsam_core.inference.Segmentation`."""
-    n = seg.n_cells
-    return CellTable(
-        label=np.arange(1, n + 1, dtype=np.uint32),
-        box=np.asarray(seg.boxes, dtype=np.float64).reshape(n, 4),
-        centroid=np.asarray(seg.centroids, dtype=np.float64).reshape(n, 2)[:, ::-1].copy(),
-        area=np.asarray(seg.areas, dtype=np.int64),
-        score=np.asarray(seg.scores, dtype=np.float64),
-    )
-
-
 class StreamPipeline:
-    """Drive frames from a :class:`FrameListener` through a :class:`Segmenter` into a sink and publisher.
+    """Drive events from a frame source through a segmenter into a label sink and a result sink.
 
     Parameters
     ----------
-    config : ServiceConfig
-        Ingest/results endpoints, in-flight bound, retries, output options.
+    source : FrameSource
+        Accepted frames and notices, in arrival order.
     segmenter : Segmenter
-    sink : LabelSink
+    labels : LabelSink
+        Where labels, images and cell tables are stored.
+    results : ResultSink
+        Where every outcome and summary is published.
+    config : ServiceConfig
+        Workers, retries, result timing and output options.
     metrics : ServiceMetrics, optional
     model_name : str
         Reported in every result.
@@ -162,30 +65,22 @@ class StreamPipeline:
     def __init__(
         self,
         *,
-        config: ServiceConfig,
+        source: FrameSource,
         segmenter: Segmenter,
-        sink: LabelSink,
+        labels: LabelSink,
+        results: ResultSink,
+        config: ServiceConfig,
         metrics: ServiceMetrics | None = None,
         model_name: str = "",
-        on_result: Callable[[FrameResult], None] | None = None,
     ) -> None:
-        self.config = config
+        self.source = source
         self.segmenter = segmenter
-        self.sink = sink
+        self.labels = labels
+        self.results = results
+        self.config = config
         self.metrics = metrics or ServiceMetrics()
         self.model_name = model_name
-        self.on_result = on_result
-        self.publisher = ResultPublisher(endpoint=config.results.endpoint)
-        self.listener = FrameListener(
-            endpoint=config.ingest.endpoint,
-            max_in_flight=config.ingest.queue_size,
-            live=config.ingest.live,
-            max_frame_bytes=config.ingest.max_frame_bytes,
-            rcvhwm=config.ingest.rcvhwm,
-            retain_buffers=config.ingest.retain_buffers,
-            on_event=self._on_event,
-        )
-        self.acquisitions: dict[str, AcquisitionProgress] = {}
+        self.ledger = Ledger()
         self._specs: dict[str, AcquisitionSpec] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._finishers: set[asyncio.Task[None]] = set()
@@ -195,135 +90,128 @@ class StreamPipeline:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind both sockets and start ``max_in_flight`` workers."""
-        self.publisher.start()
-        await self.listener.start()
+        """Start both sinks' publishing, the source, and ``ingest.max_concurrent`` workers."""
+        self.results.start()
+        await self.source.start()
         self._workers = [
             asyncio.create_task(self._worker(), name=f"pipeline-worker-{i}")
-            for i in range(self.config.ingest.max_in_flight)
+            for i in range(self.config.ingest.max_concurrent)
         ]
-        log.info(
-            "pipeline: frames on %s, results on %s, labels to %s",
-            self.listener.endpoint,
-            self.publisher.endpoint,
-            self.config.output.directory,
-        )
+        log.info("pipeline: frames from %s, results to %s", self.source.endpoint, self.results.endpoint)
 
     async def stop(self) -> None:
-        """Stop accepting frames, finish every accepted one, close acquisitions, close the sockets."""
-        await self.listener.stop()
+        """Stop taking messages, finish every accepted frame, close finished acquisitions, stop publishing."""
+        await self.source.stop()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
         for task in list(self._finishers):
             with contextlib.suppress(Exception):
                 await task
-        self.publisher.close()
+        self.results.close()
 
     @property
     def endpoints(self) -> dict[str, str]:
-        return {"ingest": self.listener.endpoint, "results": self.publisher.endpoint}
+        return {"ingest": self.source.endpoint, "results": self.results.endpoint}
 
-    # -- listener events ---------------------------------------------------------------------------
-
-    def _progress(self, acquisition: str) -> AcquisitionProgress:
-        prog = self.acquisitions.get(acquisition)
-        if prog is None:
-            prog = self.acquisitions[acquisition] = AcquisitionProgress(acquisition)
-        return prog
-
-    def _on_event(self, event: ListenerEvent) -> None:
-        m = self.metrics
-        if event.kind in ("accepted", "rejected"):
-            m.received.inc()
-        if event.kind == "accepted" and event.frame is not None:
-            m.accepted.inc()
-            m.bytes_received.inc(event.frame.nbytes)
-            self._progress(event.frame.acquisition).accepted += 1
-        elif event.kind == "rejected":
-            m.rejected.labels(reason=event.reason or "unknown").inc()
-            if event.acquisition is not None:
-                self._progress(event.acquisition).rejected += 1
-                self.publisher.on_listener_event(event)
-                m.results_published.labels(status="rejected").inc()
-        elif event.kind == "dropped":
-            m.dropped.labels(reason=event.reason or "live_overflow").inc()
-            if event.acquisition is not None:
-                prog = self._progress(event.acquisition)
-                prog.dropped += 1
-                self._maybe_finish(prog)
-        elif event.kind == "started" and event.acquisition is not None:
-            self._progress(event.acquisition)
-        elif event.kind == "ended" and event.acquisition is not None:
-            prog = self._progress(event.acquisition)
-            prog.ended = True
-            prog.ended_at = time.time()
-            if event.control is not None:
-                prog.frames_declared = getattr(event.control, "frames", None)
-            self._maybe_finish(prog)
-        m.queue_depth.set(self.listener.queue_depth)
-        m.acquisitions_active.set(sum(1 for p in self.acquisitions.values() if not p.closed))
-
-    def _maybe_finish(self, prog: AcquisitionProgress) -> None:
-        if prog.ended and not prog.closed and prog.pending == 0:
-            prog.closed = True
-            task = asyncio.get_running_loop().create_task(self._finish(prog))
-            self._finishers.add(task)
-            task.add_done_callback(self._finishers.discard)
-
-    async def _finish(self, prog: AcquisitionProgress) -> None:
-        summary = AcquisitionSummary(
-            acquisition=prog.acquisition,
-            frames_declared=prog.frames_declared,
-            frames_received=prog.accepted,
-            frames_ok=prog.ok,
-            frames_failed=prog.failed,
-            frames_rejected=prog.rejected,
-            frames_dropped=prog.dropped,
-            n_cells_total=prog.cells,
-            started_at=prog.started_at,
-            ended_at=prog.ended_at,
-        )
-        if prog.acquisition in self._specs:
-            try:
-                await asyncio.to_thread(
-                    self.sink.close_acquisition, prog.acquisition, summary.model_dump(mode="json")
-                )
-            except Exception:
-                log.exception("closing acquisition %s in the sink failed", prog.acquisition)
-        self.publisher.publish_summary(summary)
-        self.metrics.acquisitions_active.set(sum(1 for p in self.acquisitions.values() if not p.closed))
-        log.info("acquisition %s complete: %s", prog.acquisition, prog.as_dict())
-
-    # -- frames ------------------------------------------------------------------------------------
+    # -- events --------------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
         while True:
             try:
-                frame = await self.listener.get()
+                event = await self.source.get()
             except ListenerClosedError:
                 return
-            self._in_flight += 1
-            self.metrics.in_flight.set(self._in_flight)
-            self.metrics.queue_depth.set(self.listener.queue_depth)
+            if isinstance(event, Frame):
+                await self._on_frame(event)
+            else:
+                self._on_notice(event)
+            self.metrics.queue_depth.set(self.source.queue_depth)
+
+    def _on_notice(self, event: SourceEvent) -> None:
+        """Book a notice; runs without awaiting, so notices take effect in arrival order."""
+        m = self.metrics
+        if isinstance(event, Rejected):
+            m.received.inc()
+            m.rejected.labels(reason=event.reason).inc()
+            log.warning("rejected message (%s): %s", event.reason, event.detail)
+            if event.acquisition is not None:
+                self.ledger[event.acquisition].rejected += 1
+                self._publish(
+                    FrameOutcome(
+                        event.acquisition, event.index, "rejected", reason=event.reason, detail=event.detail
+                    )
+                )
+        elif isinstance(event, Dropped):
+            m.dropped.labels(reason=event.reason).inc(event.count)
+            entry = self.ledger[event.acquisition]
+            entry.received += event.count
+            entry.dropped += event.count
+            self._maybe_finish(entry)
+        elif isinstance(event, Started):
+            entry = self.ledger[event.acquisition]
+            if entry.closed:  # a new start re-opens a finished acquisition with fresh counts
+                entry = self.ledger.reopen(event.acquisition)
+                self._specs.pop(event.acquisition, None)
+            entry.declaration = event.message
+            log.info("acquisition %s started (sizes %s)", event.acquisition, event.message.sizes.model_dump())
+        elif isinstance(event, Ended):
+            entry = self.ledger[event.acquisition]
+            entry.ended, entry.ended_at = True, time.time()
+            entry.frames_declared = event.message.frames
+            log.info("acquisition %s ended (%d frames received)", event.acquisition, entry.received)
+            self._maybe_finish(entry)
+        m.acquisitions_active.set(self.ledger.active)
+
+    async def _on_frame(self, frame: Frame) -> None:
+        m = self.metrics
+        m.received.inc()
+        m.accepted.inc()
+        m.bytes_received.inc(frame.nbytes)
+        entry = self.ledger[frame.acquisition]
+        entry.received += 1
+        m.acquisitions_active.set(self.ledger.active)
+        self._in_flight += 1
+        m.in_flight.set(self._in_flight)
+        try:
+            await self._process(frame, entry)
+        except Exception:  # last line of defence: account for the frame, keep serving
+            log.exception("unexpected error processing %r", frame)
+            self._fail(frame, entry, "internal_error", "unexpected pipeline error", {})
+        finally:
+            self._in_flight -= 1
+            m.in_flight.set(self._in_flight)
+            self._maybe_finish(entry)
+
+    def _maybe_finish(self, entry: AcquisitionLedger) -> None:
+        if entry.complete and not entry.closed:
+            entry.closed = True
+            task = asyncio.get_running_loop().create_task(self._finish(entry))
+            self._finishers.add(task)
+            task.add_done_callback(self._finishers.discard)
+
+    async def _finish(self, entry: AcquisitionLedger) -> None:
+        summary = entry.summary()
+        if entry.acquisition in self._specs:
             try:
-                await self._process(frame)
-            except Exception:  # last line of defence: account for the frame, keep serving
-                log.exception("unexpected error processing %r", frame)
-                self._record_failure(frame, "internal_error", "unexpected pipeline error", {})
-            finally:
-                self._in_flight -= 1
-                self.metrics.in_flight.set(self._in_flight)
-                self._maybe_finish(self._progress(frame.acquisition))
+                await asyncio.to_thread(
+                    self.labels.close_acquisition, entry.acquisition, summary.model_dump(mode="json")
+                )
+            except Exception:
+                log.exception("closing acquisition %s in the label sink failed", entry.acquisition)
+        self.results.publish_summary(summary)
+        self.metrics.acquisitions_active.set(self.ledger.active)
+        log.info("acquisition %s complete: %s", entry.acquisition, entry.as_dict())
+
+    # -- frames --------------------------------------------------------------------------------------
 
     def _spec_for(self, frame: Frame) -> AcquisitionSpec:
-        """The store layout of a frame's acquisition: declared sizes, else the first frame's extent.
+        """The store layout of a frame's acquisition: its declaration, else the first frame's extent.
 
         ``t`` may stay open-ended (the store grows along it). ``p`` and ``z`` are fixed when the store is
         created: undeclared (or null) they hold the first frame's index, and later frames beyond them fail
         with ``write_error`` (declare ``sizes`` in ``start`` for multi-position or z-stack acquisitions).
         """
-        state = self.listener.acquisitions.get(frame.acquisition)
-        start = state.start if state is not None else None
+        start = frame.declaration
         declared = start.sizes if start is not None else None
         index = frame.index
         metadata = dict(start.metadata) if start is not None else {}
@@ -351,16 +239,17 @@ class StreamPipeline:
             spec = self._specs.get(frame.acquisition)
             if spec is None:
                 spec = self._spec_for(frame)
-                await asyncio.to_thread(self.sink.open_acquisition, spec)
+                await asyncio.to_thread(self.labels.open_acquisition, spec)
                 self._specs[frame.acquisition] = spec
         return spec
 
     async def _segment_with_retries(self, frame: Frame) -> DecodedFrame:
         attempts = self.config.retries.max_attempts
         delay = self.config.retries.backoff_s
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             try:
-                return await self.segmenter.segment(np.asarray(frame.data), {})
+                return await self.segmenter.segment(np.asarray(frame.data))
             except Exception as exc:
                 if not self.segmenter.is_retryable(exc) or attempt == attempts:
                     raise
@@ -369,9 +258,9 @@ class StreamPipeline:
                 log.warning("frame %r: replica failure (%s), retry %d/%d", frame, exc, attempt, attempts)
                 await asyncio.sleep(delay)
                 delay *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
 
-    async def _process(self, frame: Frame) -> None:
+    async def _process(self, frame: Frame, entry: AcquisitionLedger) -> None:
         m = self.metrics
         latency: dict[str, float] = {}
         started = time.monotonic()
@@ -379,14 +268,14 @@ class StreamPipeline:
         try:
             spec = await self._ensure_open(frame)
         except Exception as exc:
-            self._record_failure(frame, "sink_error", str(exc), latency)
+            self._fail(frame, entry, "sink_error", str(exc), latency)
             return
         t_model = time.monotonic()
         try:
             decoded = await self._segment_with_retries(frame)
         except Exception as exc:
             reason = "replica_failure" if self.segmenter.is_retryable(exc) else "model_error"
-            self._record_failure(frame, reason, f"{type(exc).__name__}: {exc}", latency)
+            self._fail(frame, entry, reason, f"{type(exc).__name__}: {exc}", latency)
             return
         seg = decoded.segmentation
         latency["encode"] = decoded.encode_seconds
@@ -399,72 +288,69 @@ class StreamPipeline:
         m.segmented.inc()
         m.encoder_batch_size.observe(decoded.batch_size)
         m.cells_per_frame.observe(seg.n_cells)
+        entry.segmented += 1
+        cells = seg.cells.with_pixel_size(spec.pixel_size_um)
         after_write = self.config.results.after_write
-        result = None
         if not after_write:
             # Feedback first: the microscope gets the result now; the labels are stored right after.
-            result = self._publish_ok(frame, seg, latency)
+            self._publish_ok(frame, seg.labels, cells, latency)
         t0 = time.monotonic()
         try:
             image = frame.data if spec.write_image else None
             if image is not None and image.ndim == 3:
                 image = np.moveaxis(image, -1, 0)
-            await asyncio.to_thread(
-                self.sink.write, frame.id, seg.labels, image=image, cells=cell_table_from(seg)
-            )
+            await asyncio.to_thread(self.labels.write, frame.id, seg.labels, image=image, cells=cells)
         except Exception as exc:
             # With feedback first, this frame's `ok` result is followed by this `failed` one.
-            self._record_failure(frame, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
+            self._fail(frame, entry, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
             return
         m.stage_seconds.labels(stage="write").observe(time.monotonic() - t0)
         m.written.inc()
-        if result is None:
+        if after_write:
             latency["write"] = time.monotonic() - t0
-            result = self._publish_ok(frame, seg, latency)
-        prog = self._progress(frame.acquisition)
-        prog.ok += 1
-        prog.cells += seg.n_cells
-        if self.on_result is not None:
-            self.on_result(result)
+            self._publish_ok(frame, seg.labels, cells, latency)
+        entry.ok += 1
+        entry.cells += seg.n_cells
 
-    def _publish_ok(self, frame: Frame, seg: Any, latency: dict[str, float]) -> FrameResult:
+    def _publish_ok(
+        self, frame: Frame, labels: np.ndarray, cells: CellTable, latency: dict[str, float]
+    ) -> None:
         m = self.metrics
         latency["end_to_end"] = time.monotonic() - frame.received_at
         # The write stage is observed where it happens (after this, in feedback-first mode).
         m.observe_stages((stage, t) for stage, t in latency.items() if stage != "write")
         m.end_to_end_seconds.observe(latency["end_to_end"])
-        result = FrameResult(
-            acquisition=frame.acquisition,
-            index=frame.index,
-            status="ok",
-            n_cells=seg.n_cells,
-            boxes=[tuple(map(float, b)) for b in seg.boxes],
-            centroids=[tuple(map(float, c)) for c in seg.centroids],
-            areas=[int(a) for a in seg.areas],
-            scores=[float(s) for s in seg.scores],
-            latency=dict(latency),
-            model=self.model_name,
+        self._publish(
+            FrameOutcome(
+                frame.acquisition,
+                frame.index,
+                "ok",
+                labels=labels,
+                cells=cells,
+                latency=dict(latency),
+                model=self.model_name,
+            )
         )
-        self.publisher.publish_frame(result, labels=seg.labels)
-        m.results_published.labels(status="ok").inc()
-        return result
 
-    def _record_failure(self, frame: Frame, reason: str, detail: str, latency: dict[str, float]) -> None:
+    def _fail(
+        self, frame: Frame, entry: AcquisitionLedger, reason: str, detail: str, latency: dict[str, float]
+    ) -> None:
         log.warning("frame %r failed (%s): %s", frame, reason, detail)
         self.metrics.failed.labels(reason=reason).inc()
-        prog = self._progress(frame.acquisition)
-        prog.failed += 1
-        prog.failures[reason] = prog.failures.get(reason, 0) + 1
-        result = FrameResult(
-            acquisition=frame.acquisition,
-            index=frame.index,
-            status="failed",
-            reason=reason,
-            detail=detail[:500],
-            latency=latency,
-            model=self.model_name,
+        entry.failed += 1
+        entry.failures[reason] += 1
+        self._publish(
+            FrameOutcome(
+                frame.acquisition,
+                frame.index,
+                "failed",
+                reason=reason,
+                detail=detail,
+                latency=latency,
+                model=self.model_name,
+            )
         )
-        self.publisher.publish_frame(result)
-        self.metrics.results_published.labels(status="failed").inc()
-        if self.on_result is not None:
-            self.on_result(result)
+
+    def _publish(self, outcome: FrameOutcome) -> None:
+        self.results.publish(outcome)
+        self.metrics.results_published.labels(status=outcome.status).inc()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
+
+from acquisition.errors import ListenerClosedError
+from acquisition.frames import Frame
+from acquisition.protocol import EndMessage, StartMessage
+from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -40,3 +46,91 @@ def dead_endpoint() -> Iterator[str]:
         yield f"tcp://127.0.0.1:{holder.getsockname()[1]}"
     finally:
         holder.close()
+
+
+# -- reading a FrameSource ---------------------------------------------------------------------------
+
+
+async def next_frame(source: FrameSource) -> Frame:
+    """The next frame from ``source``, skipping notices."""
+    while True:
+        event = await source.get()
+        if isinstance(event, Frame):
+            return event
+
+
+async def next_frames(source: FrameSource, n: int) -> list[Frame]:
+    """The next ``n`` frames from ``source``, skipping notices."""
+    return [await next_frame(source) for _ in range(n)]
+
+
+async def events_until_end(source: FrameSource, acquisition: str) -> list[SourceEvent]:
+    """Every event (frames and notices of any acquisition) up to and including ``acquisition``'s
+    :class:`Ended`."""
+    events: list[SourceEvent] = []
+    while True:
+        event = await source.get()
+        events.append(event)
+        if isinstance(event, Ended) and event.acquisition == acquisition:
+            return events
+
+
+async def drain(source: FrameSource) -> list[SourceEvent]:
+    """Every event left in a stopped source (``get`` until it raises ``ListenerClosedError``)."""
+    events: list[SourceEvent] = []
+    while True:
+        try:
+            events.append(await source.get())
+        except ListenerClosedError:
+            return events
+
+
+def frames_in(events: Iterable[SourceEvent]) -> list[Frame]:
+    """The frames among ``events``, in order."""
+    return [e for e in events if isinstance(e, Frame)]
+
+
+@dataclass
+class Books:
+    """What a consumer knows of one acquisition from the events it received (the listener used to keep
+    these itself).
+
+    Counts restart when a ``start`` (re-)opens the acquisition, as a consumer's ledger does.
+    """
+
+    start: StartMessage | None = None
+    end: EndMessage | None = None
+    frames: list[Frame] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    dropped: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.end is not None
+
+    @property
+    def frames_declared(self) -> int | None:
+        """``frames`` of the ``end`` message."""
+        return None if self.end is None else self.end.frames
+
+
+def books(events: Iterable[SourceEvent]) -> dict[str, Books]:
+    """Per-acquisition :class:`Books` kept from ``events`` (rejections without an id are left out)."""
+    out: dict[str, Books] = {}
+    for event in events:
+        acquisition = event.acquisition
+        if acquisition is None:
+            continue
+        if isinstance(event, Started):
+            out[acquisition] = Books(start=event.message)
+            continue
+        entry = out.setdefault(acquisition, Books())
+        if isinstance(event, Ended):
+            entry.end = event.message
+        elif isinstance(event, Frame):
+            entry.frames.append(event)
+        elif isinstance(event, Rejected):
+            entry.rejected.append(event)
+        elif isinstance(event, Dropped):
+            entry.dropped += event.count
+    return out

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 from skimage.draw import disk
 
-from acquisition.cell_table import CellTable
-from acquisition.sink import AcquisitionSpec, FrameId
+from acquisition.frames import FrameId
+from acquisition.spec import AcquisitionSpec
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.cells import CellTable
 
 SHAPE = (64, 64)
 
@@ -39,11 +40,24 @@ def frame_image(p: int, t: int, z: int, channels: int, shape: tuple[int, int] = 
     return image
 
 
-def frame_cells(p: int, t: int, z: int, shape: tuple[int, int] = SHAPE) -> CellTable:
-    """The cell table of `frame_labels` with scores derived from the index."""
-    table = CellTable.from_labels(frame_labels(p, t, z, shape))
-    scores = (np.arange(len(table)) + 1) / (len(table) + 1) * (0.5 + (t % 3) / 6)
-    return CellTable(label=table.label, box=table.box, centroid=table.centroid, area=table.area, score=scores)
+def frame_cells(
+    p: int, t: int, z: int, shape: tuple[int, int] = SHAPE, pixel_size_um: float | None = None
+) -> CellTable:
+    """The cell table of `frame_labels`, with prompt boxes and scores derived from the index.
+
+    Each cell's prompt box is its bounding box moved by fractions of a pixel, ``(y0, x0, y1, x1)``; the
+    last cell of a frame with several has none (NaN), like a cell merged from tiles.
+    """
+    labels = frame_labels(p, t, z, shape)
+    bbox = CellTable.from_labels(labels).bbox.astype(np.float64)
+    n = len(bbox)
+    prompt_boxes = bbox + np.array([-0.5, -1.25, 0.75, 1.5]) * (1 + z)
+    if n > 1:
+        prompt_boxes[-1] = np.nan
+    scores = (np.arange(n) + 1) / (n + 1) * (0.5 + (t % 3) / 6)
+    return CellTable.from_labels(
+        labels, prompt_boxes=prompt_boxes, scores=scores, pixel_size_um=pixel_size_um
+    )
 
 
 def write_frame(sink: ZarrLabelSink, spec: AcquisitionSpec, p: int, t: int, z: int) -> None:
@@ -51,7 +65,7 @@ def write_frame(sink: ZarrLabelSink, spec: AcquisitionSpec, p: int, t: int, z: i
         FrameId(spec.acquisition, p, t, z),
         frame_labels(p, t, z, spec.frame_shape),
         frame_image(p, t, z, spec.sizes.c, spec.frame_shape),
-        frame_cells(p, t, z, spec.frame_shape),
+        frame_cells(p, t, z, spec.frame_shape, spec.pixel_size_um),
     )
 
 

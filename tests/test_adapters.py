@@ -12,15 +12,10 @@ import pytest
 from acquisition.adapters import PycromanagerForwarder, PymmcorePlusForwarder, json_safe
 from acquisition.client import FrameSender
 from acquisition.errors import AcquisitionError, SendTimeoutError
-from acquisition.frames import Frame
 from acquisition.listener import FrameListener
-from tests.acq_util import ANY_PORT, dead_endpoint, run
+from tests.acq_util import ANY_PORT, books, dead_endpoint, events_until_end, next_frames, run
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def collect(listener: FrameListener, n: int) -> list[Frame]:
-    return [await listener.get() for _ in range(n)]
 
 
 # -- pymmcore-plus -------------------------------------------------------------------------------
@@ -75,18 +70,16 @@ def test_pymmcore_plus_mda_is_forwarded() -> None:
                 forwarder = PymmcorePlusForwarder(sender, acquisition="mm1").connect(core.mda)
                 await asyncio.to_thread(core.mda.run, sequence)
                 forwarder.disconnect()
-            frames = await collect(listener, 6)
-            while not listener.acquisitions["mm1"].ended:
-                await asyncio.sleep(0.005)
+            state = books(await events_until_end(listener, "mm1"))["mm1"]
+            frames = state.frames
             assert forwarder.frames_forwarded == 6 and forwarder.frames_skipped == 0
             assert [(f.index.t, f.index.p) for f in frames] == [(t, p) for t in range(3) for p in range(2)]
             assert [int(f.data[0, 0]) for f in frames] == list(range(6))
             assert frames[0].data.shape == (24, 32) and frames[0].data.dtype == np.uint16
             event = frames[3].header.metadata["mda_event"]
             assert event["index"] == {"t": 1, "p": 1}
-            state = listener.acquisitions["mm1"]
             assert state.start is not None and (state.start.sizes.t, state.start.sizes.p) == (3, 2)
-            assert state.frames_declared == 6
+            assert state.frames_declared == 6 and not state.rejected
 
     run(main())
 
@@ -102,7 +95,7 @@ def test_pymmcore_plus_handler_maps_event_axes() -> None:
             with FrameSender(endpoint=listener.endpoint) as sender:
                 handler = PymmcorePlusForwarder(sender, acquisition="direct")
                 handler(np.ones((8, 8), np.uint8), event, {"camera_device": "Cam", "exposure_ms": 20.0})
-            (frame,) = await collect(listener, 1)
+            (frame,) = await next_frames(listener, 1)
             assert (frame.index.t, frame.index.p, frame.index.z, frame.index.c) == (4, 2, 1, 1)
             meta = frame.header.metadata
             assert meta["extra_axes"] == {"g": 3}
@@ -154,16 +147,15 @@ def test_pycromanager_hook_forwards_and_returns_unchanged() -> None:
                     assert out_image is image and out_meta is metadata
                     assert out_meta == pycro_metadata(t, p, z, ch)
                 hook.finish()
-            frames = await collect(listener, len(calls))
-            while not listener.acquisitions["pycro"].ended:
-                await asyncio.sleep(0.005)
+            state = books(await events_until_end(listener, "pycro"))["pycro"]
+            frames = state.frames
             assert [(f.index.t, f.index.p, f.index.z, f.index.c) for f in frames] == [
                 (t, p, z, {"DAPI": 0, "FITC": 1}[ch]) for t, p, z, ch in calls
             ]
             assert [int(f.data[0, 0]) for f in frames] == list(range(len(calls)))
             assert frames[1].header.metadata["channel"] == "FITC"
             assert frames[1].header.metadata["pycromanager"]["Exposure-ms"] == 10.0
-            assert listener.acquisitions["pycro"].frames_declared == len(calls)
+            assert state.frames_declared == len(frames) == len(calls)
 
     run(main())
 

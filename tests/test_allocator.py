@@ -84,7 +84,7 @@ def test_the_listener_tunes_the_allocator_unless_told_not_to() -> None:
         from acquisition import allocator
         from acquisition.listener import FrameListener
         async def main(retain):
-            async with FrameListener(endpoint="tcp://127.0.0.1:*", max_in_flight=4, rcvhwm=2,
+            async with FrameListener(endpoint="tcp://127.0.0.1:*", max_queued=4, rcvhwm=2,
                                      max_frame_bytes=16 << 20, retain_buffers=retain):
                 t = allocator.applied_tuning()
                 return None if t is None else [t.mmap_threshold, t.trim_threshold]
@@ -108,26 +108,22 @@ def test_rejects_nonsense() -> None:
 
 
 @glibc
-def test_the_service_setting_reaches_the_listener() -> None:
+def test_the_service_settings_reach_the_listener() -> None:
+    # The ingress builds its frame source with serving.components.frame_listener(config).
     code = """
         import asyncio, json
         from acquisition import allocator
-        from acquisition.memory_sink import MemoryLabelSink
+        from serving.components import frame_listener
         from serving.config import ServiceConfig
-        from serving.pipeline import StreamPipeline
         async def main(retain):
             config = ServiceConfig.model_validate({{
-                "ingest": {{"endpoint": "tcp://127.0.0.1:*", "queue_size": 4, "rcvhwm": 2,
+                "ingest": {{"endpoint": "tcp://127.0.0.1:*", "max_queued": 4, "rcvhwm": 2,
                             "max_frame_bytes": 8 << 20, "retain_buffers": retain}},
-                "results": {{"endpoint": "tcp://127.0.0.1:*"}},
             }})
-            pipeline = StreamPipeline(config=config, segmenter=None, sink=MemoryLabelSink())
-            await pipeline.start()
-            try:
+            async with frame_listener(config) as listener:
+                assert (listener.max_queued, listener.max_frame_bytes) == (4, 8 << 20)
                 t = allocator.applied_tuning()
                 return None if t is None else t.mmap_threshold
-            finally:
-                await pipeline.stop()
         print(json.dumps(asyncio.run(main({retain}))))
         """
     assert _run(code.format(retain=False)) is None

@@ -14,24 +14,33 @@ import pytest
 import zmq
 
 from acquisition.client import FrameSender, ResultSubscriber
-from acquisition.errors import AcquisitionError, ProtocolError, SendTimeoutError
+from acquisition.errors import AcquisitionError, InvalidAcquisitionIdError, ProtocolError, SendTimeoutError
 from acquisition.listener import FrameListener
+from acquisition.outcome import FrameOutcome
 from acquisition.protocol import AcquisitionSummary, FrameResult, Index
 from acquisition.publisher import ResultPublisher
-from tests.acq_util import ANY_PORT, dead_endpoint, run
+from acquisition.source import Rejected
+from cellsam_core.cells import CellTable
+from tests.acq_util import ANY_PORT, books, dead_endpoint, events_until_end, next_frame, next_frames, run
 
 pytestmark = pytest.mark.timeout(60)
 
 
+def cell_table(n_cells: int) -> CellTable:
+    """``n_cells`` 2x2 cells side by side along x, with scores."""
+    labels = np.zeros((4, 3 * max(n_cells, 1)), np.uint32)
+    for i in range(n_cells):
+        labels[1:3, 3 * i : 3 * i + 2] = i + 1
+    return CellTable.from_labels(labels, scores=np.full(n_cells, 0.9))
+
+
 def result(acq: str, t: int, n_cells: int = 2) -> FrameResult:
+    table = cell_table(n_cells)
     return FrameResult(
         acquisition=acq,
         index=Index(t=t),
-        n_cells=n_cells,
-        boxes=[(0.0, 0.0, 2.0, 2.0)] * n_cells,
-        centroids=[(1.0, 1.0)] * n_cells,
-        areas=[4] * n_cells,
-        scores=[0.9] * n_cells,
+        n_cells=len(table),
+        cells=FrameResult.cell_columns(table),
         latency={"encode": 0.01, "decode": 0.002},
         model="tiny",
     )
@@ -59,13 +68,14 @@ def test_sender_roundtrip_with_control_messages() -> None:
                     # leaving the block sends `end` with frames=3
 
             await asyncio.to_thread(acquire)
-            frames = [await listener.get() for _ in range(3)]
-            while not listener.acquisitions["exp7"].ended:
-                await asyncio.sleep(0.005)
-            state = listener.acquisitions["exp7"]
-            assert state.start is not None and state.start.settings == {"model": "tiny"}
-            assert state.start.sizes.t == 3 and state.frames_declared == 3
+            events = await events_until_end(listener, "exp7")
+            entry = books(events)["exp7"]
+            assert entry.start is not None and entry.start.settings == {"model": "tiny"}
+            assert entry.start.metadata == {"pixel_size_um": 0.65}
+            assert entry.start.sizes.t == 3 and entry.frames_declared == 3
+            frames = entry.frames
             assert [f.index.t for f in frames] == [0, 1, 2]
+            assert all(f.declaration == entry.start for f in frames)
             assert frames[1].header.metadata == {"stage": [1, 2], "exposure_ms": 20}
             assert frames[1].header.timestamp is not None
             assert frames[2].channels.whole_cell == 1
@@ -80,7 +90,7 @@ def test_sender_converts_big_endian_arrays() -> None:
             image = np.arange(12, dtype=">i4").reshape(3, 4)
             with FrameSender(endpoint=listener.endpoint, acquisition="be") as tx:
                 tx.send(image)
-            frame = await listener.get()
+            frame = await next_frame(listener)
             np.testing.assert_array_equal(frame.data, image)
 
     run(main())
@@ -112,8 +122,9 @@ def test_sender_validates_locally() -> None:
         with pytest.raises(ProtocolError) as info:
             tx.send(np.zeros((4,), np.uint8), acquisition="x")
         assert info.value.reason == "bad_shape"
-        with pytest.raises(ProtocolError):
+        with pytest.raises(InvalidAcquisitionIdError) as bad_id:
             tx.send(np.zeros((4, 4), np.uint8), acquisition="../x")
+        assert bad_id.value.reason == "bad_acquisition_id" and isinstance(bad_id.value, ProtocolError)
 
 
 def test_context_manager_leaves_acquisition_open_after_an_error() -> None:
@@ -126,7 +137,7 @@ def test_context_manager_leaves_acquisition_open_after_an_error() -> None:
                 tx.start()
                 tx.send(np.zeros((4, 4), np.uint8))
                 raise RuntimeError("microscope fault")
-            await listener.get()
+            await next_frames(listener, 1)
             await asyncio.sleep(0.05)
             assert listener.stats.started == 1 and listener.stats.ended == 0
 
@@ -150,8 +161,8 @@ def test_topics_filter_by_exact_acquisition(publisher: ResultPublisher) -> None:
     ):
         for sub in (sub4, sub42, sub_all):
             sub.wait_ready(timeout=10)
-        publisher.publish_frame(result("exp42", 0))
-        publisher.publish_frame(result("exp4", 1, n_cells=3))
+        publisher.publish_result(result("exp42", 0))
+        publisher.publish_result(result("exp4", 1, n_cells=3))
         publisher.publish_summary(AcquisitionSummary(acquisition="exp4", frames_received=1, frames_ok=1))
 
         got4 = [sub4.recv(timeout=10), sub4.recv(timeout=10)]
@@ -178,7 +189,7 @@ def test_labels_only_for_subscribers_that_ask(publisher: ResultPublisher) -> Non
     ):
         with_labels.wait_ready(timeout=10)
         without.wait_ready(timeout=10)
-        publisher.publish_frame(result("lab", 0), labels=labels)
+        publisher.publish_result(result("lab", 0), labels=labels)
         got = with_labels.recv(timeout=10)
         assert got.topic == "l/lab"
         assert got.labels is not None and got.labels.dtype == np.uint32
@@ -196,8 +207,8 @@ def test_async_receive(publisher: ResultPublisher) -> None:
         sub.wait_ready(timeout=10)
 
         async def main() -> list[int]:
-            publisher.publish_frame(result("aio", 0))
-            publisher.publish_frame(result("aio", 1))
+            publisher.publish_result(result("aio", 0))
+            publisher.publish_result(result("aio", 1))
             out = []
             async for message in sub:
                 assert isinstance(message.payload, FrameResult) and message.payload.index is not None
@@ -212,11 +223,12 @@ def test_async_receive(publisher: ResultPublisher) -> None:
 
 
 def test_rejections_from_the_listener_are_published(publisher: ResultPublisher) -> None:
+    # The consumer turns each Rejected notice that names an acquisition into a rejected outcome.
     with ResultSubscriber(endpoint=publisher.endpoint) as sub:
         sub.wait_ready(timeout=10)
 
         async def main() -> None:
-            async with FrameListener(endpoint=ANY_PORT, on_event=publisher.on_listener_event) as listener:
+            async with FrameListener(endpoint=ANY_PORT) as listener:
                 push: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PUSH)
                 push.connect(listener.endpoint)
                 header = b'{"type":"frame","v":1,"acquisition":"rej","index":{"t":4},'
@@ -224,8 +236,20 @@ def test_rejections_from_the_listener_are_published(publisher: ResultPublisher) 
                 push.send_multipart([b"garbage", b""])  # no id: counted, not published
                 push.send_multipart([header, b"abc"])  # size_mismatch for a known id: published
                 push.close(linger=1000)
-                while sum(listener.stats.rejected.values()) < 2:
-                    await asyncio.sleep(0.005)
+                for _ in range(2):
+                    event = await listener.get()
+                    assert isinstance(event, Rejected)
+                    if event.acquisition is not None:
+                        publisher.publish(
+                            FrameOutcome(
+                                event.acquisition,
+                                event.index,
+                                "rejected",
+                                reason=event.reason,
+                                detail=event.detail,
+                            )
+                        )
+                assert sum(listener.stats.rejected.values()) == 2
 
         run(main())
         message = sub.recv(timeout=10)
@@ -233,6 +257,7 @@ def test_rejections_from_the_listener_are_published(publisher: ResultPublisher) 
         assert isinstance(payload, FrameResult)
         assert (payload.acquisition, payload.status, payload.reason) == ("rej", "rejected", "size_mismatch")
         assert payload.index is not None and payload.index.t == 4
+        assert payload.detail and "3 bytes" in payload.detail
         with pytest.raises(TimeoutError):
             sub.recv(timeout=0.2)
 
@@ -246,8 +271,14 @@ def test_wait_ready_times_out_without_publisher() -> None:
         sub.wait_ready(timeout=0.2)
 
 
-def test_publish_frame_validates_labels(publisher: ResultPublisher) -> None:
+def test_publish_validates_labels_and_outcomes_in_the_caller(publisher: ResultPublisher) -> None:
     with pytest.raises(ValueError, match="labels"):
-        publisher.publish_frame(result("x", 0), labels=np.zeros((2, 2, 2), np.uint32))
+        publisher.publish_result(result("x", 0), labels=np.zeros((2, 2, 2), np.uint32))
+    with pytest.raises(ValueError, match="labels"):
+        publisher.publish_result(result("x", 0), labels=np.zeros((2, 2), np.float32))
+    bad = np.zeros((2, 2, 2), np.uint32)
+    with pytest.raises(ValueError, match="labels"):
+        publisher.publish(FrameOutcome("x", Index(), "ok", labels=bad, cells=CellTable.empty()))
     with pytest.raises(ValueError):
-        publisher.publish_frame({"acquisition": "x", "status": "maybe"})
+        publisher.publish(FrameOutcome("x", None, "maybe"))  # type: ignore[arg-type]
+    assert publisher.published == 0

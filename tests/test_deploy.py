@@ -138,7 +138,7 @@ def test_gpu_serve_config_places_work_on_gpus_and_the_ingress_on_the_head() -> N
     assert deps["Encoder"]["ray_actor_options"]["num_gpus"] < 1, "fractional GPUs: replicas share a GPU"
     # The Ingress caps the frames in flight, so it caps what the encoder autoscaler can ever see.
     scaling = deps["Encoder"]["autoscaling_config"]
-    assert config.ingest.max_in_flight >= scaling["max_replicas"] * scaling["target_ongoing_requests"]
+    assert config.ingest.max_concurrent >= scaling["max_replicas"] * scaling["target_ongoing_requests"]
     # Reachable from the microscope and from Prometheus.
     assert config.ingest.endpoint == "tcp://0.0.0.0:5555"
     assert config.results.endpoint == "tcp://0.0.0.0:5556"

@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from cellsam_core.cells import CellTable
+from cellsam_core.checkpoint import load_bundled_model
 from cellsam_core.errors import ImageFormatError
 from cellsam_core.inference import (
     DecodeOptions,
     EncodeOptions,
     ImageEmbedding,
+    Segmentation,
+    _cells_of_input,
     decode,
     encode,
     encode_batch,
     segment,
 )
 from cellsam_core.modeling.cellfinder import postprocess_detections
+from cellsam_core.modeling.cellsam import CellSAM
 from cellsam_core.postprocess import dynamic_box_threshold, fill_holes_and_remove_small
 from cellsam_core.registry import build_model
 from cellsam_core.synthetic import synthetic_frame
@@ -68,7 +73,7 @@ def test_segment_is_decode_of_encode(image, smoke_model):
     direct = segment(image, smoke_model)
     split = decode(encode(image, smoke_model), smoke_model)
     np.testing.assert_array_equal(direct.labels, split.labels)
-    np.testing.assert_array_equal(direct.scores, split.scores)
+    assert direct.cells.equals(split.cells)
     assert direct.labels.dtype == np.uint32 and direct.labels.shape == image.shape
     assert direct.n_cells >= 1
 
@@ -150,7 +155,7 @@ def test_no_detection_gives_empty_labels_not_a_crash(blank):
     result = segment(frame, model)
     assert result.labels.shape == (96, 80) and result.labels.dtype == np.uint32
     assert result.n_cells == 0 and int(result.labels.max()) == 0
-    assert result.boxes.shape == (0, 4) and result.scores.shape == (0,)
+    assert result.cells.prompt_box.shape == (0, 4) and result.cells.score.shape == (0,)
 
 
 def test_tiled_path_covers_the_frame_and_equals_split(smoke_model):
@@ -161,7 +166,7 @@ def test_tiled_path_covers_the_frame_and_equals_split(smoke_model):
     tiled = decode(emb, smoke_model)
     assert tiled.labels.shape == frame.shape
     np.testing.assert_array_equal(segment(frame, smoke_model, encode_options=opts).labels, tiled.labels)
-    assert tiled.boxes.shape == (tiled.n_cells, 4) and tiled.scores.shape == (tiled.n_cells,)
+    assert tiled.cells.equals(CellTable.from_labels(tiled.labels, **_prompts(tiled)))
 
 
 def test_auto_tiling_threshold(smoke_model):
@@ -186,10 +191,82 @@ def test_adv_mode_off_uses_the_first_sam_copy(image):
     assert result.labels.shape == image.shape
 
 
+def _prompts(seg: Segmentation) -> dict[str, np.ndarray]:
+    return {"prompt_boxes": seg.cells.prompt_box, "scores": seg.cells.score}
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two ``(y0, x0, y1, x1)`` boxes (max exclusive) share area."""
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+
+
 def test_cell_table_matches_labels(image, smoke_model):
     result = segment(image, smoke_model)
-    for i in range(result.n_cells):
-        mask = result.labels == i + 1
-        assert result.areas[i] == mask.sum()
+    assert result.n_cells == len(result.cells) >= 1
+    for row, label in enumerate(result.cells.label):
+        mask = result.labels == label
+        assert result.cells.area[row] == mask.sum()
         ys, xs = np.nonzero(mask)
-        np.testing.assert_allclose(result.centroids[i], (ys.mean(), xs.mean()))
+        np.testing.assert_allclose(result.cells.centroid[row], (ys.mean(), xs.mean()))
+        np.testing.assert_array_equal(
+            result.cells.bbox[row], (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+        )
+    assert set(np.unique(result.labels[result.labels > 0])) == set(result.cells.label)
+
+
+def test_single_input_prompt_boxes_follow_the_labels_present():
+    # Composed masks: 1 = a blob inside the hole of ring 2, 3 = a separate square, 4 = too small.
+    composed = np.zeros((40, 60), dtype=np.int32)
+    composed[2:20, 2:20] = 2
+    composed[5:17, 5:17] = 0
+    composed[8:14, 8:14] = 1
+    composed[25:35, 40:55] = 3
+    composed[0:2, 50:52] = 4
+    # XYXY in a 100-pixel model input; the frame is 40 x 60, so y scales by 0.4 and x by 0.6.
+    boxes = np.array([[10, 20, 30, 40], [0, 0, 50, 50], [60, 50, 100, 100], [80, 0, 90, 5]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    labels, cells = _cells_of_input(composed, boxes, scores, input_size=100, min_size=5)
+    # Label 1 (the blob, relabelled first) is covered when ring 2 fills its hole: labels 2 and 3 remain.
+    np.testing.assert_array_equal(cells.label, [2, 3])
+    np.testing.assert_allclose(cells.score, [0.8, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(cells.prompt_box, [[0, 0, 20, 30], [20, 36, 40, 60]])
+    assert cells.equals(
+        CellTable.from_labels(labels, **{"prompt_boxes": cells.prompt_box, "scores": cells.score})
+    )
+
+
+@pytest.fixture(scope="module")
+def nano() -> CellSAM:
+    return load_bundled_model()
+
+
+def test_segment_table_is_measured_on_its_labels(nano):
+    frame = synthetic_frame((256, 256), seed=21, modality="nuclear", n_cells=30)[0]
+    seg = segment(frame, nano)
+    assert seg.n_cells >= 10
+    measured = CellTable.from_labels(seg.labels).columns()
+    got = seg.cells.columns()
+    for name in ("label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"):
+        np.testing.assert_array_equal(got[name], measured[name], err_msg=name)
+    assert np.isfinite(seg.cells.prompt_box).all()
+    assert ((seg.cells.score > 0) & (seg.cells.score <= 1)).all()
+    split = decode(encode(frame, nano), nano)
+    np.testing.assert_array_equal(seg.labels, split.labels)
+    assert seg.cells.equals(split.cells)
+
+
+def test_tiled_prompt_box_and_score_come_from_one_detection(nano):
+    frame = synthetic_frame((384, 448), seed=22, modality="nuclear", n_cells=60)[0]
+    opts = EncodeOptions(tile=True, block_size=200)
+    emb = encode(frame, nano, opts)
+    assert emb.plan is not None and emb.plan.n_tiles == 6
+    seg = decode(emb, nano)
+    cells = seg.cells
+    assert seg.n_cells >= 20
+    assert np.isfinite(cells.prompt_box).all()
+    assert ((cells.score > 0) & (cells.score <= 1)).all()
+    for row in range(len(cells)):
+        assert _overlaps(cells.prompt_box[row], cells.bbox[row]), (cells.label[row], cells.prompt_box[row])
+    split = segment(frame, nano, encode_options=opts)
+    np.testing.assert_array_equal(split.labels, seg.labels)
+    assert split.cells.equals(cells)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cellsam_core.configs import ModelConfig
 from cellsam_core.errors import CellSAMError, UnknownModelError
 from cellsam_core.modeling.cellsam import CellSAM
-from cellsam_core.registry import MODEL_CONFIGS, ModelConfig, build_model, model_registry
+from cellsam_core.registry import MODEL_CONFIGS, build_model, model_registry
 
 # Every tensor of the official CellSAM state dict (key, shape, dtype), in order.
 LAYOUT = Path(__file__).parent / "data" / "cellsam_vit_b.tsv"

@@ -1,7 +1,8 @@
 """StreamPipeline without Ray: accounting of every frame, retries, poison frames, write failures, shutdown.
 
-Real ZeroMQ sockets and a real in-process model; the segmenter seam is swapped for fakes only where a test
-needs a failure the real model cannot produce on demand (a dying replica).
+Most tests run the pipeline over in-memory implementations of all four seams (source, segmenter, label
+sink, result sink), so each guarantee is checked on its own; one runs it over real ZeroMQ sockets and the
+real model in this process.
 """
 
 from __future__ import annotations
@@ -11,136 +12,235 @@ from typing import Any
 
 import numpy as np
 import pytest
+from skimage.measure import label as connected_components
 
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.frames import FrameId
+from acquisition.listener import FrameListener
 from acquisition.memory_sink import MemoryLabelSink
-from acquisition.protocol import AcquisitionSummary
-from cellsam_core.inference import segment
+from acquisition.protocol import AcquisitionSummary, EndMessage, StartMessage
+from acquisition.publisher import ResultPublisher
+from acquisition.results import MemoryResultSink
+from acquisition.source import MemoryFrameSource
+from acquisition.wire import encode_control, encode_frame, frame_header
+from cellsam_core.cells import CellTable
+from cellsam_core.inference import Segmentation, segment
 from cellsam_core.synthetic import synthetic_frame
 from serving.config import ServiceConfig
-from serving.deployments import DecodedFrame
-from serving.pipeline import LocalSegmenter, RetryableError, StreamPipeline
+from serving.pipeline import StreamPipeline
+from serving.segmenter import DecodedFrame, LocalSegmenter, RetryableError
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def _config(**ingest: Any) -> ServiceConfig:
+def _config(*, after_write: bool = False, **ingest: Any) -> ServiceConfig:
     return ServiceConfig.model_validate(
         {
-            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 2, "queue_size": 4, **ingest},
-            "results": {"endpoint": "tcp://127.0.0.1:*"},
+            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 2, "max_queued": 4, **ingest},
+            "results": {"endpoint": "tcp://127.0.0.1:*", "after_write": after_write},
             "retries": {"max_attempts": 3, "backoff_s": 0.01},
         }
     )
 
 
-class FlakySegmenter(LocalSegmenter):
-    """The real model, behind a replica that dies on the first attempt of chosen frames."""
+class FakeSegmenter:
+    """A `Segmenter` without a model: cells are the connected components above the frame's mean.
 
-    def __init__(self, *, model: Any, die_on: set[int], raise_on: set[int]) -> None:
-        super().__init__(model=model)
-        self.die_on = set(die_on)
-        self.raise_on = raise_on
+    Frames whose pixel (0, 0) is in ``die_on`` fail once as a dead replica would; in ``raise_on``, always
+    as a frame the model cannot take. ``gate``, when set, holds every call until it is set.
+    """
+
+    def __init__(self, *, die_on: set[int] | None = None, raise_on: set[int] | None = None) -> None:
+        self.die_on = set(die_on or ())
+        self.raise_on = set(raise_on or ())
         self.calls = 0
+        self.gate: asyncio.Event | None = None
 
-    async def segment(self, image: np.ndarray, options: dict[str, Any]) -> DecodedFrame:
-        marker = int(image[0, 0])
+    @staticmethod
+    def cells_of(image: np.ndarray) -> Segmentation:
+        labels = connected_components(image > image.mean()).astype(np.uint32)
+        scores = np.linspace(0.5, 0.9, int(labels.max()))
+        return Segmentation(labels=labels, cells=CellTable.from_labels(labels, scores=scores), timings={})
+
+    async def segment(self, image: np.ndarray) -> DecodedFrame:
         self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        marker = int(image[0, 0])
         if marker in self.die_on:
             self.die_on.discard(marker)
             raise RetryableError("replica died")
         if marker in self.raise_on:
             raise ValueError("this frame makes the model raise")
-        return await super().segment(image, options)
+        await asyncio.sleep(0)
+        return DecodedFrame(self.cells_of(image), 0.001, 0.002, 1, 1024)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, RetryableError)
 
 
-def _frames(n: int) -> list[np.ndarray]:
+def _frames(n: int, shape: tuple[int, int] = (64, 80)) -> list[np.ndarray]:
     frames = []
     for t in range(n):
-        image = synthetic_frame((64, 80), seed=t, n_cells=5)[0]
-        image[0, 0] = t  # a marker the fake replica reads
+        image = synthetic_frame(shape, seed=t, n_cells=5)[0]
+        image[0, 0] = t  # a marker the fake segmenter reads
         frames.append(image)
     return frames
 
 
-async def _run(pipeline: StreamPipeline, frames: list[np.ndarray], acquisition: str) -> tuple[list, Any]:
-    await pipeline.start()
-    sub = ResultSubscriber(endpoint=pipeline.endpoints["results"], acquisitions=[acquisition])
-    await asyncio.to_thread(sub.wait_ready, 10)
-
-    def send() -> None:
-        with FrameSender(endpoint=pipeline.endpoints["ingest"], acquisition=acquisition) as tx:
-            tx.start(sizes={"t": len(frames)})
-            for t, frame in enumerate(frames):
-                tx.send(frame, t=t)
-
-    await asyncio.to_thread(send)
-    results = []
-    while True:
-        message = await asyncio.to_thread(sub.recv, 60)
-        if isinstance(message.payload, AcquisitionSummary):
-            summary = message.payload
-            break
-        results.append(message.payload)
-    sub.close()
-    await pipeline.stop()
-    return results, summary
+def _frame_parts(acquisition: str, image: np.ndarray, **index: int) -> list[Any]:
+    return encode_frame(frame_header(image.shape, image.dtype, acquisition=acquisition, index=index), image)
 
 
-def test_retries_poison_and_accounting(smoke_model):
-    frames = _frames(6)
-    sink = MemoryLabelSink()
-    segmenter = FlakySegmenter(model=smoke_model, die_on={1, 4}, raise_on={3})
-    pipeline = StreamPipeline(config=_config(), segmenter=segmenter, sink=sink)
-    results, summary = asyncio.run(_run(pipeline, frames, "flaky"))
-    assert summary.frames_received == 6 and summary.frames_ok == 5 and summary.frames_failed == 1
-    failed = [r for r in results if r.status == "failed"]
-    assert [(r.index.t, r.reason) for r in failed] == [(3, "model_error")]
-    for t, frame in enumerate(frames):
-        if t == 3:
-            assert not sink.is_done(FrameId("flaky", 0, t, 0))
-            continue
-        np.testing.assert_array_equal(
-            sink.read_labels(FrameId("flaky", 0, t, 0)), segment(frame, smoke_model).labels
+class Rig:
+    """A pipeline over in-memory seams, with helpers to feed it."""
+
+    def __init__(self, segmenter: Any = None, config: ServiceConfig | None = None, **source: Any) -> None:
+        self.config = config or _config()
+        self.source = MemoryFrameSource(max_queued=self.config.ingest.max_queued, **source)
+        self.segmenter = segmenter or FakeSegmenter()
+        self.labels = MemoryLabelSink()
+        self.results = MemoryResultSink()
+        self.pipeline = StreamPipeline(
+            source=self.source,
+            segmenter=self.segmenter,
+            labels=self.labels,
+            results=self.results,
+            config=self.config,
+            model_name="fake",
         )
-    metrics = pipeline.metrics
+
+    async def acquire(self, acquisition: str, frames: list[np.ndarray], **start: Any) -> None:
+        await self.source.push(encode_control(StartMessage(acquisition=acquisition, **start)))
+        for t, frame in enumerate(frames):
+            await self.source.push(_frame_parts(acquisition, frame, t=t))
+        await self.source.push(encode_control(EndMessage(acquisition=acquisition, frames=len(frames))))
+
+    async def summary(self, acquisition: str, timeout: float = 60) -> AcquisitionSummary:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for summary in self.results.summaries:
+                if summary.acquisition == acquisition:
+                    return summary
+            if loop.time() > deadline:
+                raise TimeoutError(f"no summary for {acquisition}")
+            await asyncio.sleep(0.005)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_one_cell_record_from_segmenter_to_store_and_results() -> None:
+    frames = _frames(4)
+    rig = Rig()
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.acquire("cells", frames, metadata={"pixel_size_um": 0.25})
+        summary = await rig.summary("cells")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    assert (summary.frames_received, summary.frames_ok, summary.frames_failed) == (4, 4, 0)
+    results = rig.results.for_acquisition("cells")
+    assert sorted(r.index.t for r in results if r.index is not None) == [0, 1, 2, 3]
+    for t, frame in enumerate(frames):
+        expected = FakeSegmenter.cells_of(frame)
+        frame_id = FrameId("cells", 0, t, 0)
+        np.testing.assert_array_equal(rig.labels.read_labels(frame_id), expected.labels)
+        stored = rig.labels.read_cells(frame_id)
+        assert stored.equals(expected.cells.with_pixel_size(0.25)) and len(stored) > 0
+        np.testing.assert_allclose(stored.area_um2, stored.area * 0.0625)
+        published = next(r for r in results if r.index is not None and r.index.t == t)
+        assert published.status == "ok" and published.model == "fake"
+        assert published.n_cells == len(stored)
+        assert published.centroids == [tuple(c) for c in stored.centroid]  # (y, x) on both sides
+        np.testing.assert_array_equal(published.cells["area_um2"], stored.area_um2)
+        np.testing.assert_array_equal(published.cells["bbox_x1"], stored.bbox[:, 3])
+        assert published.cell_table().with_pixel_size(0.25).equals(stored)
+    entry = rig.pipeline.ledger["cells"]
+    assert (entry.received, entry.segmented, entry.ok, entry.stored, entry.failed, entry.pending) == (
+        4,
+        4,
+        4,
+        4,
+        0,
+        0,
+    )
+    assert entry.closed and rig.labels.progress("cells").closed
+    assert rig.labels.progress("cells").summary == summary.model_dump(mode="json")
+    assert rig.results.closed
+
+
+def test_retries_poison_and_accounting_over_memory_seams() -> None:
+    rig = Rig(FakeSegmenter(die_on={1, 4}, raise_on={3}))
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.acquire("flaky", _frames(6))
+        summary = await rig.summary("flaky")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    assert summary.frames_received == 6 and summary.frames_ok == 5 and summary.frames_failed == 1
+    failed = [r for r in rig.results.results if r.status == "failed"]
+    assert [(r.index.t, r.reason) for r in failed if r.index] == [(3, "model_error")]
+    assert not rig.labels.is_done(FrameId("flaky", 0, 3, 0))
+    metrics = rig.pipeline.metrics
     assert metrics.retries.labels(deployment="model")._value.get() == 2
     assert metrics.failed.labels(reason="model_error")._value.get() == 1
     assert metrics.written._value.get() == 5
-    assert sink.progress("flaky").closed
+    assert rig.pipeline.ledger["flaky"].failures == {"model_error": 1}
 
 
-def test_replica_that_never_comes_back_fails_the_frame_after_bounded_attempts(smoke_model):
-    class Dead(LocalSegmenter):
-        async def segment(self, image, options):
+def test_replica_that_never_comes_back_fails_the_frame_after_bounded_attempts() -> None:
+    class Dead(FakeSegmenter):
+        async def segment(self, image: np.ndarray) -> DecodedFrame:
             raise RetryableError("no replica")
 
-    sink = MemoryLabelSink()
-    pipeline = StreamPipeline(config=_config(), segmenter=Dead(model=smoke_model), sink=sink)
-    results, summary = asyncio.run(_run(pipeline, _frames(2), "dead"))
+    rig = Rig(Dead())
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.acquire("dead", _frames(2))
+        summary = await rig.summary("dead")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
     assert summary.frames_failed == 2 and summary.frames_ok == 0
-    assert {r.reason for r in results} == {"replica_failure"}
-    assert pipeline.metrics.retries.labels(deployment="model")._value.get() == 4  # 2 frames x 2 retries
+    assert {r.reason for r in rig.results.results} == {"replica_failure"}
+    assert rig.pipeline.metrics.retries.labels(deployment="model")._value.get() == 4  # 2 frames x 2 retries
 
 
 @pytest.mark.parametrize("after_write", [False, True])
-def test_write_failure_is_recorded_not_lost(smoke_model, after_write):
+def test_write_failure_is_recorded_not_lost(after_write: bool) -> None:
     class BrokenSink(MemoryLabelSink):
-        def write(self, frame_id, labels, image=None, cells=None):
+        def write(self, frame_id, labels, image=None, cells=None):  # type: ignore[no-untyped-def]
             if frame_id.t == 1:
                 raise OSError("disk full")
             return super().write(frame_id, labels, image=image, cells=cells)
 
-    sink = BrokenSink()
-    config = _config().model_copy(
-        update={"results": _config().results.model_copy(update={"after_write": after_write})}
-    )
-    pipeline = StreamPipeline(config=config, segmenter=LocalSegmenter(model=smoke_model), sink=sink)
-    results, summary = asyncio.run(_run(pipeline, _frames(3), "broken"))
+    rig = Rig(config=_config(after_write=after_write))
+    rig.labels = BrokenSink()
+    rig.pipeline.labels = rig.labels
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.acquire("broken", _frames(3))
+        summary = await rig.summary("broken")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    results = rig.results.results
     assert summary.frames_ok == 2 and summary.frames_failed == 1
     assert [r.reason for r in results if r.status == "failed"] == ["write_error"]
-    statuses = sorted((r.index.t, r.status) for r in results)
+    statuses = sorted((r.index.t, r.status) for r in results if r.index is not None)
     ok_latency = [r.latency for r in results if r.status == "ok"]
     if after_write:
         # One result per frame, sent once the labels are stored: its latency includes the write.
@@ -150,37 +250,129 @@ def test_write_failure_is_recorded_not_lost(smoke_model, after_write):
         # Feedback first: every frame's result goes out before the write; frame 1's failure follows it.
         assert statuses == [(0, "ok"), (1, "failed"), (1, "ok"), (2, "ok")]
         assert all("write" not in lat and "dispatch" in lat for lat in ok_latency)
-        first_for_1 = next(r for r in results if r.index.t == 1)
+        first_for_1 = next(r for r in results if r.index is not None and r.index.t == 1)
         assert first_for_1.status == "ok"
-    assert pipeline.metrics.written._value.get() == 2
-    assert pipeline.metrics.stage_seconds.labels(stage="write")._sum.get() > 0
+    entry = rig.pipeline.ledger["broken"]
+    assert (entry.segmented, entry.ok, entry.failed) == (3, 2, 1)
+    assert rig.pipeline.metrics.written._value.get() == 2
 
 
-def test_stop_finishes_every_accepted_frame(smoke_model):
-    frames = _frames(8)
-    sink = MemoryLabelSink()
+def test_rejections_are_published_and_booked_and_end_reopens_with_start() -> None:
+    rig = Rig()
 
-    async def scenario() -> StreamPipeline:
-        pipeline = StreamPipeline(config=_config(), segmenter=LocalSegmenter(model=smoke_model), sink=sink)
+    async def scenario() -> None:
+        await rig.pipeline.start()
+        frame = _frames(1)[0]
+        await rig.acquire("rej", [frame])
+        await rig.summary("rej")
+        await rig.source.push(_frame_parts("rej", frame, t=5))  # after end: rejected
+        bad = _frame_parts("rej", frame, t=6)
+        await rig.source.push([bad[0], b"short"])  # size mismatch, id readable
+        await rig.source.push([b"{not json", b"x"])  # id unreadable: counted, not published
+        rig.results.summaries.clear()
+        await rig.acquire("rej", [frame, frame])  # a new start re-opens with fresh books
+        await rig.summary("rej")
+        await rig.pipeline.stop()
+
+    run(scenario())
+    rejected = [r for r in rig.results.results if r.status == "rejected"]
+    assert [(r.reason, r.index.t if r.index else None) for r in rejected] == [
+        ("acquisition_ended", 5),
+        ("size_mismatch", 6),
+    ]
+    metrics = rig.pipeline.metrics
+    assert metrics.rejected.labels(reason="bad_json")._value.get() == 1
+    entry = rig.pipeline.ledger["rej"]
+    assert (entry.received, entry.ok, entry.rejected) == (2, 2, 0)
+    assert rig.labels.is_done(FrameId("rej", 0, 1, 0))
+
+
+def test_live_mode_drops_are_booked_in_the_summary() -> None:
+    segmenter = FakeSegmenter()
+    rig = Rig(segmenter, config=_config(live=True, max_concurrent=1, max_queued=2), live=True)
+
+    async def scenario() -> AcquisitionSummary:
+        segmenter.gate = asyncio.Event()  # the model is stuck while frames keep coming
+        await rig.pipeline.start()
+        await rig.acquire("live", _frames(10))
+        segmenter.gate.set()
+        summary = await rig.summary("live")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    assert summary.frames_dropped > 0
+    assert summary.frames_received == 10 == summary.frames_ok + summary.frames_dropped
+    assert len(rig.labels.progress("live").done) == summary.frames_ok
+    assert rig.pipeline.metrics.dropped.labels(reason="live_overflow")._value.get() == summary.frames_dropped
+
+
+def test_stop_finishes_every_accepted_frame() -> None:
+    segmenter = FakeSegmenter()
+    rig = Rig(segmenter)
+
+    async def scenario() -> None:
+        segmenter.gate = asyncio.Event()
+        await rig.pipeline.start()
+        for t, frame in enumerate(_frames(6)):
+            await rig.source.push(_frame_parts("stopping", frame, t=t))
+        stopping = asyncio.create_task(rig.pipeline.stop())  # frames still queued and in flight
+        await asyncio.sleep(0.05)
+        segmenter.gate.set()
+        await stopping
+
+    run(scenario())
+    entry = rig.pipeline.ledger["stopping"]
+    assert entry.received == 6 == rig.source.stats.accepted
+    assert entry.ok == 6 and entry.failed == 0 and entry.pending == 0
+    assert len(rig.labels.progress("stopping").done) == 6
+
+
+def test_real_sockets_and_model_give_the_model_labels(smoke_model: Any) -> None:
+    """The ZeroMQ listener and publisher and the real model in this process, end to end."""
+    frames = _frames(3)
+    config = _config()
+    labels = MemoryLabelSink()
+    pipeline = StreamPipeline(
+        source=FrameListener(endpoint=config.ingest.endpoint, max_queued=config.ingest.max_queued),
+        segmenter=LocalSegmenter(model=smoke_model),
+        labels=labels,
+        results=ResultPublisher(endpoint=config.results.endpoint),
+        config=config,
+    )
+
+    async def scenario() -> tuple[list[Any], AcquisitionSummary]:
         await pipeline.start()
+        sub = ResultSubscriber(endpoint=pipeline.endpoints["results"], acquisitions=["real"])
+        await asyncio.to_thread(sub.wait_ready, 10)
 
         def send() -> None:
-            with FrameSender(endpoint=pipeline.endpoints["ingest"], acquisition="stopping") as tx:
+            with FrameSender(endpoint=pipeline.endpoints["ingest"], acquisition="real") as tx:
+                tx.start(sizes={"t": len(frames)})
                 for t, frame in enumerate(frames):
                     tx.send(frame, t=t)
 
         await asyncio.to_thread(send)
-        while pipeline.listener.stats.accepted < 3:
-            await asyncio.sleep(0.01)
-        await pipeline.stop()  # with frames still queued and in flight
-        return pipeline
+        results = []
+        while True:
+            message = await asyncio.to_thread(sub.recv, 60)
+            if isinstance(message.payload, AcquisitionSummary):
+                summary = message.payload
+                break
+            results.append(message.payload)
+        sub.close()
+        await pipeline.stop()
+        return results, summary
 
-    pipeline = asyncio.run(scenario())
-    accepted = pipeline.listener.stats.accepted
-    progress = pipeline.acquisitions["stopping"]
-    assert accepted >= 3
-    assert progress.ok + progress.failed == accepted and progress.failed == 0
-    assert len(sink.progress("stopping").done) == accepted
+    results, summary = run(scenario())
+    assert summary.frames_ok == 3
+    for t, frame in enumerate(frames):
+        expected = segment(frame, smoke_model)
+        frame_id = FrameId("real", 0, t, 0)
+        np.testing.assert_array_equal(labels.read_labels(frame_id), expected.labels)
+        assert labels.read_cells(frame_id).equals(expected.cells)
+        published = next(r for r in results if r.index.t == t)
+        assert published.cell_table().equals(expected.cells)
 
 
 def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_updates() -> None:
@@ -194,7 +386,7 @@ def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_u
     replica = Decoder.func_or_class(model={"weights": str(BUNDLED_WEIGHTS)})
     assert replica.decoder_settings.window is None  # the model's own default (bundled nano: 32)
     image = synthetic_frame((256, 256), seed=11, modality="nuclear", n_cells=30)[0]
-    encoded = EncodedFrame(encode(image, replica.model), 0.0, 1, {})
+    encoded = EncodedFrame(encode(image, replica.model), 0.0, 1)
     windowed = replica._run(encoded)
     np.testing.assert_array_equal(windowed.labels, decode(encoded.embedding, replica.model).labels)
     replica.reconfigure({"window": "full"})

@@ -10,7 +10,6 @@ from sklearn.cluster import KMeans
 
 from cellsam_core.postprocess import (
     LabelComposer,
-    cell_table,
     dynamic_box_threshold,
     fill_holes_and_remove_small,
     select_boxes,
@@ -121,6 +120,19 @@ def test_fill_holes_overwrites_other_label_inside_hole() -> None:
     assert labels[5, 5] == 2  # input untouched
 
 
+def test_fill_holes_can_leave_a_relabelled_object_absent() -> None:
+    # Label 1 sits in the hole of label 2: 1 is relabelled first (kept, new id 1), then 2's filled mask
+    # covers it. Ids 1..K are not all present afterwards; callers index by the labels they find.
+    labels = np.zeros((12, 12), dtype=np.int64)
+    labels[1:11, 1:11] = 2
+    labels[3:9, 3:9] = 0
+    labels[4:8, 4:8] = 1
+    out, kept = fill_holes_and_remove_small(labels, min_size=5)
+    np.testing.assert_array_equal(kept, [1, 2])
+    np.testing.assert_array_equal(np.unique(out), [0, 2])
+    np.testing.assert_array_equal(out[1:11, 1:11], 2)
+
+
 def test_fill_holes_fills_background_hole() -> None:
     labels = np.zeros((9, 9), dtype=np.int32)
     labels[1:8, 1:8] = 4
@@ -166,22 +178,3 @@ def test_fill_holes_npix_counted_after_earlier_overwrites() -> None:
     np.testing.assert_array_equal(kept, [2])
     assert out[5, 5] == 1
     assert out[11, 15] == 0
-
-
-def test_cell_table_values() -> None:
-    labels = np.zeros((10, 12), dtype=np.uint32)
-    labels[1:3, 2:6] = 1  # 2 x 4
-    labels[5:10, 9:12] = 4  # 5 x 3, non-sequential id
-    table = cell_table(labels)
-    assert len(table) == 2
-    np.testing.assert_array_equal(table.label_ids, [1, 4])
-    np.testing.assert_array_equal(table.areas, [8, 15])
-    np.testing.assert_allclose(table.centroids, [[1.5, 3.5], [7.0, 10.0]])
-    np.testing.assert_array_equal(table.bboxes, [[2, 1, 6, 3], [9, 5, 12, 10]])
-    assert table.areas.dtype == np.int64 and table.centroids.dtype == np.float64
-
-
-def test_cell_table_empty() -> None:
-    table = cell_table(np.zeros((4, 4), dtype=np.int32))
-    assert len(table) == 0
-    assert table.centroids.shape == (0, 2) and table.bboxes.shape == (0, 4)

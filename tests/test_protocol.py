@@ -9,19 +9,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from acquisition.errors import ProtocolError
+from acquisition.errors import InvalidAcquisitionIdError, ProtocolError
+from acquisition.ids import validate_acquisition_id
 from acquisition.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
     AcquisitionSizes,
     EndMessage,
-    FrameMessage,
     FrameResult,
     Index,
     Reason,
     StartMessage,
+    dump_json,
+)
+from acquisition.wire import (
+    FrameMessage,
     _decode_full,
-    _dump,
     _dump_frame_header,
     _frame_header_fast,
     _wrap_buffer,
@@ -29,8 +32,8 @@ from acquisition.protocol import (
     encode_control,
     encode_frame,
     frame_header,
-    validate_acquisition_id,
 )
+from cellsam_core.cells import CellTable
 
 DROP = object()  # marks a field to remove from the base header
 
@@ -272,25 +275,34 @@ def test_control_roundtrip() -> None:
 def test_validate_acquisition_id() -> None:
     assert validate_acquisition_id("Exp_1.2-a") == "Exp_1.2-a"
     for bad in ["", ".", "..", ".x", "a b", "ä", "a" * 129, "a\n", "a\r\n", "\na", "a/b", None]:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(InvalidAcquisitionIdError) as info:
             validate_acquisition_id(bad)
+        assert isinstance(info.value, ProtocolError) and info.value.reason == Reason.BAD_ACQUISITION_ID
 
 
-def test_frame_result_model_roundtrip() -> None:
+def test_frame_result_carries_the_cell_table_and_reads_it_back() -> None:
+    labels = np.zeros((12, 20), np.uint16)
+    labels[1:4, 2:9] = 1  # wider than tall: centroid_y != centroid_x
+    labels[6:11, 14:17] = 2
+    cells = CellTable.from_labels(
+        labels, prompt_boxes=np.array([[1, 2, 4, 9], [np.nan] * 4]), scores=np.array([0.9, np.nan])
+    )
     result = FrameResult(
         acquisition="e1",
         index=Index(t=1),
-        n_cells=1,
-        boxes=[(1.0, 2.0, 3.0, 4.0)],
-        centroids=[(2.5, 1.5)],
-        areas=[4],
-        scores=[0.9],
+        n_cells=2,
+        cells=FrameResult.cell_columns(cells),
         latency={"encode": 0.1},
         model="tiny",
     )
-    again = FrameResult.model_validate_json(result.model_dump_json())
+    wire = dump_json(result)  # standard JSON: NaN travels as null
+    assert b"NaN" not in wire and b"null" in wire
+    again = FrameResult.model_validate_json(wire)
     assert again == result
     assert again.status == "ok" and again.index is not None and again.index.t == 1
+    assert again.cell_table().equals(cells)
+    assert again.centroids == [(2.0, 5.0), (8.0, 15.0)]  # (y, x)
+    assert again.cells["bbox_x1"] == [9, 17] and again.cells["score"] == [0.9, None]
 
 
 # -- the per-frame fast path accepts exactly what the full decoder accepts -------------------------------
@@ -446,4 +458,4 @@ def test_sender_header_fast_path_matches_the_reference_encoding(metadata: dict[s
         except ProtocolError as exc:
             return exc.reason
 
-    assert outcome(_dump_frame_header) == outcome(_dump)
+    assert outcome(_dump_frame_header) == outcome(dump_json)

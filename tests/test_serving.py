@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,12 +20,15 @@ from ray import serve
 
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.protocol import FrameResult
+from acquisition.zarr_layout import table_name
+from cellsam_core.cells import CELL_COLUMNS
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
 from cellsam_core.io import decode_image_bytes, encode_labels_bytes
 from cellsam_core.synthetic import synthetic_frame
 from serving.runner import free_port
 from tests.conftest import make_smoke_model
+from tests.segmenter_conformance import SegmenterConformance
 from tests.serve_util import collect_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -73,7 +77,7 @@ def service(tmp_path_factory):
 
     config = {
         "model": {"name": "tiny", "weights": str(weights)},
-        "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 4},
+        "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 4},
         "results": {"endpoint": "tcp://127.0.0.1:*"},
         "output": {"directory": str(root / "out")},
         "metrics": {"port": 0},
@@ -105,11 +109,27 @@ def _frames(n: int, seed: int = 0, shape=(96, 112)) -> list[np.ndarray]:
     return [synthetic_frame(shape, seed=seed + i, n_cells=12)[0] for i in range(n)]
 
 
-def _stream(service: Service, acquisition: str, frames: list[np.ndarray], *, labels: bool = False):
+def _stored_cells(output: Path, acquisition: str, t: int, p: int = 0, z: int = 0) -> dict[str, np.ndarray]:
+    """The stored cell table of one frame as column name -> values, read with plain zarr."""
+    root = zarr.open_group(output / f"{acquisition}.ome.zarr", mode="r")
+    table = root[f"{p}/cellsam/cells/{table_name(t, z)}"]
+    names = table.attrs["cellsam"]["columns"]
+    rows = np.asarray(table[...])
+    return {name: rows[:, i] for i, name in enumerate(names)}
+
+
+def _stream(
+    service: Service,
+    acquisition: str,
+    frames: list[np.ndarray],
+    *,
+    labels: bool = False,
+    metadata: dict[str, Any] | None = None,
+):
     with ResultSubscriber(endpoint=service.results, acquisitions=[acquisition], labels=labels) as sub:
         sub.wait_ready(30)
         with FrameSender(endpoint=service.ingest, acquisition=acquisition) as tx:
-            tx.start(sizes={"t": len(frames), "p": 1, "z": 1})
+            tx.start(sizes={"t": len(frames), "p": 1, "z": 1}, metadata=metadata or {})
             for t, frame in enumerate(frames):
                 tx.send(frame, t=t)
         return collect_results(sub, acquisition)
@@ -117,7 +137,7 @@ def _stream(service: Service, acquisition: str, frames: list[np.ndarray], *, lab
 
 def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_model):
     frames = _frames(6)
-    results, summary = _stream(service, "equal-run", frames, labels=True)
+    results, summary = _stream(service, "equal-run", frames, labels=True, metadata={"pixel_size_um": 0.5})
     assert summary.frames_ok == 6 and summary.frames_failed == 0
     assert sorted(r.payload.index.t for r in results) == list(range(6))
     for t, frame in enumerate(frames):
@@ -129,6 +149,27 @@ def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_mod
         published = next(r for r in results if r.payload.index.t == t)
         assert published.payload.n_cells == expected.n_cells
         np.testing.assert_array_equal(published.labels, expected.labels)
+        # One cell record end to end: the stored table, column by column, is segment()'s table (with
+        # the declared pixel size), and the published result carries the same table.
+        stored_cells = _stored_cells(service.output, "equal-run", t)
+        want = expected.cells.with_pixel_size(0.5).columns()
+        assert list(stored_cells) == list(want) == list(CELL_COLUMNS)
+        assert expected.n_cells > 0
+        for name, values in want.items():
+            np.testing.assert_allclose(stored_cells[name], values, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(stored_cells["area_um2"], stored_cells["area"] * 0.25)
+        assert published.payload.centroids == list(
+            zip(stored_cells["centroid_y"], stored_cells["centroid_x"], strict=True)
+        )
+        assert published.payload.cell_table().equals(expected.cells)  # the wire has no pixel size
+        # (y, x) is array axis order: each cell's stored bbox is where its pixels are in the labels.
+        for label, y0, x0, y1, x1 in zip(
+            *(stored_cells[c].astype(int) for c in ("label", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")),
+            strict=True,
+        ):
+            mask = stored == label
+            ys, xs = np.nonzero(mask)
+            assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (y0, x0, y1, x1)
         # Feedback first (the default): the result leaves before the write, which the summary covers.
         assert set(published.payload.latency) >= {"queue", "encode", "dispatch", "decode", "end_to_end"}
 
@@ -229,7 +270,7 @@ def test_killed_replicas_mid_stream_lose_no_frame(service, reference_model):
             for t, frame in enumerate(frames):
                 tx.send(frame, t=t)
             first = sub.recv(timeout=120)
-            # max_in_flight frames are now awaiting the encoder or the decoder: kill both deployments'
+            # max_concurrent frames are now awaiting the encoder or the decoder: kill both deployments'
             # replicas so that some of those requests are lost with their replica.
             killed = _replica_actors("Encoder") + _replica_actors("Decoder")
             for actor in killed:
@@ -245,3 +286,25 @@ def test_killed_replicas_mid_stream_lose_no_frame(service, reference_model):
         np.testing.assert_array_equal(stored, segment(frame, reference_model).labels)
     retries = service.metrics().get(("cellsam_retries_total", (("deployment", "model"),)), 0)
     assert retries > retries_before
+
+
+class TestServeSegmenter(SegmenterConformance):
+    """The Ray Serve segmenter (encoder → decoder deployments) against the `Segmenter` contract."""
+
+    @pytest.fixture
+    def model(self, reference_model):
+        return reference_model
+
+    @pytest.fixture
+    def segmenter(self, service):
+        from serving.app import ServeSegmenter
+
+        return ServeSegmenter(
+            encoder=serve.get_deployment_handle("Encoder", app_name="cellsam"),
+            decoder=serve.get_deployment_handle("Decoder", app_name="cellsam"),
+        )
+
+    def retryable_example(self) -> BaseException:
+        from ray.exceptions import RayActorError
+
+        return RayActorError()

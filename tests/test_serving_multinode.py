@@ -77,7 +77,7 @@ def service(tmp_path_factory) -> Iterator[MultiNodeService]:
 
         config = {
             "model": {"name": "tiny", "weights": str(weights)},
-            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_in_flight": 4},
+            "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 4},
             "results": {"endpoint": "tcp://127.0.0.1:*"},
             "output": {"directory": str(root / "out")},
             "metrics": {"port": 0},

@@ -11,27 +11,25 @@ import pytest
 
 from acquisition.client import FrameSender
 from acquisition.errors import SourceError
-from acquisition.frames import Frame
 from acquisition.listener import FrameListener
 from acquisition.simulator import ArraySource, SimulatedMicroscope, SyntheticSource, main
-from tests.acq_util import ANY_PORT
+from tests.acq_util import ANY_PORT, Books, books, events_until_end
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def play(run_microscope: Any, n_frames: int, acquisition: str) -> tuple[list[Frame], Any]:
-    """Start a listener, run ``run_microscope(endpoint)`` in a thread, return the frames and the state."""
+def play(run_microscope: Any, acquisition: str) -> Books:
+    """Start a listener, run ``run_microscope(endpoint)`` in a thread, and return what a consumer knows
+    of ``acquisition`` once its ``end`` arrived (its declaration, frames and end)."""
 
-    async def go() -> tuple[list[Frame], Any]:
-        async with FrameListener(endpoint=ANY_PORT, max_in_flight=4) as listener:
+    async def go() -> Books:
+        async with FrameListener(endpoint=ANY_PORT, max_queued=4) as listener:
             task = asyncio.create_task(asyncio.to_thread(run_microscope, listener.endpoint))
-            frames = [await listener.get() for _ in range(n_frames)]
+            events = await events_until_end(listener, acquisition)
             await task
-            while not listener.acquisitions[acquisition].ended:
-                await asyncio.sleep(0.005)
-            return frames, listener.acquisitions[acquisition]
+            return books(events)[acquisition]
 
-    async def bounded() -> tuple[list[Frame], Any]:
+    async def bounded() -> Books:
         return await asyncio.wait_for(go(), 30)
 
     return asyncio.run(bounded())
@@ -56,13 +54,15 @@ def test_simulator_plays_t_then_p_then_z() -> None:
             report = SimulatedMicroscope(sender=sender, source=source, acquisition="sim", fps=500.0).run()
             assert report.frames_sent == 12
 
-    frames, state = play(microscope, 12, "sim")
-    order = [(f.index.t, f.index.p, f.index.z) for f in frames]
+    state = play(microscope, "sim")
+    order = [(f.index.t, f.index.p, f.index.z) for f in state.frames]
     assert order == [(t, p, z) for t in range(3) for p in range(2) for z in range(2)]
-    for f in frames:
+    for f in state.frames:
         np.testing.assert_array_equal(f.data, source.image(f.index.t, f.index.p, f.index.z))
+    assert state.start is not None
     assert state.start.sizes.model_dump() == {"t": 3, "p": 2, "z": 2, "c": None}
-    assert state.frames_declared == 12 and state.frames_accepted == 12
+    assert state.frames_declared == 12 and len(state.frames) == 12
+    assert not state.rejected and not state.dropped
 
 
 @pytest.mark.parametrize(
@@ -144,15 +144,15 @@ def test_command_line_entry_point(capsys: pytest.CaptureFixture[str], tmp_path: 
         argv = ["--to", endpoint, "--frames", "2", "--positions", "2", "--shape", "16", "24"]
         assert main([*argv, "--dtype", "uint8", "--acquisition", "cli", "--no-progress"]) == 0
 
-    frames, state = play(synthetic, 4, "cli")
-    assert {f.data.shape for f in frames} == {(16, 24)} and {f.data.dtype for f in frames} == {
-        np.dtype(np.uint8)
-    }
+    state = play(synthetic, "cli")
+    assert len(state.frames) == 4
+    assert {f.data.shape for f in state.frames} == {(16, 24)}
+    assert {f.data.dtype for f in state.frames} == {np.dtype(np.uint8)}
     assert "sent 4 frames" in capsys.readouterr().out
 
     def from_file(endpoint: str) -> None:
         argv = ["--to", endpoint, "--source", str(tmp_path / "m.npy"), "--acquisition", "file"]
         assert main([*argv, "--no-progress"]) == 0
 
-    frames, state = play(from_file, 2, "file")
-    assert state.frames_declared == 2 and frames[0].data.shape == (8, 8)
+    state = play(from_file, "file")
+    assert state.frames_declared == 2 and len(state.frames) == 2 and state.frames[0].data.shape == (8, 8)

@@ -9,9 +9,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
-from acquisition.cell_table import CellTable
+from acquisition.errors import InvalidAcquisitionIdError
+from acquisition.frames import FrameId
 from acquisition.memory_sink import MemoryLabelSink
-from acquisition.sink import AcquisitionSpec, FrameId, LabelSink, Sizes, StorageOptions
+from acquisition.sink import LabelSink
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
@@ -21,7 +22,9 @@ from acquisition.sink_errors import (
     InvalidIdentifierError,
     SinkError,
 )
+from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.cells import CellTable
 from tests.sink_frames import SHAPE, frame_cells, frame_image, frame_labels
 
 
@@ -60,6 +63,14 @@ BAD_INPUTS = [
         "image wrong dtype", (0, 0, 0), _GOOD, np.zeros((2, *SHAPE), np.float32), None, InvalidFrameError
     ),
     BadInput("cells not a table", (0, 0, 0), _GOOD, None, {"label": [1]}, InvalidFrameError),
+    BadInput(
+        "cells at another pixel size",
+        (0, 0, 0),
+        _GOOD,
+        None,
+        frame_cells(0, 0, 0, pixel_size_um=0.3),
+        InvalidFrameError,
+    ),
     BadInput("p out of range", (2, 0, 0), _GOOD, None, None, InvalidIdentifierError),
     BadInput("z out of range", (0, 0, 2), _GOOD, None, None, InvalidIdentifierError),
     BadInput("negative t", (0, -1, 0), _GOOD, None, None, InvalidIdentifierError),
@@ -69,9 +80,16 @@ BAD_INPUTS = [
 class SinkConformance:
     """Behaviour every `LabelSink` must show; see the `LabelSink` docstring for the contract."""
 
+    #: Whether a second sink made by `make_sink` on the same ``tmp_path`` sees what the first stored.
+    persistent = False
+
     def make_sink(self, tmp_path: Path) -> LabelSink:
         """The sink under test; every implementation's test class overrides this."""
         raise NotImplementedError
+
+    def readers(self, sink: LabelSink, tmp_path: Path) -> list[LabelSink]:
+        """``sink``, and for a persistent sink a second instance reopening the same storage."""
+        return [sink, self.make_sink(tmp_path)] if self.persistent else [sink]
 
     @pytest.fixture
     def sink(self, tmp_path: Path) -> LabelSink:
@@ -121,6 +139,36 @@ class SinkConformance:
         assert table.equals(CellTable.from_labels(frame_labels(0, 1, 0)))
         assert len(table) > 0 and np.isnan(table.score).all()
         assert sink.read_image(frame) is None  # written without an image
+
+    def test_cell_table_with_pixel_size_and_prompt_boxes_round_trips(
+        self, sink: LabelSink, tmp_path: Path
+    ) -> None:
+        spec = make_spec("physical", pixel_size_um=0.325)
+        sink.open_acquisition(spec)
+        table = frame_cells(0, 2, 1, pixel_size_um=0.325)
+        # Rows with a prompt box and one without (NaN), known scores, physical areas.
+        assert np.isfinite(table.prompt_box[0]).all() and np.isnan(table.prompt_box[-1]).all()
+        assert np.isfinite(table.score).all() and np.isfinite(table.area_um2).all()
+        frame = FrameId("physical", 0, 2, 1)
+        sink.write(frame, frame_labels(0, 2, 1), None, table)
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            back = reader.read_cells(frame)
+            assert back.equals(table)
+            assert back.pixel_size_um == 0.325
+            np.testing.assert_array_equal(back.prompt_box, table.prompt_box)
+            np.testing.assert_array_equal(back.area_um2, table.area_um2)
+
+    def test_table_without_pixel_size_takes_the_acquisitions(self, sink: LabelSink, tmp_path: Path) -> None:
+        spec = make_spec("physical", pixel_size_um=0.5)
+        sink.open_acquisition(spec)
+        frame = FrameId("physical", 1, 0, 0)
+        sink.write(frame, frame_labels(1, 0, 0), None, frame_cells(1, 0, 0))
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            back = reader.read_cells(frame)
+            assert back.pixel_size_um == 0.5
+            assert back.equals(frame_cells(1, 0, 0, pixel_size_um=0.5))
 
     def test_narrow_label_dtypes_accepted(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
         frame = FrameId(spec.acquisition, 0, 0, 0)
@@ -200,10 +248,17 @@ class SinkConformance:
             make_spec(acquisition)  # the spec refuses it at the boundary...
         # ...and the sink refuses it too, even from a spec built without validation.
         unchecked = AcquisitionSpec.model_construct(**make_spec().model_dump() | {"acquisition": acquisition})
-        with pytest.raises(InvalidIdentifierError):
+        with pytest.raises(InvalidAcquisitionIdError) as info:
             sink.open_acquisition(unchecked)
-        with pytest.raises(InvalidIdentifierError):
-            sink.write(FrameId(acquisition, 0, 0, 0), frame_labels(0, 0, 0))
+        assert info.value.reason == "bad_acquisition_id"
+        for call in (
+            lambda: sink.write(FrameId(acquisition, 0, 0, 0), frame_labels(0, 0, 0)),
+            lambda: sink.progress(acquisition),
+            lambda: sink.is_done(FrameId(acquisition, 0, 0, 0)),
+            lambda: sink.close_acquisition(acquisition),
+        ):
+            with pytest.raises(InvalidAcquisitionIdError):
+                call()
         # Nothing was created outside the sink's output directory.
         assert {path.name for path in tmp_path.iterdir()} <= {"out"}
 
@@ -255,12 +310,16 @@ class TestMemorySink(SinkConformance):
 
 
 class TestZarrSink(SinkConformance):
+    persistent = True
+
     def make_sink(self, tmp_path: Path) -> LabelSink:
         return ZarrLabelSink(tmp_path / "out")
 
 
 class TestZarrSinkSharded(SinkConformance):
     """The same contract with sharding, y/x chunking and downsampled levels switched on."""
+
+    persistent = True
 
     def make_sink(self, tmp_path: Path) -> LabelSink:
         return ZarrLabelSink(tmp_path / "out")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cellsam_core.checkpoint import BUNDLED_WEIGHTS, load_model, read_state_dict
-from cellsam_core.registry import NanoConfig
+from cellsam_core.configs import NanoConfig
 from cellsam_core.training import TrainConfig, finetune, train
 from cellsam_core.training.assess import evaluate_model
 from cellsam_core.training.data import synthetic_examples

@@ -19,9 +19,12 @@ from ome_zarr_models.v05.bioformats2raw import BioFormats2Raw
 from ome_zarr_models.v05.image import Image
 from skimage.draw import disk
 
-from acquisition.sink import AcquisitionSpec, FrameId, Sizes, StorageOptions
-from acquisition.sink_errors import IncompatibleStoreError, InvalidIdentifierError
+from acquisition.errors import InvalidAcquisitionIdError
+from acquisition.frames import FrameId
+from acquisition.sink_errors import IncompatibleStoreError
+from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.cells import CELL_COLUMNS
 from tests.sink_frames import (
     SHAPE,
     frame_cells,
@@ -164,6 +167,36 @@ def test_independent_readers_see_written_frames(tmp_path: Path) -> None:
     table = np.asarray(zarr.open_array(store / "0" / "cellsam" / "cells" / "t000003_z0000", mode="r")[...])
     np.testing.assert_array_equal(table, frame_cells(0, 3, 0).to_array())
     assert check_done_frames(store, spec) == 6
+
+
+def test_cell_tables_are_stored_and_read_by_column_name(tmp_path: Path) -> None:
+    spec = make_spec(pixel_size_um=0.5)
+    sink = ZarrLabelSink(tmp_path)
+    sink.open_acquisition(spec)
+    write_frame(sink, spec, 0, 1, 0)
+    frame = FrameId(spec.acquisition, 0, 1, 0)
+    path = sink.store_path(spec.acquisition) / "0" / "cellsam" / "cells" / "t000001_z0000"
+    stored = zarr.open_array(path, mode="r")
+    assert stored.attrs["cellsam"] == {"columns": list(CELL_COLUMNS)}
+    assert stored.metadata.dimension_names == ("cell", "column")  # type: ignore[union-attr]
+    expected = frame_cells(0, 1, 0, pixel_size_um=0.5)
+    np.testing.assert_array_equal(np.asarray(stored[...]), expected.to_array())
+
+    # A reader goes by the names, not the positions: the same table with its columns in another order
+    # (and one column this code does not know) reads back equal.
+    names = [*reversed(CELL_COLUMNS), "future_column"]
+    rows = np.column_stack([*(expected.columns()[c] for c in reversed(CELL_COLUMNS)), np.ones(len(expected))])
+    zarr.create_array(
+        sink.store_path(spec.acquisition),
+        name="0/cellsam/cells/t000001_z0000",
+        data=rows.astype(np.float64),
+        attributes={"cellsam": {"columns": names}},
+        overwrite=True,
+    )
+    reader = ZarrLabelSink(tmp_path)
+    reader.open_acquisition(spec)
+    back = reader.read_cells(frame)
+    assert back.equals(expected) and back.pixel_size_um == 0.5
 
 
 def test_writer_processes_share_an_unbounded_acquisition(tmp_path: Path) -> None:
@@ -323,9 +356,9 @@ def test_path_escape_refused_before_touching_disk(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = ZarrLabelSink(out)
     unchecked = AcquisitionSpec.model_construct(**make_spec().model_dump() | {"acquisition": "../../etc"})
-    with pytest.raises(InvalidIdentifierError):
+    with pytest.raises(InvalidAcquisitionIdError):
         sink.open_acquisition(unchecked)
-    with pytest.raises(InvalidIdentifierError):
+    with pytest.raises(InvalidAcquisitionIdError):
         sink.store_path("../x")
     assert list(tmp_path.iterdir()) == []
 

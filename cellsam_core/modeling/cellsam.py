@@ -9,15 +9,11 @@ Inference itself lives in :mod:`cellsam_core.inference`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from segment_anything.modeling import Sam
 from torch import nn
 
+from cellsam_core.configs import ModelConfig, NanoConfig
 from cellsam_core.modeling.cellfinder import CellFinder
-
-if TYPE_CHECKING:
-    from cellsam_core.registry import ModelConfig, NanoConfig
 
 __all__ = ["CellSAM"]
 

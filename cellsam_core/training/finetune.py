@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cellsam_core.checkpoint import BUNDLED_WEIGHTS, load_model
-from cellsam_core.registry import NanoConfig
+from cellsam_core.configs import NanoConfig
 from cellsam_core.training.data import prepare_example
 from cellsam_core.training.trainer import TrainConfig, train
 

@@ -1,0 +1,138 @@
+"""What a label sink is told about an acquisition: its extent, frame layout, physical sizes, storage.
+
+:class:`AcquisitionSpec` is given once to ``LabelSink.open_acquisition``; :func:`check_frame_index` is the
+one check that a frame index lies inside it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from acquisition.frames import FrameId
+from acquisition.ids import AcquisitionId
+from acquisition.sink_errors import InvalidIdentifierError
+
+__all__ = ["AcquisitionSpec", "Codec", "Sizes", "StorageOptions", "check_frame_index"]
+
+Codec = Literal["blosc-zstd", "zstd", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Sizes(_Frozen):
+    """Extent of an acquisition along each index."""
+
+    t: int | None = Field(
+        default=None,
+        ge=1,
+        description="Number of time points; None = unknown, the store grows as frames come.",
+    )
+    p: int = Field(default=1, ge=1, description="Number of stage positions (one OME-Zarr series each).")
+    z: int = Field(default=1, ge=1, description="Number of z planes per time point.")
+    c: int = Field(default=1, ge=1, description="Number of channels of the raw image.")
+
+
+class StorageOptions(_Frozen):
+    """How the Zarr sink lays arrays out on disk (the in-memory sink ignores these)."""
+
+    chunk_yx: tuple[int, int] | None = Field(
+        default=None, description="Chunk size (y, x) within a frame; None = one chunk per frame plane."
+    )
+    shard_t: int | None = Field(
+        default=None,
+        ge=1,
+        description="Frames per shard along t (Zarr v3 sharding); None = no sharding, one file per chunk.",
+    )
+    label_codec: Codec = Field(default="blosc-zstd", description="Compressor of the label arrays.")
+    image_codec: Codec = Field(default="blosc-zstd", description="Compressor of the raw image arrays.")
+    compression_level: int = Field(default=3, ge=0, le=9, description="Compression level of both codecs.")
+    levels: int = Field(
+        default=1, ge=1, le=8, description="Multiscale levels; level k is downsampled 2**k in y and x."
+    )
+    t_growth: int = Field(
+        default=64, ge=1, description="Time points added at once when an unbounded acquisition grows."
+    )
+
+    @field_validator("chunk_yx")
+    @classmethod
+    def _positive_chunks(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"chunk_yx must be positive, got {value}")
+        return value
+
+
+class AcquisitionSpec(_Frozen):
+    """Everything a sink needs to lay out one acquisition; given once to `LabelSink.open_acquisition`."""
+
+    acquisition: AcquisitionId
+    sizes: Sizes = Field(default_factory=Sizes, description="Extent along t, p, z, c.")
+    frame_shape: tuple[int, int] = Field(description="Frame size (H, W) in pixels.")
+    image_dtype: str = Field(default="uint16", description="NumPy dtype name of the raw image.")
+    channel_names: tuple[str, ...] | None = Field(
+        default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
+    )
+    pixel_size_um: float | None = Field(
+        default=None, gt=0, description="Pixel size in y and x (micrometres)."
+    )
+    z_step_um: float | None = Field(
+        default=None, gt=0, description="Distance between z planes (micrometres)."
+    )
+    time_interval_s: float | None = Field(default=None, gt=0, description="Time between time points (s).")
+    write_image: bool = Field(default=True, description="Store the raw image next to the labels.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="On-disk layout options.")
+
+    @field_validator("frame_shape")
+    @classmethod
+    def _positive_shape(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"frame_shape must be positive (H, W), got {value}")
+        return value
+
+    @field_validator("image_dtype")
+    @classmethod
+    def _numeric_dtype(cls, value: str) -> str:
+        try:
+            dtype = np.dtype(value)
+        except TypeError as err:
+            raise ValueError(f"image_dtype {value!r} is not a NumPy dtype") from err
+        if dtype.kind not in "uif" or dtype.byteorder == ">":
+            raise ValueError(f"image_dtype must be a native integer or float dtype, got {value!r}")
+        return dtype.name
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> AcquisitionSpec:
+        if self.channel_names is not None and len(self.channel_names) != self.sizes.c:
+            raise ValueError(f"{len(self.channel_names)} channel_names given for sizes.c={self.sizes.c}")
+        return self
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Channel names, defaulted to 'c0', 'c1', ..."""
+        return self.channel_names or tuple(f"c{i}" for i in range(self.sizes.c))
+
+
+def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, int, int]:
+    """Return ``(p, t, z)`` of ``frame_id`` as ints, or raise `InvalidIdentifierError` (the one index check).
+
+    ``frame_id.acquisition`` must be ``spec.acquisition``; ``p`` in [0, sizes.p), ``z`` in
+    [0, sizes.z), ``t`` >= 0 and < sizes.t when t is bounded.
+    """
+    if frame_id.acquisition != spec.acquisition:
+        raise InvalidIdentifierError(f"{frame_id!r} does not belong to acquisition {spec.acquisition!r}")
+    try:
+        p, t, z = (operator.index(v) for v in (frame_id.p, frame_id.t, frame_id.z))
+    except TypeError as err:
+        raise InvalidIdentifierError(f"frame index of {frame_id!r} must be integers") from err
+    sizes = spec.sizes
+    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, sizes.z)}
+    for name, (value, size) in limits.items():
+        if value < 0 or (size is not None and value >= size):
+            bound = "[0, inf)" if size is None else f"[0, {size})"
+            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
+    return p, t, z
