@@ -41,14 +41,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from acquisition.client import FrameSender
+from acquisition.declaration import guess_role
 from acquisition.errors import AcquisitionError, SendTimeoutError
 from acquisition.ids import validate_acquisition_id
+from acquisition.protocol import ChannelRole
 
 __all__ = ["PycromanagerForwarder", "PymmcorePlusForwarder", "json_safe"]
 
@@ -104,6 +106,15 @@ class PymmcorePlusForwarder:
         Forward pymmcore-plus's per-frame metadata dict (camera, stage positions, timing).
     raise_on_timeout : bool
         Re-raise :class:`SendTimeoutError` instead of skipping the frame.
+    core : CMMCorePlus, optional
+        The core, for the pixel size (``getPixelSizeUm()``) declared at each sequence start.
+    roles : mapping, optional
+        Role per channel config name (``nuclear``, ``whole_cell``, ``ignore``); names not listed are
+        guessed (:func:`acquisition.declaration.guess_role`).
+
+    The ``start`` of each sequence declares its plan (:meth:`FrameSender.start` with ``sequence=``): sizes,
+    channels with roles and colours, interval, z step, stage positions and the pixel size. Each frame's
+    metadata carries the event's stage position (``stage_um``: ``{"x", "y", "z"}``).
     """
 
     def __init__(
@@ -113,12 +124,17 @@ class PymmcorePlusForwarder:
         acquisition: str | None = None,
         include_meta: bool = True,
         raise_on_timeout: bool = False,
+        core: Any = None,
+        roles: Mapping[str, ChannelRole] | None = None,
     ) -> None:
         self.sender = sender
         self._fixed = validate_acquisition_id(acquisition) if acquisition is not None else None
         self.acquisition = self._fixed
         self.include_meta = include_meta
         self.raise_on_timeout = raise_on_timeout
+        self.core = core
+        self.roles = dict(roles or {})
+        self._declared: set[str] = set()
         self.frames_forwarded = 0
         self.frames_skipped = 0
         self._connected: list[tuple[Any, Any]] = []
@@ -142,16 +158,30 @@ class PymmcorePlusForwarder:
         self._connected.clear()
 
     def on_sequence_started(self, sequence: Any, *_: Any) -> None:
-        """``sequenceStarted(sequence, meta)``: send ``start`` with the sequence's sizes."""
+        """``sequenceStarted(sequence, meta)``: send ``start`` declaring the sequence's plan."""
         uid = getattr(sequence, "uid", None) or uuid.uuid4()
         self.acquisition = self._fixed or f"mda-{uid}"
-        sizes = {k: v for k, v in dict(getattr(sequence, "sizes", {}) or {}).items() if k in "tpzc" and v}
-        channels = [getattr(ch, "config", str(ch)) for ch in getattr(sequence, "channels", ()) or ()]
+        self._declare(self.acquisition, sequence)
+
+    def _pixel_size(self) -> float | None:
+        getter = getattr(self.core, "getPixelSizeUm", None)
+        if getter is None:
+            return None
+        try:
+            value = float(getter())
+        except Exception:  # a core without a pixel size configuration
+            return None
+        return value if value > 0 else None
+
+    def _declare(self, acquisition: str, sequence: Any) -> None:
         self.sender.start(
-            self.acquisition,
-            sizes=sizes,
-            metadata={"mda_sequence": json_safe(sequence), "channel_names": channels},
+            acquisition,
+            sequence=sequence,
+            roles=self.roles,
+            pixel_size_um=self._pixel_size(),
+            metadata={"mda_sequence": json_safe(sequence)},
         )
+        self._declared.add(acquisition)
 
     def on_sequence_finished(self, sequence: Any, *_: Any) -> None:
         """``sequenceFinished(sequence)``: send ``end``."""
@@ -172,9 +202,15 @@ class PymmcorePlusForwarder:
         channel = getattr(event, "channel", None)
         if channel is not None:
             metadata["channel"] = getattr(channel, "config", str(channel))
+        stage = {a: getattr(event, f"{a}_pos", None) for a in ("x", "y", "z")}
+        if any(v is not None for v in stage.values()):
+            metadata["stage_um"] = json_safe(stage)
         acquisition = self.acquisition or self._fixed
         if acquisition is None:  # frameReady without sequenceStarted (handler connected by hand)
             acquisition = self.acquisition = f"mda-{uuid.uuid4()}"
+        sequence = getattr(event, "sequence", None)
+        if acquisition not in self._declared and sequence is not None:
+            self._declare(acquisition, sequence)  # connected by hand: the event knows its sequence
         try:
             self.sender.send(
                 img,
@@ -209,16 +245,38 @@ class PycromanagerForwarder:
     ----------
     sender : FrameSender
     acquisition : str
-        Acquisition id. :meth:`start` is sent lazily with the first image.
+        Acquisition id. ``start`` is sent lazily with the first image.
     raise_on_timeout : bool
         Re-raise :class:`SendTimeoutError` instead of skipping the frame.
+    channels : sequence of str, optional
+        The channel names the acquisition will use, in order: declared in ``start`` (with roles from
+        ``roles`` or guessed from the names), so each channel's frames are assembled and stored in their
+        own place. A multi-channel acquisition needs it: without a declared channel count the service
+        rejects frames of any channel but the first (``undeclared_channel``).
+    sizes : mapping, optional
+        Extents per axis (``t``, ``p``, ``z``) to declare.
+    roles : mapping, optional
+        Role per channel name (``nuclear``, ``whole_cell``, ``ignore``).
+
+    The pixel size is declared from the first image's ``PixelSizeUm`` tag when Micro-Manager sets one.
     """
 
-    def __init__(self, sender: FrameSender, *, acquisition: str, raise_on_timeout: bool = False) -> None:
+    def __init__(
+        self,
+        sender: FrameSender,
+        *,
+        acquisition: str,
+        raise_on_timeout: bool = False,
+        channels: Sequence[str] | None = None,
+        sizes: Mapping[str, int] | None = None,
+        roles: Mapping[str, ChannelRole] | None = None,
+    ) -> None:
         self.sender = sender
         self.acquisition = validate_acquisition_id(acquisition)
         self.raise_on_timeout = raise_on_timeout
-        self.channels: dict[str, int] = {}
+        self.channels: dict[str, int] = {str(name): i for i, name in enumerate(channels or ())}
+        self._sizes = dict(sizes or {})
+        self._roles = dict(roles or {})
         self.frames_forwarded = 0
         self.frames_skipped = 0
         self._started = False
@@ -237,7 +295,7 @@ class PycromanagerForwarder:
                 extra["channel"] = str(name)
         try:
             if not self._started:
-                self.sender.start(self.acquisition)
+                self._start(metadata)
                 self._started = True
             self.sender.send(
                 image,
@@ -256,6 +314,26 @@ class PycromanagerForwarder:
         else:
             self.frames_forwarded += 1
         return image, metadata
+
+    def _start(self, metadata: Mapping[str, Any]) -> None:
+        names = list(self.channels)
+        sizes = dict(self._sizes)
+        channels = None
+        if names:
+            sizes["c"] = len(names)
+            roles = [self._roles.get(name, guess_role(name)) for name in names]
+            channels = {"names": names, "roles": roles}
+        pixel = metadata.get("PixelSizeUm")
+        try:
+            pixel_size = float(pixel) if pixel is not None else None
+        except (TypeError, ValueError):
+            pixel_size = None
+        self.sender.start(
+            self.acquisition,
+            sizes=sizes,
+            channels=channels,
+            pixel_size_um=pixel_size if pixel_size and pixel_size > 0 else None,
+        )
 
     def finish(self) -> None:
         """Send ``end`` (call after the pycromanager ``Acquisition`` finished)."""

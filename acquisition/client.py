@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,12 @@ from acquisition.protocol import (
     DEFAULT_RESULT_ENDPOINT,
     AcquisitionSizes,
     AcquisitionSummary,
+    ChannelRole,
     Channels,
     EndMessage,
     FrameResult,
     Index,
+    PositionInfo,
     StartMessage,
 )
 from acquisition.wire import encode_control, encode_frame, frame_header
@@ -142,25 +144,65 @@ class FrameSender:
         dtype: str | None = None,
         settings: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        pixel_size_um: float | None = None,
+        time_interval_s: float | None = None,
+        z_step_um: float | None = None,
+        positions: Sequence[PositionInfo | Mapping[str, Any]] | None = None,
+        sequence: Any = None,
+        roles: Mapping[str, ChannelRole] | None = None,
     ) -> str:
-        """Send ``start`` for an acquisition (optional: unstarted acquisitions use defaults).
+        """Send ``start``: declare an acquisition's plan (optional: unstarted acquisitions use defaults).
 
-        Returns the acquisition id; it becomes the sender's default id.
+        Parameters
+        ----------
+        acquisition : str, optional
+            Acquisition id (default: the sender's).
+        sizes, channels, shape, dtype, pixel_size_um, time_interval_s, z_step_um, positions
+            The declaration (``docs/protocol.md`` §1.2): extents per axis, channel names / roles / colours,
+            physical sizes, stage positions (name, ``x_um``, ``y_um``, ``z_um``) in index ``p`` order.
+        sequence : useq.MDASequence, optional
+            Declare the plan of a pymmcore-plus acquisition: sizes, channels, interval, z step and
+            positions are taken from it (:func:`acquisition.declaration.from_mda_sequence`); explicit
+            arguments take precedence.
+        roles : mapping, optional
+            With ``sequence``: role per channel config name (``nuclear``, ``whole_cell``, ``ignore``).
+        settings, metadata : mapping, optional
+            Model settings and free-form JSON metadata.
+
+        Returns
+        -------
+        str
+            The acquisition id; it becomes the sender's default id.
         """
         acq = self._acq(acquisition)
+        declared: dict[str, Any] = {}
+        if sequence is not None:
+            from acquisition.declaration import from_mda_sequence
+
+            declared = from_mda_sequence(sequence, pixel_size_um=pixel_size_um, roles=roles)
+        given = {
+            "sizes": sizes,
+            "channels": channels,
+            "pixel_size_um": pixel_size_um,
+            "time_interval_s": time_interval_s,
+            "z_step_um": z_step_um,
+            "positions": positions,
+        }
+        declared.update({k: v for k, v in given.items() if v is not None})
+        if isinstance(declared.get("sizes"), AcquisitionSizes):
+            declared["sizes"] = declared["sizes"].model_dump()
+        if isinstance(declared.get("channels"), Channels):
+            declared["channels"] = declared["channels"].model_dump(exclude_defaults=True)
         try:
-            message = StartMessage(
-                acquisition=acq,
-                sizes=AcquisitionSizes.model_validate(dict(sizes or {}))
-                if not isinstance(sizes, AcquisitionSizes)
-                else sizes,
-                channels=Channels.model_validate(dict(channels))
-                if isinstance(channels, Mapping)
-                else channels,
-                shape=shape,
-                dtype=dtype,
-                settings=dict(settings or {}),
-                metadata=dict(metadata or {}),
+            message = StartMessage.model_validate(
+                {
+                    "acquisition": acq,
+                    **declared,
+                    "shape": shape,
+                    "dtype": dtype,
+                    "settings": dict(settings or {}),
+                    "metadata": dict(metadata or {}),
+                }
             )
         except ValueError as exc:  # pydantic.ValidationError is a ValueError
             raise ProtocolError("bad_field", f"invalid start message: {exc}", acquisition=acq) from None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from acquisition.protocol import Channels, FrameHeader, Index, StartMessage, default_channels
 from acquisition.wire import FrameMessage
+
+if TYPE_CHECKING:
+    from acquisition.layout import Layout
 
 __all__ = ["Frame", "FrameId"]
 
@@ -35,9 +38,11 @@ class Frame:
         ``time.monotonic()`` when the listener accepted the frame (for ingest/end-to-end latency).
     declaration : StartMessage or None
         The acquisition's ``start`` (sizes, channels, metadata), if one came before the frame.
+    layout : Layout or None
+        The acquisition's extent and frame layout the frame was checked against (set by the sources).
     """
 
-    __slots__ = ("_channels", "_message", "data", "declaration", "received_at")
+    __slots__ = ("_channels", "_message", "data", "declaration", "layout", "received_at")
 
     def __init__(
         self,
@@ -45,11 +50,13 @@ class Frame:
         *,
         received_at: float,
         declaration: StartMessage | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self._message = message
         self.data = message.data
         self.received_at = received_at
         self.declaration = declaration
+        self.layout = layout
         self._channels: Channels | None = None
 
     @property
@@ -66,6 +73,11 @@ class Frame:
     def index(self) -> Index:
         """Frame index (t, p, z, c)."""
         return self._message.header.index
+
+    @property
+    def channel(self) -> int | None:
+        """``index.c``: the one channel this frame carries, or None when it carries all of them."""
+        return self._message.channel
 
     @property
     def id(self) -> FrameId:

@@ -68,7 +68,9 @@ class MemoryLabelSink:
         stored = PreparedFrame(
             labels=frame.labels.copy(),
             image=None if frame.image is None else frame.image.copy(),
-            cells=CellTable.from_array(frame.cells.to_array(), pixel_size_um=frame.cells.pixel_size_um),
+            cells=CellTable.from_array(
+                frame.cells.to_array(), frame.cells.column_names, pixel_size_um=frame.cells.pixel_size_um
+            ),
             key=frame.key,
         )
         with self._lock:

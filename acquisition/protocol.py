@@ -11,10 +11,10 @@ import functools
 import json
 import math
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from acquisition.errors import ProtocolError
 from acquisition.ids import AcquisitionId
@@ -33,6 +33,7 @@ __all__ = [
     "AcquisitionSizes",
     "AcquisitionSummary",
     "CellValue",
+    "ChannelRole",
     "Channels",
     "EndMessage",
     "FrameHeader",
@@ -40,6 +41,7 @@ __all__ = [
     "Hello",
     "Index",
     "LabelsInfo",
+    "PositionInfo",
     "Reason",
     "StartMessage",
     "default_channels",
@@ -76,6 +78,9 @@ class Reason(str, Enum):
     SIZE_MISMATCH = "size_mismatch"
     NON_FINITE = "non_finite"
     ACQUISITION_ENDED = "acquisition_ended"
+    OUT_OF_RANGE = "out_of_range"
+    UNDECLARED_CHANNEL = "undeclared_channel"
+    LAYOUT_CONFLICT = "layout_conflict"
     INTERNAL = "internal"
 
     def __str__(self) -> str:
@@ -96,13 +101,58 @@ class Index(BaseModel):
     c: int | None = Field(default=None, ge=0, strict=True, description="Channel, or None for all.")
 
 
+#: What a channel is for the model: CellSAM's nuclear or whole-cell input, or not an input at all.
+ChannelRole = Literal["nuclear", "whole_cell", "ignore"]
+
+
 class Channels(BaseModel):
-    """Channel names along the C axis and which channel index is nuclear / whole-cell."""
+    """Channel names along the C axis, their roles for the model and their display colours.
+
+    Roles are given either per channel (``roles``) or as the index of the nuclear and the whole-cell
+    channel (``nuclear``, ``whole_cell``; the v1 form); :attr:`nuclear_channel` and
+    :attr:`whole_cell_channel` read either.
+    """
 
     model_config = _STRICT
     names: tuple[str, ...] = Field(default=(), description="Channel names, in C-axis order.")
     nuclear: int | None = Field(default=None, ge=0, description="C index of the nuclear channel.")
     whole_cell: int | None = Field(default=None, ge=0, description="C index of the whole-cell channel.")
+    roles: tuple[ChannelRole, ...] = Field(
+        default=(), description="Role of each channel (nuclear, whole_cell, ignore), in C-axis order."
+    )
+    colors: tuple[Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{6}$")] | None, ...] = Field(
+        default=(), description="Display colour of each channel as RRGGBB hex (null: the viewer's choice)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Channels:
+        for name, values in (("roles", self.roles), ("colors", self.colors)):
+            if values and self.names and len(values) != len(self.names):
+                raise ValueError(f"{len(values)} {name} for {len(self.names)} channel names")
+        if self.roles:
+            for field, role in (("nuclear", "nuclear"), ("whole_cell", "whole_cell")):
+                index = getattr(self, field)
+                if index is not None and (index >= len(self.roles) or self.roles[index] != role):
+                    raise ValueError(f"{field}={index} contradicts roles {list(self.roles)}")
+            for role in ("nuclear", "whole_cell"):
+                if self.roles.count(role) > 1:
+                    raise ValueError(f"more than one {role} channel in roles {list(self.roles)}")
+        return self
+
+    def _index(self, role: ChannelRole, fallback: int | None) -> int | None:
+        if self.roles:
+            return self.roles.index(role) if role in self.roles else None
+        return fallback
+
+    @property
+    def nuclear_channel(self) -> int | None:
+        """C index of the nuclear channel, from ``roles`` or ``nuclear``."""
+        return self._index("nuclear", self.nuclear)
+
+    @property
+    def whole_cell_channel(self) -> int | None:
+        """C index of the whole-cell channel, from ``roles`` or ``whole_cell``."""
+        return self._index("whole_cell", self.whole_cell)
 
 
 @functools.lru_cache(maxsize=16)
@@ -157,8 +207,18 @@ class FrameHeader(BaseModel):
         return math.prod(self.shape) * (dtype if dtype is not None else np.dtype(self.dtype)).itemsize
 
 
+class PositionInfo(BaseModel):
+    """A stage position of the acquisition (index ``p``)."""
+
+    model_config = _WIRE
+    name: str | None = Field(default=None, description="Position name (e.g. a well and field).")
+    x_um: float | None = Field(default=None, allow_inf_nan=False, description="Stage x, micrometres.")
+    y_um: float | None = Field(default=None, allow_inf_nan=False, description="Stage y, micrometres.")
+    z_um: float | None = Field(default=None, allow_inf_nan=False, description="Stage z, micrometres.")
+
+
 class StartMessage(BaseModel):
-    """Declares (or re-opens) an acquisition."""
+    """Declares (or re-opens) an acquisition: its plan, as far as the sender knows it."""
 
     model_config = _WIRE
     type: Literal["start"] = Field(default="start", description="Message type.")
@@ -169,7 +229,27 @@ class StartMessage(BaseModel):
     shape: tuple[StrictInt, ...] | None = Field(default=None, description="Expected frame shape, if known.")
     dtype: str | None = Field(default=None, description="Expected frame dtype, if known.")
     settings: dict[str, Any] = Field(default_factory=dict, description="Per-acquisition model settings.")
+    pixel_size_um: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Pixel size.")
+    time_interval_s: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Time between time points, seconds."
+    )
+    z_step_um: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Distance between z planes, micrometres."
+    )
+    positions: tuple[PositionInfo, ...] = Field(
+        default=(), description="Stage positions, in index p order (names and stage coordinates)."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
+
+    @property
+    def pixel_size(self) -> float | None:
+        """``pixel_size_um``, or the v1 form ``metadata["pixel_size_um"]`` when that is a number > 0."""
+        if self.pixel_size_um is not None:
+            return self.pixel_size_um
+        value = self.metadata.get("pixel_size_um")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if math.isfinite(value) and value > 0 else None
 
 
 class EndMessage(BaseModel):
@@ -214,7 +294,8 @@ class FrameResult(BaseModel):
     detail: str | None = Field(default=None, description="Human-readable explanation when not ok.")
     n_cells: int = Field(default=0, ge=0, description="Number of cells found.")
     cells: dict[str, list[CellValue]] = Field(
-        default_factory=dict, description="Cell table columns (CELL_COLUMNS), one entry per cell."
+        default_factory=dict,
+        description="Cell table columns (CellTable.column_names), one entry per cell.",
     )
     latency: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     model: str | None = Field(default=None, description="Model name that produced the result.")
@@ -237,11 +318,11 @@ class FrameResult(BaseModel):
 
         The pixel size is not sent; ``area_um2`` is then NaN.
         """
-        from cellsam_core.cells import CELL_COLUMNS, CellTable
+        from cellsam_core.cells import CellTable
 
         if not self.cells:
             return CellTable.empty()
-        names = [c for c in CELL_COLUMNS if c in self.cells]
+        names = list(self.cells)
         rows = np.array(
             [[np.nan if v is None else v for v in self.cells[c]] for c in names], dtype=np.float64
         ).T

@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from acquisition.errors import ListenerClosedError, ProtocolError
 from acquisition.frames import Frame
+from acquisition.layout import Layout
 from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
 from acquisition.wire import FrameMessage, decode_message
 
@@ -170,29 +171,39 @@ class FrameSource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What an :class:`Intake` remembers of one acquisition."""
+
+    start: StartMessage | None
+    layout: Layout | None = None
+    ended: bool = False
+
+
 class Intake:
     """What a message is: decode, validate, and apply ``start``/``end`` (shared by every source).
 
-    Keeps, per acquisition, only what validation needs: the latest declaration and whether it ended
-    (the ``max_acquisitions`` most recently seen).
+    Keeps, per acquisition, only what validation needs: the latest declaration, the :class:`Layout`
+    its frames must fit (fixed by the declaration and the first frame) and whether it ended (the
+    ``max_acquisitions`` most recently seen).
     """
 
     def __init__(self, *, max_frame_bytes: int, stats: SourceStats, max_acquisitions: int = 1024) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.stats = stats
         self._max_acquisitions = max_acquisitions
-        self._declared: OrderedDict[str, tuple[StartMessage | None, bool]] = OrderedDict()
+        self._acquisitions: OrderedDict[str, _Known] = OrderedDict()
 
     def declaration(self, acquisition: str) -> StartMessage | None:
         """The latest ``start`` of ``acquisition``, if one came (and it is still remembered)."""
-        entry = self._declared.get(acquisition)
-        return entry[0] if entry is not None else None
+        known = self._acquisitions.get(acquisition)
+        return known.start if known is not None else None
 
-    def _remember(self, acquisition: str, start: StartMessage | None, ended: bool) -> None:
-        self._declared[acquisition] = (start, ended)
-        self._declared.move_to_end(acquisition)
-        while len(self._declared) > self._max_acquisitions:
-            self._declared.popitem(last=False)
+    def _remember(self, acquisition: str, known: _Known) -> None:
+        self._acquisitions[acquisition] = known
+        self._acquisitions.move_to_end(acquisition)
+        while len(self._acquisitions) > self._max_acquisitions:
+            self._acquisitions.popitem(last=False)
 
     def take(self, parts: Sequence[Any], received_at: float) -> SourceEvent:
         """The event for one received multipart message.
@@ -214,8 +225,8 @@ class Intake:
         stats = self.stats
         message = decode_message(parts, max_frame_bytes=self.max_frame_bytes)
         if isinstance(message, FrameMessage):
-            entry = self._declared.get(message.acquisition)
-            if entry is not None and entry[1]:
+            known = self._acquisitions.get(message.acquisition)
+            if known is not None and known.ended:
                 header = message.header
                 raise ProtocolError(
                     Reason.ACQUISITION_ENDED,
@@ -223,15 +234,22 @@ class Intake:
                     acquisition=header.acquisition,
                     index=header.index.model_dump(),
                 )
+            start = known.start if known is not None else None
+            layout = known.layout if known is not None else None
+            if layout is None:
+                layout = Layout.of(start, message)
+                self._remember(message.acquisition, _Known(start, layout))
+            layout.check(message)
             stats.accepted += 1
             stats.bytes_accepted += message.data.nbytes
-            return Frame(message, received_at=received_at, declaration=entry[0] if entry else None)
+            return Frame(message, received_at=received_at, declaration=start, layout=layout)
         if isinstance(message, StartMessage):
             stats.started += 1
-            self._remember(message.acquisition, message, False)
+            self._remember(message.acquisition, _Known(message))
             return Started(message)
         stats.ended += 1
-        self._remember(message.acquisition, self.declaration(message.acquisition), True)
+        known = self._acquisitions.get(message.acquisition) or _Known(None)
+        self._remember(message.acquisition, _Known(known.start, known.layout, ended=True))
         return Ended(message)
 
     def rejected(self, exc: ProtocolError) -> Rejected:

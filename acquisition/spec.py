@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from acquisition.frames import FrameId
 from acquisition.ids import AcquisitionId
+from acquisition.protocol import PositionInfo
 from acquisition.sink_errors import InvalidIdentifierError
 
 __all__ = ["AcquisitionSpec", "Codec", "Sizes", "StorageOptions", "check_frame_index"]
@@ -77,6 +78,14 @@ class AcquisitionSpec(_Frozen):
     channel_names: tuple[str, ...] | None = Field(
         default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
     )
+    channel_colors: tuple[str | None, ...] | None = Field(
+        default=None,
+        description="Display colour per channel as RRGGBB hex (sizes.c of them; None entries and None = "
+        "a default palette).",
+    )
+    positions: tuple[PositionInfo, ...] = Field(
+        default=(), description="Name and stage coordinates (µm) of each position, in index p order."
+    )
     pixel_size_um: float | None = Field(
         default=None, gt=0, description="Pixel size in y and x (micrometres)."
     )
@@ -109,6 +118,10 @@ class AcquisitionSpec(_Frozen):
     def _channels_match(self) -> AcquisitionSpec:
         if self.channel_names is not None and len(self.channel_names) != self.sizes.c:
             raise ValueError(f"{len(self.channel_names)} channel_names given for sizes.c={self.sizes.c}")
+        if self.channel_colors is not None and len(self.channel_colors) != self.sizes.c:
+            raise ValueError(f"{len(self.channel_colors)} channel_colors given for sizes.c={self.sizes.c}")
+        if len(self.positions) > self.sizes.p:
+            raise ValueError(f"{len(self.positions)} positions given for sizes.p={self.sizes.p}")
         return self
 
     @property

@@ -84,6 +84,14 @@ class FrameMessage:
         return i.t, i.p, i.z
 
     @property
+    def channel(self) -> int | None:
+        """``index.c``: the channel this frame carries alone, or None when it carries all of them."""
+        if self._wire is not None:
+            c = self._wire.index.c
+            return None if c is None or c is msgspec.UNSET else int(c)
+        return self.header.index.c
+
+    @property
     def declares_channels(self) -> bool:
         """Whether the header itself names the channels (else its acquisition's or the defaults hold)."""
         if self._wire is not None:

@@ -10,6 +10,11 @@ Concurrency model (threads of one process and processes sharing the output direc
   so no update is lost; frame writes hold the same lock shared, so they never race a trim.
 - A frame is marked in the ``done`` array after its labels, image and cell table are on disk, and the
   mark is cleared before a rewrite, so ``done`` implies intact data even across SIGKILL.
+- The display range (``omero`` windows) only widens: a frame whose range the root already covers
+  writes nothing; otherwise the writer takes ``window.lock`` exclusively, merges its range into the
+  root's freshly read one (min of lows, max of highs: order and repetition do not matter) and rewrites
+  the root and every position's ``omero``. It holds ``store.lock`` shared meanwhile, so it never races
+  the root updates of open and close.
 """
 
 from __future__ import annotations
@@ -49,14 +54,21 @@ from acquisition.zarr_layout import (
     DONE_IMAGE,
     DONE_LABELS,
     LAYOUT_VERSION,
+    IntensityRange,
+    channel_colors,
+    covers,
     downsample,
+    frame_intensity_range,
     image_group_attrs,
     label_image_attrs,
     labels_group_attrs,
     level_shape,
-    ome_group_attrs,
+    merge_ranges,
+    omero_attrs,
+    position_path,
     root_attrs,
     table_name,
+    well_attrs,
 )
 from cellsam_core.cells import CELL_COLUMNS, CellTable
 
@@ -75,6 +87,7 @@ def _compressors(codec: Codec, level: int) -> Any:
 class _Series:
     """Array handles of one position; ``t_alloc`` is the t extent their metadata had when read."""
 
+    path: str
     arrays: dict[str, zarr.Array]
     t_alloc: int
 
@@ -96,6 +109,13 @@ class _Store:
     @property
     def lock_file(self) -> Path:
         return self.lock_dir / "store.lock"
+
+    @property
+    def window_lock_file(self) -> Path:
+        return self.lock_dir / "window.lock"
+
+    def position(self, p: int) -> str:
+        return position_path(p, self.spec.sizes.p)
 
 
 class ZarrLabelSink:
@@ -121,6 +141,7 @@ class ZarrLabelSink:
 
     def open_acquisition(self, spec: AcquisitionSpec) -> None:
         acq = validate_acquisition_id(spec.acquisition)
+        channel_colors(spec)  # a bad colour raises ValueError before anything is created
         path = self.store_path(acq)
         lock_dir = self._output / f".{acq}.ome.zarr.locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -130,16 +151,20 @@ class ZarrLabelSink:
                 shutil.rmtree(stale, ignore_errors=True)
             if path.exists() or path.is_symlink():
                 state = self._check_existing(path, spec)
-                # A kill while the root metadata was being replaced can leave its temporary file;
-                # zarr would warn about it when listing the root. Root writes happen under this lock.
-                for partial in path.glob("*.partial"):
-                    partial.unlink(missing_ok=True)
+                # A kill while the root's or a position's metadata was being replaced can leave its
+                # temporary file; zarr would warn about it when listing the group. Those metadata are
+                # written under this lock, shared or (for the window) together with the window lock.
+                for pattern in ("*.partial", "*/*/*/*.partial"):
+                    for partial in path.glob(pattern):
+                        partial.unlink(missing_ok=True)
                 if state["closed"]:
                     self._update_root_state(LocalStore(path), closed=False)
             else:
                 self._create(path, spec)
             zstore = LocalStore(path)
             store = _Store(spec=spec, path=path, lock_dir=lock_dir, zstore=zstore, generation=0)
+            # A writer killed between the root's range and the positions' omero leaves them behind.
+            self._write_windows(store, self._root_state(store).get("intensity_range"), only_stale=True)
             self._reload(store)
         with self._mutex:
             self._stores[acq] = store
@@ -154,6 +179,7 @@ class ZarrLabelSink:
         store = self._store(frame_id.acquisition)
         frame = prepare_frame(store.spec, frame_id, labels, image, cells)
         p, t, z = frame.key
+        seen = None if frame.image is None else frame_intensity_range(frame.image)
         while True:
             self._ensure_t(store, p, t)
             with _flock(store.lock_file, exclusive=False):
@@ -171,7 +197,9 @@ class ZarrLabelSink:
                 if t >= series.t_alloc:
                     continue
                 with self._shard_lock(store, p, t, z):
-                    self._write_frame(store, series, p, t, z, frame)
+                    self._write_frame(store, series, t, z, frame)
+                if seen is not None and not covers(state.get("intensity_range"), seen):
+                    self._widen_windows(store, seen)
                 return
 
     def close_acquisition(self, acquisition: str, summary: Mapping[str, Any] | None = None) -> None:
@@ -212,8 +240,10 @@ class ZarrLabelSink:
         return np.asarray(series.arrays["image/0"][t, :, z])
 
     def read_cells(self, frame_id: FrameId) -> CellTable:
-        store, _, (p, t, z) = self._done_frame(frame_id)
-        table = zarr.open_array(store.zstore, path=f"{p}/cellsam/cells/{table_name(t, z)}", mode="r")
+        store, series, (_, t, z) = self._done_frame(frame_id)
+        table = zarr.open_array(
+            store.zstore, path=f"{series.path}/cellsam/cells/{table_name(t, z)}", mode="r"
+        )
         meta = table.attrs.get(CELLSAM_KEY)
         columns = meta.get("columns") if isinstance(meta, dict) else None
         names = [str(c) for c in columns] if isinstance(columns, list) else list(CELL_COLUMNS)
@@ -224,7 +254,8 @@ class ZarrLabelSink:
         state = self._root_state(store)
         done: list[FrameId] = []
         for p in range(store.spec.sizes.p):
-            values = np.asarray(zarr.open_array(store.zstore, path=f"{p}/cellsam/done", mode="r")[...])
+            done_path = f"{store.position(p)}/cellsam/done"
+            values = np.asarray(zarr.open_array(store.zstore, path=done_path, mode="r")[...])
             done += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(values & DONE_LABELS)]
         return StoreState(
             acquisition=acquisition,
@@ -240,14 +271,18 @@ class ZarrLabelSink:
         """Build the whole store in a temporary directory, then rename it into place (atomic)."""
         tmp = self._output / f".{spec.acquisition}.ome.zarr.tmp-{uuid.uuid4().hex}"
         root = zarr.create_group(LocalStore(tmp), attributes=root_attrs(spec), zarr_format=3)
-        root.create_group("OME", attributes=ome_group_attrs(spec))
         opts = spec.storage
         sizes = spec.sizes
         t0 = sizes.t if sizes.t is not None else opts.t_growth
+        rows: dict[str, zarr.Group] = {}
         for p in range(sizes.p):
-            image_group = root.create_group(str(p), attributes=image_group_attrs(spec, p))
+            row, column, field_name = position_path(p, sizes.p).split("/")
+            if row not in rows:
+                rows[row] = root.create_group(row)
+            well = rows[row].create_group(column, attributes=well_attrs())
+            image_group = well.create_group(field_name, attributes=image_group_attrs(spec, p))
             labels_group = image_group.create_group("labels", attributes=labels_group_attrs())
-            cells_group = labels_group.create_group("cells", attributes=label_image_attrs(spec, p))
+            cells_group = labels_group.create_group("cells", attributes=label_image_attrs(spec))
             for level in range(opts.levels):
                 h, w = level_shape(spec.frame_shape, level)
                 cy, cx = (
@@ -354,28 +389,35 @@ class ZarrLabelSink:
 
     @staticmethod
     def _load_series(store: _Store, p: int) -> _Series:
+        base = store.position(p)
         levels = range(store.spec.storage.levels)
-        paths = {f"image/{k}": f"{p}/{k}" for k in levels}
-        paths |= {f"labels/{k}": f"{p}/labels/cells/{k}" for k in levels}
-        paths["done"] = f"{p}/cellsam/done"
+        paths = {f"image/{k}": f"{base}/{k}" for k in levels}
+        paths |= {f"labels/{k}": f"{base}/labels/cells/{k}" for k in levels}
+        paths["done"] = f"{base}/cellsam/done"
         arrays = {name: zarr.open_array(store.zstore, path=path, mode="r+") for name, path in paths.items()}
-        return _Series(arrays=arrays, t_alloc=arrays["done"].shape[0])
+        return _Series(path=base, arrays=arrays, t_alloc=arrays["done"].shape[0])
 
     def _ensure_t(self, store: _Store, p: int, t: int) -> None:
-        """Grow series ``p`` so that it holds time point ``t`` (unbounded acquisitions)."""
+        """Grow every position so that it holds time point ``t`` (unbounded acquisitions).
+
+        All positions grow together: plate readers stitch the wells side by side and need equal shapes.
+        """
         with store.mutex:
             if t < store.series[p].t_alloc:
                 return
         with _flock(store.lock_file, exclusive=True):
-            series = self._load_series(store, p)  # re-read: another process may have grown it already
-            if t >= series.t_alloc:
+            # Re-read: another process may have grown them already.
+            series = {q: self._load_series(store, q) for q in range(store.spec.sizes.p)}
+            if t >= series[p].t_alloc:
                 step = store.spec.storage.t_growth
                 new_t = (t // step + 1) * step
-                for array in series.arrays.values():
-                    array.resize((new_t, *array.shape[1:]))
-                series = self._load_series(store, p)
+                for q in series:
+                    for array in series[q].arrays.values():
+                        if array.shape[0] < new_t:
+                            array.resize((new_t, *array.shape[1:]))
+                    series[q] = self._load_series(store, q)
         with store.mutex:
-            store.series[p] = series
+            store.series.update(series)
 
     def _t_size(self, store: _Store) -> int:
         t_max = -1
@@ -395,7 +437,7 @@ class ZarrLabelSink:
         return _flock(store.lock_dir / f"shard-p{p}-t{t // shard_t}-z{z}.lock", exclusive=True)
 
     @staticmethod
-    def _write_frame(store: _Store, series: _Series, p: int, t: int, z: int, frame: PreparedFrame) -> None:
+    def _write_frame(store: _Store, series: _Series, t: int, z: int, frame: PreparedFrame) -> None:
         arrays = series.arrays
         done = arrays["done"]
         done[t, z] = 0  # a rewrite must never expose a half-replaced frame as done
@@ -407,15 +449,46 @@ class ZarrLabelSink:
         rows = frame.cells.to_array()
         zarr.create_array(
             store.zstore,
-            name=f"{p}/cellsam/cells/{table_name(t, z)}",
+            name=f"{series.path}/cellsam/cells/{table_name(t, z)}",
             data=rows,
-            chunks=(max(len(rows), 1), len(CELL_COLUMNS)),
+            chunks=(max(len(rows), 1), len(frame.cells.column_names)),
             compressors=ZstdCodec(level=3),
             dimension_names=("cell", "column"),
-            attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}},
+            attributes={CELLSAM_KEY: {"columns": list(frame.cells.column_names)}},
             overwrite=True,
         )
         done[t, z] = DONE_LABELS | (DONE_IMAGE if frame.image is not None else 0)
+
+    # -- display window -----------------------------------------------------------------------
+
+    def _widen_windows(self, store: _Store, seen: IntensityRange) -> None:
+        """Merge a frame's intensity range into the store's and rewrite the windows it changes.
+
+        Callers hold ``store.lock`` shared, so no open or close rewrites the root meanwhile; the window
+        lock makes the read-merge-write of the root one step across threads and processes.
+        """
+        with _flock(store.window_lock_file, exclusive=True):
+            root = zarr.open_group(store.zstore, mode="r+", zarr_format=3)
+            meta: dict[str, Any] = dict(root.attrs[CELLSAM_KEY])  # type: ignore[arg-type]
+            known = meta.get("intensity_range")
+            if covers(known, seen):
+                return  # another writer widened it meanwhile
+            merged = merge_ranges(known, seen)
+            meta["intensity_range"] = merged
+            root.attrs[CELLSAM_KEY] = meta  # the root first: it is what later merges start from
+            self._write_windows(store, merged)
+
+    @staticmethod
+    def _write_windows(store: _Store, intensity: IntensityRange | None, *, only_stale: bool = False) -> None:
+        """Write every position's ``omero`` from ``intensity`` (with ``only_stale``, where it differs)."""
+        omero = omero_attrs(store.spec, intensity)
+        for p in range(store.spec.sizes.p):
+            group = zarr.open_group(store.zstore, path=store.position(p), mode="r+", zarr_format=3)
+            ome: dict[str, Any] = dict(group.attrs["ome"])  # type: ignore[arg-type]
+            if only_stale and ome.get("omero") == omero:
+                continue
+            ome["omero"] = omero
+            group.attrs["ome"] = ome
 
     # -- lookups ------------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from cellsam_core.inference import DecodeOptions, _masks_for_input
+from cellsam_core.acceleration import Acceleration
+from cellsam_core.inference import DecodeOptions, _masks_for_inputs
 from cellsam_core.registry import build_model
 
 
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--attention", default="reference", choices=["reference", "sdpa"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -61,6 +64,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(
         f"decode benchmark: model={args.model} input={size}px device={args.device} dtype={args.dtype} "
+        f"precision={args.precision} attention={args.attention} "
         f"torch threads={torch.get_num_threads()} ({platform.processor() or platform.machine()})"
     )
     header = " ".join(f"{'chunk ' + str(k):>10}" for k in args.chunks)
@@ -70,9 +74,13 @@ def main() -> None:
         results: dict[int, np.ndarray] = {}
 
         def run(chunk: int, boxes: np.ndarray = boxes, results: dict[int, np.ndarray] = results) -> None:
-            opts = DecodeOptions(box_batch_size=chunk, iou_threshold=0.0)
+            accel = Acceleration(precision=args.precision, attention=args.attention)
+            opts = DecodeOptions(box_batch_size=chunk, iou_threshold=0.0, acceleration=accel)
+            plan = accel.resolve(args.device)
             with torch.inference_mode():
-                results[chunk] = _masks_for_input(embedding, boxes, (size, size), model, opts)[0]
+                results[chunk] = _masks_for_inputs(
+                    embedding[None], [boxes], [(size, size)], model, opts, plan
+                )[0][0]
 
         loop = _time(lambda: run(1), args.repeat)
         times = {k: _time(lambda k=k: run(k), args.repeat) for k in args.chunks}

@@ -5,25 +5,35 @@ Frames: ``--size`` x ``--size`` uint32 labels with ``--cells`` disk-shaped cells
 ``--dir``; the baseline writes each frame's labels and image with `numpy.save`. Reports frames/s,
 MB/s of raw (uncompressed) bytes, the ratio to the baseline, and stored size / raw size per array.
 
+The ``window`` section measures what the display window (the ``omero`` contrast range kept up to date
+as frames arrive) adds to a frame write: the frame's robust intensity range alone (the per-frame
+work), and whole writes with and without the window update, interleaved rounds, median.
+
 Usage::
 
     python benchmarks/bench_zarr.py --frames 20 --size 2048 --cells 300 --threads 1 2
+    python benchmarks/bench_zarr.py --frames 32 --sections window
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 from skimage.draw import disk
 
+import acquisition.zarr_sink
 from acquisition.frames import FrameId
 from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
+from acquisition.zarr_layout import frame_intensity_range
 from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.cells import CellTable
 
@@ -86,6 +96,60 @@ def bench_sink(
     return elapsed, sink.store_path(name)
 
 
+def bench_window(
+    root: Path,
+    frames: list[tuple[np.ndarray, np.ndarray]],
+    tables: list[CellTable],
+    rounds: int,
+) -> None:
+    """Print the display window's cost per frame: its own work, and whole writes with and without it.
+
+    The window's work per frame is the frame's robust range (always) plus, when the range is not yet
+    covered, one widening (a locked rewrite of the root's and every position's metadata); widenings are
+    counted and timed by wrapping the sink's method, and spread over the frames written.
+    """
+    images = [image[np.newaxis] for _, image in frames]
+    frame_intensity_range(images[0])  # warm-up
+    start = time.perf_counter()
+    for image in images:
+        frame_intensity_range(image)
+    range_s = (time.perf_counter() - start) / len(images)
+
+    widenings: list[float] = []
+    widen = ZarrLabelSink._widen_windows
+
+    def timed_widen(self: ZarrLabelSink, *args: Any) -> None:
+        begin = time.perf_counter()
+        widen(self, *args)
+        widenings.append(time.perf_counter() - begin)
+
+    with_window: list[float] = []
+    without: list[float] = []
+    for i in range(rounds):  # interleaved, so load on a shared machine hits both arms alike
+        with mock.patch.object(ZarrLabelSink, "_widen_windows", timed_widen):
+            elapsed, store = bench_sink(root, f"window-on-{i}", frames, tables, StorageOptions(), 1)
+        with_window.append(elapsed / len(frames))
+        shutil.rmtree(store)
+        # The arm without the window: the sink gets no range to merge (as for labels-only frames).
+        with mock.patch.object(acquisition.zarr_sink, "frame_intensity_range", lambda image: None):
+            elapsed, store = bench_sink(root, f"window-off-{i}", frames, tables, StorageOptions(), 1)
+        without.append(elapsed / len(frames))
+        shutil.rmtree(store)
+    on, off = statistics.median(with_window), statistics.median(without)
+    widen_s = sum(widenings) / (rounds * len(frames))
+    per_frame = range_s + widen_s
+    print(
+        f"display window, blosc-zstd, 1 writer thread, {len(frames)} frames x {rounds} interleaved rounds:\n"
+        f"  frame's robust range (0.1/99.9 percentiles): {range_s * 1e3:6.2f} ms/frame\n"
+        f"  widenings: {len(widenings) / rounds:.1f} per run of {len(frames)} frames, "
+        f"{statistics.mean(widenings) * 1e3:.1f} ms each = {widen_s * 1e3:.2f} ms/frame\n"
+        f"  window work per frame: {per_frame * 1e3:.2f} ms = {per_frame / on:.2%} of a frame write "
+        f"({on * 1e3:.1f} ms, median)\n"
+        f"  whole write with / without the window: {on * 1e3:.1f} / {off * 1e3:.1f} ms/frame "
+        f"(ratio {on / off:.3f}; on a busy machine this difference is mostly noise)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +159,8 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=300)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--sections", nargs="+", choices=("codecs", "window"), default=["codecs", "window"])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the window section")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -108,6 +174,10 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_zarr_", dir=args.dir))
     try:
+        if "window" in args.sections:
+            bench_window(root, frames, tables, args.rounds)
+        if "codecs" not in args.sections:
+            return
         t_np = bench_numpy(root, frames)
         print(
             f"frames: {args.frames} x {args.size}^2, {args.cells} cells, raw {raw_mb:.0f} MB (labels + image)"

@@ -24,15 +24,16 @@ Measurements come from :func:`skimage.measure.regionprops_table`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cellsam_core.errors import CellTableError
 
-__all__ = ["CELL_COLUMNS", "CellTable", "CellTableError"]
+__all__ = ["CELL_COLUMNS", "CellTable", "CellTableError", "intensity_column"]
 
 #: Column names of :meth:`CellTable.columns` / :meth:`CellTable.to_array`, in that order.
 CELL_COLUMNS: tuple[str, ...] = (
@@ -41,6 +42,8 @@ CELL_COLUMNS: tuple[str, ...] = (
     "area_um2",
     "centroid_y",
     "centroid_x",
+    "centroid_y_um",
+    "centroid_x_um",
     "bbox_y0",
     "bbox_x0",
     "bbox_y1",
@@ -79,7 +82,10 @@ class CellTable:
     score : ndarray, float64 (N,)
         Detection score; NaN where unknown.
     pixel_size_um : float or None
-        Pixel size in micrometres, when known (gives :attr:`area_um2`).
+        Pixel size in micrometres, when known (gives :attr:`area_um2` and :attr:`centroid_um`).
+    measurements : mapping of str to ndarray, float64 (N,)
+        Further per-cell columns, after :data:`CELL_COLUMNS` in :meth:`columns` (e.g. the per-channel
+        intensities of :meth:`with_intensities`, named by :func:`intensity_column`).
     """
 
     label: NDArray[np.uint32]
@@ -89,6 +95,7 @@ class CellTable:
     prompt_box: NDArray[np.float64]
     score: NDArray[np.float64]
     pixel_size_um: float | None = None
+    measurements: Mapping[str, NDArray[np.float64]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = int(np.asarray(self.label).shape[0]) if np.ndim(self.label) == 1 else -1
@@ -105,6 +112,14 @@ class CellTable:
             raise CellTableError("CellTable.label must hold label ids > 0 (0 is background), got a 0")
         if self.pixel_size_um is not None and not self.pixel_size_um > 0:
             raise CellTableError(f"pixel_size_um must be > 0, got {self.pixel_size_um}")
+        clash = [name for name in self.measurements if name in CELL_COLUMNS]
+        if clash:
+            raise CellTableError(f"measurement columns {clash} would shadow cell table columns")
+        set_(
+            self,
+            "measurements",
+            {str(k): _as(v, np.float64, (n,), f"measurements[{k!r}]") for k, v in self.measurements.items()},
+        )
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -120,6 +135,19 @@ class CellTable:
         if self.pixel_size_um is None:
             return np.full(len(self), np.nan)
         return self.area.astype(np.float64) * float(self.pixel_size_um) ** 2
+
+    @property
+    def centroid_um(self) -> NDArray[np.float64]:
+        """float64 (N, 2) ``(y, x)`` centroid in µm from the frame's origin; NaN when the pixel size is
+        unknown."""
+        if self.pixel_size_um is None:
+            return np.full((len(self), 2), np.nan)
+        return self.centroid * float(self.pixel_size_um)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """:data:`CELL_COLUMNS` then the measurement columns."""
+        return (*CELL_COLUMNS, *self.measurements)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -179,24 +207,78 @@ class CellTable:
         )
 
     def with_pixel_size(self, pixel_size_um: float | None) -> CellTable:
-        """The same cells with a known pixel size (gives physical areas)."""
+        """The same cells with a known pixel size (gives physical areas and centroids)."""
         return replace(self, pixel_size_um=pixel_size_um)
+
+    def with_measurements(self, columns: Mapping[str, ArrayLike]) -> CellTable:
+        """The same cells with more per-cell columns (one value per cell, in row order)."""
+        return replace(self, measurements={**self.measurements, **dict(columns)})  # type: ignore[arg-type]
+
+    def with_intensities(
+        self, labels: NDArray[np.integer], image: NDArray[np.generic], channel_names: Sequence[str]
+    ) -> CellTable:
+        """Add each cell's mean and integrated intensity in every channel of ``image``.
+
+        Parameters
+        ----------
+        labels : ndarray, (H, W)
+            The label image this table was measured from.
+        image : ndarray, (H, W) or (H, W, C)
+            Raw pixels, channels last.
+        channel_names : sequence of str
+            One name per channel (``C``), used in the column names (:func:`intensity_column`).
+
+        Returns
+        -------
+        CellTable
+            With columns ``intensity_mean_<name>`` and ``intensity_sum_<name>`` per channel (float64; the
+            sum is mean × area, the reporter's total signal in the cell).
+        """
+        from skimage.measure import regionprops_table
+
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        if pixels.ndim != 3 or pixels.shape[:2] != np.shape(labels):
+            raise CellTableError(
+                f"image {pixels.shape} does not match labels {np.shape(labels)}: give (H, W) or (H, W, C)"
+            )
+        if len(channel_names) != pixels.shape[2]:
+            raise CellTableError(f"{len(channel_names)} channel names for {pixels.shape[2]} channels")
+        columns: dict[str, np.ndarray] = {}
+        if len(self):
+            props = regionprops_table(
+                np.asarray(labels),
+                intensity_image=pixels.astype(np.float64),
+                properties=("label", "intensity_mean"),
+            )
+            if not np.array_equal(props["label"], self.label):
+                raise CellTableError("labels do not hold this table's cells; measure on its own label image")
+        seen: set[str] = set()
+        for c, name in enumerate(channel_names):
+            mean_col, sum_col = intensity_column(name, "mean", seen), intensity_column(name, "sum", seen)
+            mean = props[f"intensity_mean-{c}"] if len(self) else np.zeros(0)
+            columns[mean_col] = mean
+            columns[sum_col] = mean * self.area
+        return self.with_measurements(columns)
 
     # -- columns -----------------------------------------------------------------------------------
 
     def columns(self) -> dict[str, NDArray[np.generic]]:
-        """Column name → 1-D array, in :data:`CELL_COLUMNS` order (pandas: ``DataFrame(t.columns())``)."""
+        """Column name → 1-D array, in :attr:`column_names` order (pandas: ``DataFrame(t.columns())``)."""
         cy, cx = self.centroid.T
+        cy_um, cx_um = self.centroid_um.T
         by0, bx0, by1, bx1 = self.bbox.T
         py0, px0, py1, px1 = self.prompt_box.T
-        values = (self.label, self.area, self.area_um2, cy, cx, by0, bx0, by1, bx1, py0, px0, py1, px1)
-        return dict(zip(CELL_COLUMNS, (*values, self.score), strict=True))
+        values = (self.label, self.area, self.area_um2, cy, cx, cy_um, cx_um, by0, bx0, by1, bx1)
+        core = dict(zip(CELL_COLUMNS, (*values, py0, px0, py1, px1, self.score), strict=True))
+        return {**core, **self.measurements}
 
     def to_array(self) -> NDArray[np.float64]:
-        """float64 (N, len(CELL_COLUMNS)) in :data:`CELL_COLUMNS` order (exact for ids < 2**53)."""
+        """float64 (N, len(column_names)) in :attr:`column_names` order (exact for ids < 2**53)."""
         cols = self.columns().values()
         return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]).reshape(
-            len(self), len(CELL_COLUMNS)
+            len(self), len(self.column_names)
         )
 
     @classmethod
@@ -207,8 +289,9 @@ class CellTable:
         *,
         pixel_size_um: float | None = None,
     ) -> CellTable:
-        """Inverse of :meth:`to_array`: ``columns`` names the columns of ``rows`` (any order, extra
-        columns ignored); ``area_um2`` is recomputed from ``pixel_size_um``, which the caller keeps."""
+        """Inverse of :meth:`to_array`: ``columns`` names the columns of ``rows`` (any order; names not in
+        :data:`CELL_COLUMNS` become measurements); ``area_um2`` and the µm centroids are recomputed from
+        ``pixel_size_um``, which the caller keeps."""
         names = list(columns)
         missing = [c for c in CELL_COLUMNS if c not in names]
         if missing:
@@ -229,14 +312,33 @@ class CellTable:
             prompt_box=np.stack([col[f"prompt_{a}"] for a in ("y0", "x0", "y1", "x1")], axis=1),
             score=col["score"].copy(),
             pixel_size_um=pixel_size_um,
+            measurements={name: col[name].copy() for name in names if name not in CELL_COLUMNS},
         )
 
     def equals(self, other: CellTable) -> bool:
-        """True when both tables hold the same rows (NaN compares equal)."""
+        """True when both tables hold the same columns and rows (NaN compares equal)."""
         return bool(
-            len(self) == len(other) and np.array_equal(self.to_array(), other.to_array(), equal_nan=True)
+            len(self) == len(other)
+            and self.column_names == other.column_names
+            and np.array_equal(self.to_array(), other.to_array(), equal_nan=True)
         )
 
     def __repr__(self) -> str:
         px = "" if self.pixel_size_um is None else f", pixel_size_um={self.pixel_size_um}"
         return f"CellTable({len(self)} cells{px})"
+
+
+def intensity_column(channel: str, statistic: str, taken: set[str] | None = None) -> str:
+    """Column name of a per-channel intensity: ``intensity_<statistic>_<channel>``.
+
+    Characters other than ``[A-Za-z0-9_.-]`` in the channel name become ``_``; a name already in
+    ``taken`` (updated in place) gets a numeric suffix, so every channel keeps its own column.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", channel) or "channel"
+    name = f"intensity_{statistic}_{safe}"
+    if taken is not None:
+        base, k = name, 2
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+    return name

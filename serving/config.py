@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "AssemblySettings",
     "DecoderSettings",
     "EncoderSettings",
     "IngestSettings",
@@ -77,6 +78,24 @@ class IngestSettings(BaseModel):
         True,
         description="On glibc, keep freed frame buffers in the heap for the next frames (process-wide "
         "malloc thresholds) instead of returning them to the kernel between frames.",
+    )
+
+
+class AssemblySettings(BaseModel):
+    """Gathering per-channel frames of one (t, p, z) into one frame set (``serving.assembly``)."""
+
+    model_config = _FROZEN
+
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A set whose channels have not all arrived this long after its first frame fails "
+        "(reason incomplete_channels), frame by frame.",
+    )
+    max_pending_sets: int = Field(
+        64,
+        ge=1,
+        description="Incomplete sets held at once (bounds their memory); beyond it the oldest fails.",
     )
 
 
@@ -178,6 +197,7 @@ class ServiceConfig(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -28,7 +28,7 @@ from prometheus_client import (
 __all__ = ["LATENCY_BUCKETS", "METRIC_NAMES", "STAGES", "ServiceMetrics"]
 
 #: Pipeline stages with a latency histogram (``cellsam_stage_seconds{stage=...}``).
-STAGES = ("ingest", "queue", "encode", "dispatch", "decode", "write")
+STAGES = ("ingest", "queue", "encode", "dispatch", "decode", "measure", "write")
 
 #: From 1 ms (GPU decode of a small frame) to 2 min (ViT-B on a CPU).
 LATENCY_BUCKETS = (

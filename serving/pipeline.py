@@ -33,6 +33,7 @@ from acquisition.sink import LabelSink
 from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
 from acquisition.spec import AcquisitionSpec, Sizes
 from cellsam_core.cells import CellTable
+from serving.assembly import ChannelAssembler, FrameSet, model_input
 from serving.config import ServiceConfig
 from serving.ledger import AcquisitionLedger, Ledger
 from serving.metrics import ServiceMetrics
@@ -81,7 +82,11 @@ class StreamPipeline:
         self.metrics = metrics or ServiceMetrics()
         self.model_name = model_name
         self.ledger = Ledger()
+        self.assembler = ChannelAssembler(
+            timeout_s=config.assembly.timeout_s, max_pending=config.assembly.max_pending_sets
+        )
         self._specs: dict[str, AcquisitionSpec] = {}
+        self._janitor: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._finishers: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -97,6 +102,7 @@ class StreamPipeline:
             asyncio.create_task(self._worker(), name=f"pipeline-worker-{i}")
             for i in range(self.config.ingest.max_concurrent)
         ]
+        self._janitor = asyncio.create_task(self._expire_sets(), name="pipeline-assembly-timeouts")
         log.info("pipeline: frames from %s, results to %s", self.source.endpoint, self.results.endpoint)
 
     async def stop(self) -> None:
@@ -104,6 +110,11 @@ class StreamPipeline:
         await self.source.stop()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._janitor is not None:
+            self._janitor.cancel()
+            await asyncio.gather(self._janitor, return_exceptions=True)
+        for frame_set in self.assembler.take():
+            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, "the service stopped"))
         for task in list(self._finishers):
             with contextlib.suppress(Exception):
                 await task
@@ -159,6 +170,11 @@ class StreamPipeline:
             entry.ended, entry.ended_at = True, time.time()
             entry.frames_declared = event.message.frames
             log.info("acquisition %s ended (%d frames received)", event.acquisition, entry.received)
+            # Every frame of the acquisition came before its end: sets still incomplete never will be.
+            for frame_set in self.assembler.take(event.acquisition):
+                self._fail_set(
+                    frame_set, "incomplete_channels", self._missing(frame_set, "the acquisition ended")
+                )
             self._maybe_finish(entry)
         m.acquisitions_active.set(self.ledger.active)
 
@@ -170,17 +186,36 @@ class StreamPipeline:
         entry = self.ledger[frame.acquisition]
         entry.received += 1
         m.acquisitions_active.set(self.ledger.active)
+        complete, evicted = self.assembler.add(frame)
+        for frame_set in evicted:
+            detail = f"more than {self.assembler.max_pending} incomplete sets waiting"
+            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+        if complete is None:
+            return  # waits for its other channels
         self._in_flight += 1
         m.in_flight.set(self._in_flight)
         try:
-            await self._process(frame, entry)
-        except Exception:  # last line of defence: account for the frame, keep serving
-            log.exception("unexpected error processing %r", frame)
-            self._fail(frame, entry, "internal_error", "unexpected pipeline error", {})
+            await self._process(complete, entry)
+        except Exception:  # last line of defence: account for the frames, keep serving
+            log.exception("unexpected error processing %s", complete.frame_id)
+            self._fail_set(complete, "internal_error", "unexpected pipeline error", {})
         finally:
             self._in_flight -= 1
             m.in_flight.set(self._in_flight)
             self._maybe_finish(entry)
+
+    async def _expire_sets(self) -> None:
+        """Fail the frames of sets whose channels did not all arrive within the assembly timeout."""
+        period = min(1.0, self.assembler.timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            for frame_set in self.assembler.expired():
+                detail = f"not complete {self.assembler.timeout_s:g} s after its first channel"
+                self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+
+    @staticmethod
+    def _missing(frame_set: FrameSet, why: str) -> str:
+        return f"channels {frame_set.missing} of {frame_set.frame_id} never arrived ({why})"
 
     def _maybe_finish(self, entry: AcquisitionLedger) -> None:
         if entry.complete and not entry.closed:
@@ -205,29 +240,36 @@ class StreamPipeline:
     # -- frames --------------------------------------------------------------------------------------
 
     def _spec_for(self, frame: Frame) -> AcquisitionSpec:
-        """The store layout of a frame's acquisition: its declaration, else the first frame's extent.
-
-        ``t`` may stay open-ended (the store grows along it). ``p`` and ``z`` are fixed when the store is
-        created: undeclared (or null) they hold the first frame's index, and later frames beyond them fail
-        with ``write_error`` (declare ``sizes`` in ``start`` for multi-position or z-stack acquisitions).
-        """
+        """The store layout of a frame's acquisition: its layout (declaration and first frame) and the
+        declaration's physical sizes, channel names and colours, and positions."""
+        layout = frame.layout
+        if layout is None:  # a source that does not check layouts: the frame alone
+            channels = int(frame.data.shape[2]) if frame.data.ndim == 3 else 1
+            sizes = Sizes(p=frame.index.p + 1, z=frame.index.z + 1, c=channels)
+            shape, dtype = (int(frame.data.shape[0]), int(frame.data.shape[1])), frame.data.dtype.name
+        else:
+            sizes = Sizes(t=layout.t, p=layout.p, z=layout.z, c=layout.c)
+            shape, dtype = layout.shape, layout.dtype
         start = frame.declaration
-        declared = start.sizes if start is not None else None
-        index = frame.index
-        metadata = dict(start.metadata) if start is not None else {}
-        pixel_size = metadata.get("pixel_size_um") or frame.header.metadata.get("pixel_size_um")
+        declared = start.channels if start is not None else None
+        names = colors = None
+        if declared is not None and len(declared.names) == sizes.c:
+            names = tuple(declared.names)
+        elif frame.channel is None and len(frame.channels.names) == sizes.c:
+            names = tuple(frame.channels.names)
+        if declared is not None and len(declared.colors) == sizes.c:
+            colors = tuple(declared.colors)
         return AcquisitionSpec(
             acquisition=frame.acquisition,
-            sizes=Sizes(
-                t=declared.t if declared is not None else None,
-                p=(declared.p if declared is not None and declared.p else index.p + 1),
-                z=(declared.z if declared is not None and declared.z else index.z + 1),
-                c=frame.data.shape[2] if frame.data.ndim == 3 else 1,
-            ),
-            frame_shape=(int(frame.data.shape[0]), int(frame.data.shape[1])),
-            image_dtype=str(frame.data.dtype),
-            channel_names=tuple(frame.channels.names) or None,
-            pixel_size_um=float(pixel_size) if pixel_size else None,
+            sizes=sizes,
+            frame_shape=shape,
+            image_dtype=dtype,
+            channel_names=names,
+            channel_colors=colors,
+            pixel_size_um=_pixel_size(frame),
+            z_step_um=start.z_step_um if start is not None else None,
+            time_interval_s=start.time_interval_s if start is not None else None,
+            positions=start.positions[: sizes.p] if start is not None else (),
             write_image=self.config.output.write_images,
         )
 
@@ -243,39 +285,42 @@ class StreamPipeline:
                 self._specs[frame.acquisition] = spec
         return spec
 
-    async def _segment_with_retries(self, frame: Frame) -> DecodedFrame:
+    async def _segment_with_retries(self, frame_set: FrameSet, image: np.ndarray) -> DecodedFrame:
         attempts = self.config.retries.max_attempts
         delay = self.config.retries.backoff_s
         attempt = 1
         while True:
             try:
-                return await self.segmenter.segment(np.asarray(frame.data))
+                return await self.segmenter.segment(image)
             except Exception as exc:
                 if not self.segmenter.is_retryable(exc) or attempt == attempts:
                     raise
                 self.metrics.retries.labels(deployment="model").inc()
                 self.metrics.replica_failures.labels(deployment="model").inc()
-                log.warning("frame %r: replica failure (%s), retry %d/%d", frame, exc, attempt, attempts)
+                log.warning(
+                    "frame %s: replica failure (%s), retry %d/%d", frame_set.frame_id, exc, attempt, attempts
+                )
                 await asyncio.sleep(delay)
                 delay *= 2
                 attempt += 1
 
-    async def _process(self, frame: Frame, entry: AcquisitionLedger) -> None:
+    async def _process(self, frame_set: FrameSet, entry: AcquisitionLedger) -> None:
         m = self.metrics
         latency: dict[str, float] = {}
         started = time.monotonic()
-        latency["queue"] = started - frame.received_at
+        latency["queue"] = started - frame_set.received_at
         try:
-            spec = await self._ensure_open(frame)
+            spec = await self._ensure_open(frame_set.first)
         except Exception as exc:
-            self._fail(frame, entry, "sink_error", str(exc), latency)
+            self._fail_set(frame_set, "sink_error", str(exc), latency)
             return
+        pixels = frame_set.pixels()
         t_model = time.monotonic()
         try:
-            decoded = await self._segment_with_retries(frame)
+            decoded = await self._segment_with_retries(frame_set, model_input(pixels, frame_set.roles()))
         except Exception as exc:
             reason = "replica_failure" if self.segmenter.is_retryable(exc) else "model_error"
-            self._fail(frame, entry, reason, f"{type(exc).__name__}: {exc}", latency)
+            self._fail_set(frame_set, reason, f"{type(exc).__name__}: {exc}", latency)
             return
         seg = decoded.segmentation
         latency["encode"] = decoded.encode_seconds
@@ -288,42 +333,53 @@ class StreamPipeline:
         m.segmented.inc()
         m.encoder_batch_size.observe(decoded.batch_size)
         m.cells_per_frame.observe(seg.n_cells)
-        entry.segmented += 1
-        cells = seg.cells.with_pixel_size(spec.pixel_size_um)
+        entry.segmented += len(frame_set.frames)
+        t_measure = time.monotonic()
+        try:
+            cells = await asyncio.to_thread(
+                seg.cells.with_pixel_size(spec.pixel_size_um).with_intensities,
+                seg.labels,
+                pixels,
+                spec.channels,
+            )
+        except Exception as exc:
+            self._fail_set(frame_set, "model_error", f"measuring the cells failed: {exc}", latency)
+            return
+        latency["measure"] = time.monotonic() - t_measure
         after_write = self.config.results.after_write
         if not after_write:
             # Feedback first: the microscope gets the result now; the labels are stored right after.
-            self._publish_ok(frame, seg.labels, cells, latency)
+            self._publish_ok(frame_set, seg.labels, cells, latency)
         t0 = time.monotonic()
         try:
-            image = frame.data if spec.write_image else None
-            if image is not None and image.ndim == 3:
-                image = np.moveaxis(image, -1, 0)
-            await asyncio.to_thread(self.labels.write, frame.id, seg.labels, image=image, cells=cells)
+            image = np.moveaxis(pixels, -1, 0) if spec.write_image else None
+            await asyncio.to_thread(
+                self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells
+            )
         except Exception as exc:
-            # With feedback first, this frame's `ok` result is followed by this `failed` one.
-            self._fail(frame, entry, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
+            # With feedback first, this set's `ok` result is followed by this `failed` one.
+            self._fail_set(frame_set, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
             return
         m.stage_seconds.labels(stage="write").observe(time.monotonic() - t0)
         m.written.inc()
         if after_write:
             latency["write"] = time.monotonic() - t0
-            self._publish_ok(frame, seg.labels, cells, latency)
-        entry.ok += 1
+            self._publish_ok(frame_set, seg.labels, cells, latency)
+        entry.ok += len(frame_set.frames)
         entry.cells += seg.n_cells
 
     def _publish_ok(
-        self, frame: Frame, labels: np.ndarray, cells: CellTable, latency: dict[str, float]
+        self, frame_set: FrameSet, labels: np.ndarray, cells: CellTable, latency: dict[str, float]
     ) -> None:
         m = self.metrics
-        latency["end_to_end"] = time.monotonic() - frame.received_at
+        latency["end_to_end"] = time.monotonic() - frame_set.received_at
         # The write stage is observed where it happens (after this, in feedback-first mode).
         m.observe_stages((stage, t) for stage, t in latency.items() if stage != "write")
         m.end_to_end_seconds.observe(latency["end_to_end"])
         self._publish(
             FrameOutcome(
-                frame.acquisition,
-                frame.index,
+                frame_set.frame_id.acquisition,
+                frame_set.index,
                 "ok",
                 labels=labels,
                 cells=cells,
@@ -332,25 +388,46 @@ class StreamPipeline:
             )
         )
 
-    def _fail(
-        self, frame: Frame, entry: AcquisitionLedger, reason: str, detail: str, latency: dict[str, float]
+    def _fail_set(
+        self, frame_set: FrameSet, reason: str, detail: str, latency: dict[str, float] | None = None
     ) -> None:
-        log.warning("frame %r failed (%s): %s", frame, reason, detail)
-        self.metrics.failed.labels(reason=reason).inc()
-        entry.failed += 1
-        entry.failures[reason] += 1
-        self._publish(
-            FrameOutcome(
-                frame.acquisition,
-                frame.index,
-                "failed",
-                reason=reason,
-                detail=detail,
-                latency=latency,
-                model=self.model_name,
+        """Every frame of the set ends failed: counted, logged and published with its own index."""
+        entry = self.ledger[frame_set.frame_id.acquisition]
+        log.warning("frame %s failed (%s): %s", frame_set.frame_id, reason, detail)
+        n = len(frame_set.frames)
+        self.metrics.failed.labels(reason=reason).inc(n)
+        entry.failed += n
+        entry.failures[reason] += n
+        for frame in frame_set.frames:
+            self._publish(
+                FrameOutcome(
+                    frame.acquisition,
+                    frame.index,
+                    "failed",
+                    reason=reason,
+                    detail=detail,
+                    latency=dict(latency or {}),
+                    model=self.model_name,
+                )
             )
-        )
+        self._maybe_finish(entry)
 
     def _publish(self, outcome: FrameOutcome) -> None:
         self.results.publish(outcome)
         self.metrics.results_published.labels(status=outcome.status).inc()
+
+
+def _pixel_size(frame: Frame) -> float | None:
+    """The frame's pixel size in µm: its acquisition's declaration, else its own metadata
+    (``pixel_size_um``, or pymmcore-plus's ``frame_meta.pixel_size_um``)."""
+    if frame.declaration is not None and frame.declaration.pixel_size is not None:
+        return frame.declaration.pixel_size
+    metadata = frame.header.metadata
+    nested = metadata.get("frame_meta")
+    for value in (
+        metadata.get("pixel_size_um"),
+        nested.get("pixel_size_um") if isinstance(nested, dict) else None,
+    ):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None

@@ -7,6 +7,7 @@ processes can import them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,20 @@ def frame_image(p: int, t: int, z: int, channels: int, shape: tuple[int, int] = 
     return image
 
 
+def varied_image(p: int, t: int, z: int, channels: int, shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    """uint16 (C, H, W): `frame_image` with a gain per (p, t) and an offset per channel.
+
+    Frames of one acquisition then differ in their intensity range, so a display window must combine
+    them; channel c is brighter by 300 * c. The maximum stays far below the dtype's (~6,600).
+    """
+    gain = 1 + (p + 2 * t + z) % 5
+    offsets = 300 * np.arange(channels, dtype=np.uint16)[:, None, None]
+    return (frame_image(p, t, z, channels, shape) * gain + offsets).astype(np.uint16)
+
+
+ImageFn = Callable[[int, int, int, int, tuple[int, int]], np.ndarray]
+
+
 def frame_cells(
     p: int, t: int, z: int, shape: tuple[int, int] = SHAPE, pixel_size_um: float | None = None
 ) -> CellTable:
@@ -60,11 +75,13 @@ def frame_cells(
     )
 
 
-def write_frame(sink: ZarrLabelSink, spec: AcquisitionSpec, p: int, t: int, z: int) -> None:
+def write_frame(
+    sink: ZarrLabelSink, spec: AcquisitionSpec, p: int, t: int, z: int, image_fn: ImageFn = frame_image
+) -> None:
     sink.write(
         FrameId(spec.acquisition, p, t, z),
         frame_labels(p, t, z, spec.frame_shape),
-        frame_image(p, t, z, spec.sizes.c, spec.frame_shape),
+        image_fn(p, t, z, spec.sizes.c, spec.frame_shape),
         frame_cells(p, t, z, spec.frame_shape, spec.pixel_size_um),
     )
 
@@ -75,12 +92,14 @@ def write_frames_worker(
     frames: list[tuple[int, int, int]],
     paused: Any = None,
     resume: Any = None,
+    image_fn: ImageFn = frame_image,
 ) -> None:
     """Process entry point: open (or join) the acquisition and write the given (p, t, z) frames.
 
     With ``paused``/``resume`` (multiprocessing Events), set ``paused`` after the first half of the
     frames and wait for ``resume`` before writing the rest, so a test can inspect the store
-    mid-acquisition while every writer is alive with its arrays open.
+    mid-acquisition while every writer is alive with its arrays open. ``image_fn`` makes each
+    frame's image (a module-level function, so it reaches a spawned process).
     """
     spec = AcquisitionSpec.model_validate_json(spec_json)
     sink = ZarrLabelSink(output)
@@ -90,7 +109,7 @@ def write_frames_worker(
         if i == half and paused is not None and resume is not None:
             paused.set()
             resume.wait()
-        write_frame(sink, spec, p, t, z)
+        write_frame(sink, spec, p, t, z, image_fn)
 
 
 def write_forever_worker(output: str, spec_json: str) -> None:

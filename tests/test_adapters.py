@@ -86,8 +86,22 @@ def test_pymmcore_plus_mda_is_forwarded() -> None:
 
 def test_pymmcore_plus_handler_maps_event_axes() -> None:
     useq = pytest.importorskip("useq")
+    # Connected by hand (no sequenceStarted): the event's own sequence declares the plan.
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 5},
+        stage_positions=[(0, 0, 0), (1, 1, 1), (100.0, 200.0, 3.5)],
+        z_plan={"range": 2, "step": 1},
+        channels=["DAPI", "GFP"],
+        grid_plan={"rows": 1, "columns": 4},
+    )
     event = useq.MDAEvent(
-        index={"t": 4, "p": 2, "z": 1, "c": 1, "g": 3}, channel={"config": "GFP"}, exposure=20
+        index={"t": 4, "p": 2, "z": 1, "c": 1, "g": 3},
+        channel={"config": "GFP"},
+        exposure=20,
+        x_pos=100.0,
+        y_pos=200.0,
+        z_pos=3.5,
+        sequence=sequence,
     )
 
     async def main() -> None:
@@ -102,6 +116,12 @@ def test_pymmcore_plus_handler_maps_event_axes() -> None:
             assert meta["channel"] == "GFP"
             assert meta["frame_meta"] == {"camera_device": "Cam", "exposure_ms": 20.0}
             assert meta["mda_event"]["exposure"] == 20
+            assert meta["stage_um"] == {"x": 100.0, "y": 200.0, "z": 3.5}
+            declared = frame.declaration
+            assert declared is not None and declared.sizes.c == 2 and declared.z_step_um == 1.0
+            assert declared.channels is not None and declared.channels.names == ("DAPI", "GFP")
+            assert declared.channels.roles == ("nuclear", "whole_cell")
+            assert declared.positions[2].x_um == 100.0 and declared.time_interval_s is None
 
     run(main())
 
@@ -138,7 +158,9 @@ def test_pycromanager_hook_forwards_and_returns_unchanged() -> None:
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:
             with FrameSender(endpoint=listener.endpoint) as sender:
-                hook = PycromanagerForwarder(sender, acquisition="pycro")
+                hook = PycromanagerForwarder(
+                    sender, acquisition="pycro", channels=["DAPI", "FITC"], sizes={"z": 2}
+                )
                 calls = [(t, 0, z, ch) for t in range(2) for z in range(2) for ch in ("DAPI", "FITC")]
                 for i, (t, p, z, ch) in enumerate(calls):
                     image = np.full((4, 6), i, np.uint16)
@@ -156,6 +178,8 @@ def test_pycromanager_hook_forwards_and_returns_unchanged() -> None:
             assert frames[1].header.metadata["channel"] == "FITC"
             assert frames[1].header.metadata["pycromanager"]["Exposure-ms"] == 10.0
             assert state.frames_declared == len(frames) == len(calls)
+            assert state.start is not None and state.start.sizes.c == 2 and not state.rejected
+            assert state.start.channels is not None and state.start.channels.nuclear_channel == 0
 
     run(main())
 

@@ -92,12 +92,52 @@ def test_to_array_from_array_round_trip() -> None:
     assert not CellTable.from_array(rows).equals(table)
 
 
-def test_from_array_with_columns_in_another_order() -> None:
+def test_from_array_with_columns_in_another_order_keeps_other_columns_as_measurements() -> None:
     table = _with_prompts()
     order = [*reversed(CELL_COLUMNS), "extra"]
     columns = {**table.columns(), "extra": np.arange(len(table), dtype=np.float64)}
     rows = np.column_stack([columns[name] for name in order])
-    assert CellTable.from_array(rows, order, pixel_size_um=0.5).equals(table)
+    back = CellTable.from_array(rows, order, pixel_size_um=0.5)
+    assert back.column_names == (*CELL_COLUMNS, "extra")
+    assert back.equals(table.with_measurements({"extra": columns["extra"]}))
+    assert not back.equals(table)  # a table without the extra column is a different table
+
+
+def test_centroids_in_micrometres_follow_the_pixel_size() -> None:
+    table = CellTable.from_labels(_labels())
+    assert np.isnan(table.centroid_um).all()
+    scaled = table.with_pixel_size(0.5)
+    np.testing.assert_allclose(scaled.centroid_um, table.centroid * 0.5)
+    cols = scaled.columns()
+    np.testing.assert_allclose(cols["centroid_y_um"], table.centroid[:, 0] * 0.5)
+    np.testing.assert_allclose(cols["centroid_x_um"], table.centroid[:, 1] * 0.5)
+
+
+def test_intensities_per_cell_and_channel() -> None:
+    labels = _labels()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 1000, size=(*labels.shape, 2)).astype(np.uint16)
+    table = CellTable.from_labels(labels).with_intensities(labels, image, ["H2B-mCherry", "GFP reporter"])
+    assert table.column_names[-4:] == (
+        "intensity_mean_H2B-mCherry",
+        "intensity_sum_H2B-mCherry",
+        "intensity_mean_GFP_reporter",
+        "intensity_sum_GFP_reporter",
+    )
+    for row, label in enumerate(table.label):
+        mask = labels == label
+        for c, name in enumerate(("H2B-mCherry", "GFP_reporter")):
+            expected = image[..., c][mask].astype(np.float64)
+            assert table.measurements[f"intensity_mean_{name}"][row] == pytest.approx(expected.mean())
+            assert table.measurements[f"intensity_sum_{name}"][row] == pytest.approx(expected.sum())
+    back = CellTable.from_array(table.to_array(), table.column_names)
+    assert back.equals(table)
+    twice = CellTable.from_labels(labels).with_intensities(labels, image[..., :1], ["a/b"])
+    assert "intensity_mean_a_b" in twice.measurements
+    with pytest.raises(CellTableError):
+        CellTable.from_labels(labels).with_intensities(labels, image, ["only one name"])
+    with pytest.raises(CellTableError):
+        table.with_measurements({"area": np.zeros(len(table))})  # may not shadow a core column
 
 
 def test_pixel_size_gives_area_um2() -> None:
@@ -147,7 +187,7 @@ BAD_CASES = [
     BadCase(
         "missing columns", lambda: CellTable.from_array(np.zeros((1, 3)), ["label", "area", "score"]), "lack"
     ),
-    BadCase("rows narrower than the columns", lambda: CellTable.from_array(np.zeros((2, 5))), r"\(N, 14\)"),
+    BadCase("rows narrower than the columns", lambda: CellTable.from_array(np.zeros((2, 5))), r"\(N, 16\)"),
 ]
 
 

@@ -66,6 +66,8 @@ class FakeSegmenter:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if image.ndim == 3:  # several channels: cells are where any channel is bright
+            image = image.max(axis=-1)
         marker = int(image[0, 0])
         if marker in self.die_on:
             self.die_on.discard(marker)
@@ -152,7 +154,9 @@ def test_one_cell_record_from_segmenter_to_store_and_results() -> None:
         frame_id = FrameId("cells", 0, t, 0)
         np.testing.assert_array_equal(rig.labels.read_labels(frame_id), expected.labels)
         stored = rig.labels.read_cells(frame_id)
-        assert stored.equals(expected.cells.with_pixel_size(0.25)) and len(stored) > 0
+        want = expected.cells.with_pixel_size(0.25).with_intensities(expected.labels, frame, ["c0"])
+        assert stored.equals(want) and len(stored) > 0
+        assert stored.measurements["intensity_mean_c0"][0] == frame[expected.labels == stored.label[0]].mean()
         np.testing.assert_allclose(stored.area_um2, stored.area * 0.0625)
         published = next(r for r in results if r.index is not None and r.index.t == t)
         assert published.status == "ok" and published.model == "fake"
@@ -370,9 +374,10 @@ def test_real_sockets_and_model_give_the_model_labels(smoke_model: Any) -> None:
         expected = segment(frame, smoke_model)
         frame_id = FrameId("real", 0, t, 0)
         np.testing.assert_array_equal(labels.read_labels(frame_id), expected.labels)
-        assert labels.read_cells(frame_id).equals(expected.cells)
+        want = expected.cells.with_intensities(expected.labels, frame, ["c0"])
+        assert labels.read_cells(frame_id).equals(want)
         published = next(r for r in results if r.index.t == t)
-        assert published.cell_table().equals(expected.cells)
+        assert published.cell_table().equals(want)
 
 
 def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_updates() -> None:
@@ -397,3 +402,157 @@ def test_decoder_replica_decodes_with_the_configured_window_and_validates_live_u
     with pytest.raises(ValidationError):
         replica.reconfigure({"window": 0})
     assert replica.decoder_settings.window == "full"
+
+
+# -- channel assembly ------------------------------------------------------------------------------
+
+
+class RecordingSegmenter(FakeSegmenter):
+    """Keeps every model input it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[np.ndarray] = []
+
+    async def segment(self, image: np.ndarray) -> DecodedFrame:
+        self.inputs.append(np.array(image))
+        return DecodedFrame(self.cells_of(image.max(axis=-1) if image.ndim == 3 else image), 0.0, 0.0, 1, 1)
+
+
+def _two_channels(t: int) -> tuple[np.ndarray, np.ndarray]:
+    membrane = synthetic_frame((64, 80), seed=100 + t, n_cells=5, modality="whole_cell")[0]
+    nuclei = synthetic_frame((64, 80), seed=t, n_cells=5)[0]
+    return membrane, nuclei
+
+
+def test_per_channel_frames_are_assembled_segmented_once_and_stored_whole() -> None:
+    segmenter = RecordingSegmenter()
+    rig = Rig(segmenter)
+    declaration = {
+        "sizes": {"t": 2, "c": 2},
+        "channels": {"names": ["membrane", "H2B"], "roles": ["whole_cell", "nuclear"]},
+        "pixel_size_um": 0.5,
+    }
+    frames = {t: _two_channels(t) for t in range(2)}
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.source.push(encode_control(StartMessage(acquisition="mc", **declaration)))
+        for t, (membrane, nuclei) in frames.items():
+            await rig.source.push(_frame_parts("mc", nuclei, t=t, c=1))  # any channel order
+            await rig.source.push(_frame_parts("mc", membrane, t=t, c=0))
+        await rig.source.push(encode_control(EndMessage(acquisition="mc")))
+        summary = await rig.summary("mc")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    assert (summary.frames_received, summary.frames_ok, summary.frames_failed) == (4, 4, 0)
+    assert len(segmenter.inputs) == 2  # once per (t, p, z), not per channel
+    results = rig.results.for_acquisition("mc")
+    assert [(r.index.t, r.index.c, r.status) for r in results if r.index] == [
+        (0, None, "ok"),
+        (1, None, "ok"),
+    ]
+    for t, (membrane, nuclei) in frames.items():
+        # The model's blank / nuclear / whole-cell layout, from the declared roles.
+        model_in = segmenter.inputs[t]
+        assert model_in.shape == (64, 80, 3)
+        np.testing.assert_array_equal(model_in[..., 1], nuclei)
+        np.testing.assert_array_equal(model_in[..., 2], membrane)
+        assert not model_in[..., 0].any()
+        frame_id = FrameId("mc", 0, t, 0)
+        np.testing.assert_array_equal(rig.labels.read_image(frame_id), np.stack([membrane, nuclei]))
+        cells = rig.labels.read_cells(frame_id)
+        labels = rig.labels.read_labels(frame_id)
+        for name, channel in (("membrane", membrane), ("H2B", nuclei)):
+            mean = cells.measurements[f"intensity_mean_{name}"]
+            for row, label in enumerate(cells.label):
+                assert mean[row] == pytest.approx(channel[labels == label].mean())
+        np.testing.assert_allclose(cells.centroid_um, cells.centroid * 0.5)
+        published = next(r for r in results if r.index is not None and r.index.t == t)
+        assert published.cell_table().with_pixel_size(0.5).equals(cells)
+
+
+def test_incomplete_sets_fail_with_their_own_reason() -> None:
+    config = _config().model_copy(
+        update={"assembly": _config().assembly.model_copy(update={"timeout_s": 0.2, "max_pending_sets": 2})}
+    )
+    rig = Rig(RecordingSegmenter(), config=config)
+    membrane, nuclei = _two_channels(0)
+
+    async def scenario() -> AcquisitionSummary:
+        await rig.pipeline.start()
+        await rig.source.push(encode_control(StartMessage(acquisition="inc", sizes={"c": 2})))
+        await rig.source.push(_frame_parts("inc", nuclei, t=0, c=1))  # c=0 never comes: times out
+        await asyncio.sleep(0.6)
+        for t in (1, 2, 3):  # three incomplete sets, two may wait: t=1 is evicted
+            await rig.source.push(_frame_parts("inc", nuclei, t=t, c=1))
+        await rig.source.push(_frame_parts("inc", membrane, t=4))  # a single buffer... of one channel
+        await rig.source.push(encode_control(EndMessage(acquisition="inc")))  # t=2, 3 can't complete now
+        summary = await rig.summary("inc")
+        await rig.pipeline.stop()
+        return summary
+
+    summary = run(scenario())
+    failed = [r for r in rig.results.for_acquisition("inc") if r.status == "failed"]
+    assert [(r.index.t, r.index.c, r.reason) for r in failed if r.index] == [
+        (0, 1, "incomplete_channels"),
+        (1, 1, "incomplete_channels"),
+        (2, 1, "incomplete_channels"),
+        (3, 1, "incomplete_channels"),
+    ]
+    assert "[0]" in (failed[0].detail or "") and "0.2 s" in (failed[0].detail or "")
+    assert "incomplete sets" in (failed[1].detail or "") and "ended" in (failed[2].detail or "")
+    assert (summary.frames_received, summary.frames_failed, summary.frames_rejected) == (4, 4, 1)
+    # The single-channel buffer of a two-channel acquisition was refused when it arrived.
+    rejected = [r for r in rig.results.for_acquisition("inc") if r.status == "rejected"]
+    assert [(r.index.t, r.reason) for r in rejected if r.index] == [(4, "layout_conflict")]
+    assert rig.pipeline.ledger["inc"].failures == {"incomplete_channels": 4}
+    assert rig.pipeline.assembler.pending == 0
+
+
+def test_per_channel_acquisition_over_real_sockets(smoke_model: Any) -> None:
+    """FrameSender → FrameListener → pipeline: per-channel frames, one incomplete set, the real model."""
+    config = ServiceConfig.model_validate(
+        {**_config().model_dump(), "assembly": {"timeout_s": 30.0, "max_pending_sets": 8}}
+    )
+    labels = MemoryLabelSink()
+    pipeline = StreamPipeline(
+        source=FrameListener(endpoint=config.ingest.endpoint, max_queued=config.ingest.max_queued),
+        segmenter=LocalSegmenter(model=smoke_model),
+        labels=labels,
+        results=MemoryResultSink(),
+        config=config,
+    )
+    frames = {t: _two_channels(t) for t in range(2)}
+
+    async def scenario() -> AcquisitionSummary:
+        await pipeline.start()
+
+        def send() -> None:
+            with FrameSender(endpoint=pipeline.endpoints["ingest"], acquisition="real-mc") as tx:
+                tx.start(
+                    sizes={"t": 3, "c": 2}, channels={"names": ["nuc", "mem"], "nuclear": 0, "whole_cell": 1}
+                )
+                for t, (membrane, nuclei) in frames.items():
+                    tx.send(nuclei, t=t, c=0)
+                    tx.send(membrane, t=t, c=1)
+                tx.send(frames[0][1], t=2, c=0)  # its membrane never comes
+
+        await asyncio.to_thread(send)
+        results = pipeline.results
+        assert isinstance(results, MemoryResultSink)
+        while not results.summaries:
+            await asyncio.sleep(0.01)
+        await pipeline.stop()
+        return results.summaries[0]
+
+    summary = run(scenario())
+    assert (summary.frames_received, summary.frames_ok, summary.frames_failed) == (5, 4, 1)
+    for t, (membrane, nuclei) in frames.items():
+        frame_id = FrameId("real-mc", 0, t, 0)
+        np.testing.assert_array_equal(labels.read_image(frame_id), np.stack([nuclei, membrane]))
+        model_in = np.stack([np.zeros_like(nuclei), nuclei, membrane], axis=-1)
+        np.testing.assert_array_equal(labels.read_labels(frame_id), segment(model_in, smoke_model).labels)
+    assert not labels.is_done(FrameId("real-mc", 0, 2, 0))

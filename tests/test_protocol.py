@@ -203,7 +203,14 @@ def test_decode(case: Case) -> None:
 
 def test_every_input_reason_has_a_case() -> None:
     covered = {c.expected for c in CASES}
-    listener_only = {Reason.ACQUISITION_ENDED, Reason.INTERNAL}  # tested in test_listener.py
+    # Checked by the sources against the acquisition (tests/test_source_conformance.py, test_layout.py).
+    listener_only = {
+        Reason.ACQUISITION_ENDED,
+        Reason.INTERNAL,
+        Reason.OUT_OF_RANGE,
+        Reason.UNDECLARED_CHANNEL,
+        Reason.LAYOUT_CONFLICT,
+    }
     assert set(Reason) - listener_only <= covered
 
 

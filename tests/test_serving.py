@@ -152,8 +152,9 @@ def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_mod
         # One cell record end to end: the stored table, column by column, is segment()'s table (with
         # the declared pixel size), and the published result carries the same table.
         stored_cells = _stored_cells(service.output, "equal-run", t)
-        want = expected.cells.with_pixel_size(0.5).columns()
-        assert list(stored_cells) == list(want) == list(CELL_COLUMNS)
+        table = expected.cells.with_pixel_size(0.5).with_intensities(expected.labels, frame, ["c0"])
+        want = table.columns()
+        assert list(stored_cells) == list(want) == [*CELL_COLUMNS, "intensity_mean_c0", "intensity_sum_c0"]
         assert expected.n_cells > 0
         for name, values in want.items():
             np.testing.assert_allclose(stored_cells[name], values, rtol=1e-12, err_msg=name)
@@ -161,7 +162,7 @@ def test_labels_in_store_equal_segment_on_the_same_frames(service, reference_mod
         assert published.payload.centroids == list(
             zip(stored_cells["centroid_y"], stored_cells["centroid_x"], strict=True)
         )
-        assert published.payload.cell_table().equals(expected.cells)  # the wire has no pixel size
+        assert published.payload.cell_table().with_pixel_size(0.5).equals(table)
         # (y, x) is array axis order: each cell's stored bbox is where its pixels are in the labels.
         for label, y0, x0, y1, x1 in zip(
             *(stored_cells[c].astype(int) for c in ("label", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")),

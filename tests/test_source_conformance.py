@@ -130,6 +130,98 @@ class Feed(Protocol):
     def close(self) -> None: ...
 
 
+def chan(acq: str, c: int | None, *, t: int = 0, shape: tuple[int, ...] = (4, 5), **index: int) -> list[Any]:
+    """A frame of channel ``c`` (None: all channels in one buffer) whose pixels are ``10 * t + c``."""
+    data = np.full(shape, (10 * t + (c or 0)) % 65536, np.uint16)
+    header = frame_header(data.shape, data.dtype, acquisition=acq, index={"t": t, "c": c, **index})
+    return encode_frame(header, data)
+
+
+@dataclass(frozen=True)
+class LayoutCase:
+    """Frames after a declaration: which are accepted, and the reason of each one that is not."""
+
+    name: str
+    declaration: dict[str, Any] | None  # the start's fields; None: no start
+    frames: list[list[Any]]
+    outcome: list[str]  # "ok" or the rejection reason, one per frame
+
+
+LAYOUT_CASES = [
+    LayoutCase(
+        "per-channel frames of a declared channel count",
+        {"sizes": {"t": 2, "c": 2}},
+        [chan("L", 0), chan("L", 1), chan("L", 0, t=1), chan("L", 1, t=1)],
+        ["ok", "ok", "ok", "ok"],
+    ),
+    LayoutCase(
+        "a channel beyond the declared count",
+        {"sizes": {"c": 2}},
+        [chan("L", 0), chan("L", 2)],
+        ["ok", "out_of_range"],
+    ),
+    LayoutCase(
+        "separate channels without a declared count",
+        None,
+        [chan("L", 0), chan("L", 1)],
+        ["ok", "undeclared_channel"],
+    ),
+    LayoutCase(
+        "a time point beyond the declared sizes",
+        {"sizes": {"t": 5}},
+        [chan("L", None, t=4), chan("L", None, t=5), chan("L", None, t=2**40)],
+        ["ok", "out_of_range", "out_of_range"],
+    ),
+    LayoutCase(
+        "positions beyond the first frame's, undeclared",
+        None,
+        [chan("L", None, p=1), chan("L", None, p=0), chan("L", None, p=2)],
+        ["ok", "ok", "out_of_range"],
+    ),
+    LayoutCase(
+        "z beyond the declared z",
+        {"sizes": {"z": 3}},
+        [chan("L", None, z=2), chan("L", None, z=3)],
+        ["ok", "out_of_range"],
+    ),
+    LayoutCase(
+        "shape conflicting with the first frame",
+        None,
+        [chan("L", None), chan("L", None, shape=(5, 4)), chan("L", None, shape=(1, 1))],
+        ["ok", "layout_conflict", "layout_conflict"],
+    ),
+    LayoutCase(
+        "shape conflicting with the declared shape",
+        {"shape": (8, 8)},
+        [chan("L", None)],
+        ["layout_conflict"],
+    ),
+    LayoutCase(
+        "dtype conflicting with the declared dtype",
+        {"dtype": "uint8"},
+        [chan("L", None)],
+        ["layout_conflict"],
+    ),
+    LayoutCase(
+        "mixed single-buffer and per-channel frames of two channels",
+        {"sizes": {"c": 2}},
+        [
+            chan("L", None, shape=(4, 5, 2)),
+            chan("L", 0, t=1),
+            chan("L", 1, t=1),
+            chan("L", None, shape=(4, 5, 3)),
+        ],
+        ["ok", "ok", "ok", "layout_conflict"],
+    ),
+    LayoutCase(
+        "a per-channel frame must carry one channel",
+        {"sizes": {"c": 2}},
+        [chan("L", 0, shape=(4, 5, 2))],
+        ["bad_shape"],
+    ),
+]
+
+
 class SourceConformance:
     """Behaviour every `FrameSource` must show; see the `FrameSource` docstring for the contract."""
 
@@ -282,6 +374,29 @@ class SourceConformance:
                 assert isinstance(accepted, Frame) and accepted.index.t == 9
                 assert source.stats.rejected == {case.reason: 1}
                 assert (source.stats.received, source.stats.accepted) == (2, 1)
+
+        run(main())
+
+    @pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c.name for c in LAYOUT_CASES])
+    def test_frames_must_fit_their_acquisitions_layout(self, case: LayoutCase) -> None:
+        """Checked when the frame arrives, so an accepted frame can always be segmented and stored."""
+
+        async def main() -> None:
+            async with self.opened(max_queued=32) as (source, feed):
+                messages = [] if case.declaration is None else [start("L", **case.declaration)]
+                await self.fed(source, feed, [*messages, *case.frames])
+                events = [await source.get() for _ in range(len(messages) + len(case.frames))]
+                got = [
+                    "ok" if isinstance(e, Frame) else e.reason
+                    for e in events
+                    if isinstance(e, (Frame, Rejected))
+                ]
+                assert got == case.outcome
+                for event in events:
+                    if isinstance(event, Rejected):
+                        assert event.acquisition == "L" and event.index is not None and event.detail
+                    if isinstance(event, Frame):
+                        assert event.layout is not None and event.layout.shape == (4, 5)
 
         run(main())
 
@@ -540,17 +655,17 @@ class SourceConformance:
         async def main() -> None:
             async with self.opened(max_queued=8) as (source, feed):
                 assert source.stats == SourceStats()
-                messages = [start("st"), frame("st", 0), frame("st", 1, shape=(2, 3)), [b"x"], end("st")]
-                messages += [frame("st", 2), [raw_header(v=3), PIXELS]]
+                messages = [start("st"), frame("st", 0), frame("st", 1), [b"x"], end("st")]
+                messages += [frame("st", 2), [raw_header(v=3), PIXELS], frame("st", 3, shape=(2, 3))]
                 await self.fed(source, feed, messages)
                 assert source.queue_depth == 2
                 assert source.stats.as_dict() == {
-                    "received": 7,
+                    "received": 8,
                     "accepted": 2,
-                    "bytes_accepted": (4 * 5 + 2 * 3) * 2,
+                    "bytes_accepted": 4 * 5 * 2 * 2,
                     "started": 1,
                     "ended": 1,
-                    "rejected": {"bad_json": 1, "acquisition_ended": 1, "bad_version": 1},
+                    "rejected": {"bad_json": 1, "acquisition_ended": 2, "bad_version": 1},
                     "dropped": {},
                     "queue_depth": 2,
                 }

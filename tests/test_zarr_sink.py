@@ -15,7 +15,7 @@ import pytest
 import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
-from ome_zarr_models.v05.bioformats2raw import BioFormats2Raw
+from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
 from skimage.draw import disk
 
@@ -23,6 +23,7 @@ from acquisition.errors import InvalidAcquisitionIdError
 from acquisition.frames import FrameId
 from acquisition.sink_errors import IncompatibleStoreError
 from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
+from acquisition.zarr_layout import position_path
 from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.cells import CELL_COLUMNS
 from tests.sink_frames import (
@@ -36,6 +37,8 @@ from tests.sink_frames import (
 )
 
 SPAWN = multiprocessing.get_context("spawn")
+#: Group paths of the two positions of `make_spec`'s acquisitions: wells A/1 and A/2 of the plate.
+POS = ("A/1/0", "A/2/0")
 
 
 def make_spec(acquisition: str = "run-1", **kwargs: Any) -> AcquisitionSpec:
@@ -59,8 +62,9 @@ def check_done_frames(store: Path, spec: AcquisitionSpec, limit: int | None = No
     """
     checked = 0
     for p in range(spec.sizes.p):
-        done = np.asarray(zarr.open_array(store / str(p) / "cellsam" / "done", mode="r")[...])
-        labels = zarr.open_array(store / str(p) / "labels" / "cells" / "0", mode="r")
+        position = store / position_path(p, spec.sizes.p)
+        done = np.asarray(zarr.open_array(position / "cellsam" / "done", mode="r")[...])
+        labels = zarr.open_array(position / "labels" / "cells" / "0", mode="r")
         frames = np.argwhere(done & 1)[-limit:] if limit else np.argwhere(done & 1)
         for t, z in frames:
             np.testing.assert_array_equal(labels[t, z], frame_labels(p, int(t), int(z)))
@@ -72,6 +76,15 @@ def ome_zarr_nodes(series: Path) -> dict[str, Any]:
     """Nodes that ome-zarr's reader finds from a series group, keyed by their path's last part."""
     nodes = list(Reader(parse_url(str(series)))())
     return {node.zarr.basename(): node for node in nodes}
+
+
+def test_positions_are_the_wells_of_a_plate() -> None:
+    assert [position_path(p, 1) for p in range(1)] == ["A/1/0"]
+    assert [position_path(p, 2) for p in range(2)] == list(POS)
+    assert [position_path(p, 5) for p in range(5)] == ["A/1/0", "A/2/0", "A/3/0", "B/1/0", "B/2/0"]
+    assert position_path(0, 27 * 27) == "A/1/0" and position_path(27 * 27 - 1, 27 * 27) == "AA/27/0"
+    with pytest.raises(ValueError, match="outside"):
+        position_path(2, 2)
 
 
 def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
@@ -90,14 +103,24 @@ def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
 
     assert read_json(store / "zarr.json")["attributes"]["ome"] == {
         "version": "0.5",
-        "bioformats2raw.layout": 3,
+        "plate": {
+            "version": "0.5",
+            "name": "run-1",
+            "rows": [{"name": "A"}],
+            "columns": [{"name": "1"}, {"name": "2"}],
+            "wells": [
+                {"path": "A/1", "rowIndex": 0, "columnIndex": 0},
+                {"path": "A/2", "rowIndex": 0, "columnIndex": 1},
+            ],
+            "field_count": 1,
+        },
     }
-    assert read_json(store / "OME" / "zarr.json")["attributes"]["ome"] == {
+    assert read_json(store / "A" / "2" / "zarr.json")["attributes"]["ome"] == {
         "version": "0.5",
-        "series": ["0", "1"],
+        "well": {"images": [{"path": "0"}]},
     }
 
-    image = read_json(store / "1" / "zarr.json")["attributes"]["ome"]
+    image = read_json(store / POS[1] / "zarr.json")["attributes"]["ome"]
     assert image["version"] == "0.5"
     (multiscale,) = image["multiscales"]
     assert [a["name"] for a in multiscale["axes"]] == ["t", "c", "z", "y", "x"]
@@ -115,12 +138,12 @@ def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
     ]
     assert [c["label"] for c in image["omero"]["channels"]] == ["DAPI", "GFP"]
 
-    assert read_json(store / "1" / "labels" / "zarr.json")["attributes"]["ome"] == {
+    assert read_json(store / POS[1] / "labels" / "zarr.json")["attributes"]["ome"] == {
         "version": "0.5",
         "labels": ["cells"],
     }
-    label = read_json(store / "1" / "labels" / "cells" / "zarr.json")["attributes"]["ome"]
-    assert label["image-label"]["source"] == {"image": "../../"}
+    label = read_json(store / POS[1] / "labels" / "cells" / "zarr.json")["attributes"]["ome"]
+    assert label["image-label"] == {"source": {"image": "../../"}}  # no colours: every label is shown
     (label_multiscale,) = label["multiscales"]
     assert [a["name"] for a in label_multiscale["axes"]] == ["t", "z", "y", "x"]
     assert label_multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [
@@ -130,18 +153,19 @@ def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
         0.325,
     ]
 
-    labels0 = zarr.open_array(store / "1" / "labels" / "cells" / "0", mode="r")
+    labels0 = zarr.open_array(store / POS[1] / "labels" / "cells" / "0", mode="r")
     assert labels0.dtype == np.uint32 and labels0.metadata.dimension_names == ("t", "z", "y", "x")  # type: ignore[union-attr]
     assert labels0.chunks == (1, 1, *SHAPE)  # one chunk per frame
-    image0 = zarr.open_array(store / "1" / "0", mode="r")
+    image0 = zarr.open_array(store / POS[1] / "0", mode="r")
     assert image0.dtype == np.uint16 and image0.chunks == (1, 2, 1, *SHAPE)
 
-    # An independent validator of the OME-Zarr 0.5 models accepts every series and the collection.
+    # An independent validator of the OME-Zarr 0.5 models accepts the plate, its wells and images.
     root = zarr.open_group(store, mode="r")
-    for p in ("0", "1"):
-        model = Image.from_zarr(root[p])  # type: ignore[arg-type]
+    plate = HCS.from_zarr(root)
+    assert [well.ome_attributes.well.images[0].path for well in plate.well_groups] == ["0", "0"]
+    for path in POS:
+        model = Image.from_zarr(root[path])  # type: ignore[arg-type]
         assert model.labels is not None and model.labels.label_paths == ["cells"]
-    assert BioFormats2Raw.from_zarr(root).image_paths == ["0", "1"]
 
 
 def test_independent_readers_see_written_frames(tmp_path: Path) -> None:
@@ -152,19 +176,24 @@ def test_independent_readers_see_written_frames(tmp_path: Path) -> None:
         write_frame(sink, spec, 0, t, 0)
     store = sink.store_path(spec.acquisition)
 
-    nodes = ome_zarr_nodes(store / "0")
+    nodes = ome_zarr_nodes(store / POS[0])
     image, cells = nodes["0"], nodes["cells"]
     assert [d.shape[-2:] for d in image.data] == [SHAPE, (32, 32)]
     np.testing.assert_array_equal(image.data[0][3, :, 0].compute(), frame_image(0, 3, 0, 2))
     np.testing.assert_array_equal(cells.data[0][3, 0].compute(), frame_labels(0, 3, 0))
     np.testing.assert_array_equal(cells.data[1][3, 0].compute(), frame_labels(0, 3, 0)[::2, ::2])
-    assert cells.metadata["color"] == {0: [0.0, 0.0, 0.0, 0.0]}
+    assert cells.metadata["color"] == {}  # no colours listed: viewers use their label colormap
 
     # Plain zarr walks the whole hierarchy without meeting anything it does not recognise.
     root = zarr.open_group(store, mode="r")
     names = {name for name, _ in root.members(max_depth=None)}
-    assert {"0/labels/cells/1", "0/cellsam/done", "0/cellsam/cells/t000003_z0000", "OME"} <= names
-    table = np.asarray(zarr.open_array(store / "0" / "cellsam" / "cells" / "t000003_z0000", mode="r")[...])
+    assert {
+        f"{POS[0]}/labels/cells/1",
+        f"{POS[0]}/cellsam/done",
+        f"{POS[0]}/cellsam/cells/t000003_z0000",
+    } <= names
+    table_path = store / POS[0] / "cellsam" / "cells" / "t000003_z0000"
+    table = np.asarray(zarr.open_array(table_path, mode="r")[...])
     np.testing.assert_array_equal(table, frame_cells(0, 3, 0).to_array())
     assert check_done_frames(store, spec) == 6
 
@@ -175,7 +204,7 @@ def test_cell_tables_are_stored_and_read_by_column_name(tmp_path: Path) -> None:
     sink.open_acquisition(spec)
     write_frame(sink, spec, 0, 1, 0)
     frame = FrameId(spec.acquisition, 0, 1, 0)
-    path = sink.store_path(spec.acquisition) / "0" / "cellsam" / "cells" / "t000001_z0000"
+    path = sink.store_path(spec.acquisition) / POS[0] / "cellsam" / "cells" / "t000001_z0000"
     stored = zarr.open_array(path, mode="r")
     assert stored.attrs["cellsam"] == {"columns": list(CELL_COLUMNS)}
     assert stored.metadata.dimension_names == ("cell", "column")  # type: ignore[union-attr]
@@ -183,12 +212,12 @@ def test_cell_tables_are_stored_and_read_by_column_name(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(stored[...]), expected.to_array())
 
     # A reader goes by the names, not the positions: the same table with its columns in another order
-    # (and one column this code does not know) reads back equal.
+    # reads back equal, and a column this code does not know is kept as a measurement.
     names = [*reversed(CELL_COLUMNS), "future_column"]
     rows = np.column_stack([*(expected.columns()[c] for c in reversed(CELL_COLUMNS)), np.ones(len(expected))])
     zarr.create_array(
         sink.store_path(spec.acquisition),
-        name="0/cellsam/cells/t000001_z0000",
+        name=f"{POS[0]}/cellsam/cells/t000001_z0000",
         data=rows.astype(np.float64),
         attributes={"cellsam": {"columns": names}},
         overwrite=True,
@@ -196,7 +225,8 @@ def test_cell_tables_are_stored_and_read_by_column_name(tmp_path: Path) -> None:
     reader = ZarrLabelSink(tmp_path)
     reader.open_acquisition(spec)
     back = reader.read_cells(frame)
-    assert back.equals(expected) and back.pixel_size_um == 0.5
+    assert back.pixel_size_um == 0.5
+    assert back.equals(expected.with_measurements({"future_column": np.ones(len(expected))}))
 
 
 def test_writer_processes_share_an_unbounded_acquisition(tmp_path: Path) -> None:
@@ -222,11 +252,11 @@ def test_writer_processes_share_an_unbounded_acquisition(tmp_path: Path) -> None
         # Mid-acquisition, all writers alive: readers see consistent metadata and intact done frames.
         store = tmp_path / f"{spec.acquisition}.ome.zarr"
         assert check_done_frames(store, spec) == sum(len(s) // 2 for s in shares)
-        assert ome_zarr_nodes(store / "1")["cells"].data[0].shape[0] >= n_t // 2
+        assert ome_zarr_nodes(store / POS[1])["cells"].data[0].shape[0] >= n_t // 2
         resume.set()
         while any(proc.is_alive() for proc in procs):
             check_done_frames(store, spec, limit=4)  # reads racing the writers
-            nodes = ome_zarr_nodes(store / "0")
+            nodes = ome_zarr_nodes(store / POS[0])
             assert nodes["cells"].data[0].shape[1:] == (1, *SHAPE)
     finally:
         resume.set()
@@ -247,7 +277,7 @@ def test_writer_processes_share_an_unbounded_acquisition(tmp_path: Path) -> None
     root = zarr.open_group(sink.store_path(spec.acquisition), mode="r")
     shapes = {path: arr.shape[0] for path, arr in root.arrays()} | {
         f"{p}/{name}": root[f"{p}/{name}"].shape[0]  # type: ignore[union-attr]
-        for p in range(2)
+        for p in POS
         for name in ("0", "labels/cells/0", "cellsam/done")
     }
     assert set(shapes.values()) == {n_t}  # trimmed to the data, every array alike
@@ -285,7 +315,7 @@ def test_sigkill_mid_acquisition_then_resume(tmp_path: Path) -> None:
         assert sink.read_cells(frame).equals(frame_cells(frame.p, frame.t, frame.z))
     store = sink.store_path(spec.acquisition)
     assert check_done_frames(store, spec) == len(done)
-    assert ome_zarr_nodes(store / "0")["cells"].data[1].shape[-2:] == (32, 32)
+    assert ome_zarr_nodes(store / POS[0])["cells"].data[1].shape[-2:] == (32, 32)
 
     # The acquisition continues into the same store: missing frames are (re)written, new ones added.
     t_end = max(f.t for f in done) + 3
@@ -298,7 +328,7 @@ def test_sigkill_mid_acquisition_then_resume(tmp_path: Path) -> None:
     assert sorted((f.p, f.t, f.z) for f in progress.done) == sorted(wanted)
     assert progress.summary == {"resumed": True}
     assert check_done_frames(store, spec) == len(wanted)
-    assert zarr.open_array(store / "1" / "labels" / "cells" / "0", mode="r").shape[0] == t_end
+    assert zarr.open_array(store / POS[1] / "labels" / "cells" / "0", mode="r").shape[0] == t_end
 
 
 def _plain_file(path: Path) -> None:
@@ -370,17 +400,14 @@ def test_sharding_and_yx_chunks(tmp_path: Path) -> None:
     for t in range(6):
         write_frame(sink, spec, 0, t, 0)
     store = sink.store_path(spec.acquisition)
-    labels = zarr.open_array(store / "0" / "labels" / "cells" / "0", mode="r")
+    labels = zarr.open_array(store / POS[0] / "labels" / "cells" / "0", mode="r")
     assert labels.shards == (4, 1, *SHAPE) and labels.chunks == (1, 1, 32, 16)
-    image = zarr.open_array(store / "0" / "0", mode="r")
+    image = zarr.open_array(store / POS[0] / "0", mode="r")
     assert image.shards == (4, 2, 1, *SHAPE) and image.chunks == (1, 2, 1, 32, 16)
     # Frames 0-3 share one shard file per array: one file, all four frames intact.
-    shard_files = sorted((store / "0" / "labels" / "cells" / "0" / "c").rglob("*"))
-    assert [
-        f.relative_to(store / "0" / "labels" / "cells" / "0" / "c").as_posix()
-        for f in shard_files
-        if f.is_file()
-    ] == [
+    chunk_dir = store / POS[0] / "labels" / "cells" / "0" / "c"
+    shard_files = sorted(chunk_dir.rglob("*"))
+    assert [f.relative_to(chunk_dir).as_posix() for f in shard_files if f.is_file()] == [
         "0/0/0/0",
         "1/0/0/0",
     ]
@@ -395,10 +422,10 @@ def test_downsampled_levels(tmp_path: Path) -> None:
     sink.write(FrameId(spec.acquisition, 0, 1, 0), labels)
     root = zarr.open_group(sink.store_path(spec.acquisition), mode="r")
     for level, shape in enumerate([(64, 48), (32, 24), (16, 12)]):
-        stored = root[f"0/labels/cells/{level}"]
+        stored = root[f"{POS[0]}/labels/cells/{level}"]
         assert stored.shape[-2:] == shape  # type: ignore[union-attr]
         np.testing.assert_array_equal(stored[1, 0], labels[:: 2**level, :: 2**level])  # type: ignore[index]
-        assert root[f"0/{level}"].shape[-2:] == shape  # type: ignore[union-attr]
+        assert root[f"{POS[0]}/{level}"].shape[-2:] == shape  # type: ignore[union-attr]
 
 
 def test_label_arrays_compress_well(tmp_path: Path) -> None:
@@ -411,7 +438,7 @@ def test_label_arrays_compress_well(tmp_path: Path) -> None:
     sink = ZarrLabelSink(tmp_path)
     sink.open_acquisition(spec)
     sink.write(FrameId(spec.acquisition, 0, 0, 0), labels)
-    chunk_dir = sink.store_path(spec.acquisition) / "0" / "labels" / "cells" / "0" / "c"
+    chunk_dir = sink.store_path(spec.acquisition) / "A" / "1" / "0" / "labels" / "cells" / "0" / "c"
     stored = sum(f.stat().st_size for f in chunk_dir.rglob("*") if f.is_file())
     ratio = stored / labels.nbytes
     print(f"label compression: {labels.nbytes} B -> {stored} B (ratio {ratio:.4f})")
@@ -424,8 +451,11 @@ def test_crash_leftovers_are_cleaned_on_open(tmp_path: Path) -> None:
     (leftover / "0").mkdir(parents=True)
     sink = ZarrLabelSink(tmp_path)
     sink.open_acquisition(spec)
-    partial = sink.store_path(spec.acquisition) / "zarr.0123.partial"
-    partial.write_text("{")
+    store = sink.store_path(spec.acquisition)
+    # Killed while replacing the root's or a position's metadata (a window update).
+    partials = [store / "zarr.0123.partial", store / POS[1] / "zarr.4567.partial"]
+    for partial in partials:
+        partial.write_text("{")
     sink.open_acquisition(spec)  # a restart
-    assert not leftover.exists() and not partial.exists()
-    zarr.open_group(sink.store_path(spec.acquisition), mode="r").members()  # no unrecognised objects
+    assert not leftover.exists() and not any(partial.exists() for partial in partials)
+    zarr.open_group(store, mode="r").members(max_depth=None)  # no unrecognised objects

@@ -1,0 +1,124 @@
+"""An acquisition's frame layout, fixed by its declaration and first frame, and the check of every frame.
+
+What a frame may be is decided when it arrives, before anything is segmented or stored: a frame whose
+index lies outside the acquisition, whose shape or dtype differs from the acquisition's, or which carries a
+channel the acquisition never declared is rejected with its reason, so an accepted frame can always be
+stored (no ``ok`` result for a frame that is never written). The same :class:`Layout` then lays out the
+acquisition's store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from acquisition.errors import ProtocolError
+from acquisition.protocol import Reason, StartMessage
+from acquisition.wire import FrameMessage
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Extent and pixel layout of one acquisition.
+
+    Attributes
+    ----------
+    t : int or None
+        Time points (None: open-ended, the store grows).
+    p, z : int
+        Positions and z planes: declared, else fixed by the first frame (``index + 1``).
+    c : int
+        Channels of the stored image: declared ``sizes.c``, else the first frame's (``C`` of an
+        ``(H, W, C)`` buffer, 1 for ``(H, W)``).
+    shape : (int, int)
+        ``(H, W)`` of every frame (declared ``shape``, else the first frame's).
+    dtype : str
+        Pixel dtype of every frame (declared, else the first frame's).
+    declared_channels : bool
+        Whether ``sizes.c`` was declared (only then may frames carry single channels beyond ``c=0``).
+    """
+
+    t: int | None
+    p: int
+    z: int
+    c: int
+    shape: tuple[int, int]
+    dtype: str
+    declared_channels: bool
+
+    @classmethod
+    def of(cls, start: StartMessage | None, first: FrameMessage) -> Layout:
+        """The layout of an acquisition from its ``start`` (if any) and its first accepted frame."""
+        sizes = start.sizes if start is not None else None
+        _, p, z = first.position
+        data = first.data
+        declared_c = sizes.c if sizes is not None else None
+        if declared_c is not None:
+            c = declared_c
+        elif first.channel is not None:
+            c = 1
+        else:
+            c = int(data.shape[2]) if data.ndim == 3 else 1
+        declared_shape = start.shape if start is not None else None
+        return cls(
+            t=sizes.t if sizes is not None else None,
+            p=(sizes.p if sizes is not None and sizes.p else p + 1),
+            z=(sizes.z if sizes is not None and sizes.z else z + 1),
+            c=c,
+            shape=(
+                (int(declared_shape[0]), int(declared_shape[1]))
+                if declared_shape is not None and len(declared_shape) >= 2
+                else (int(data.shape[0]), int(data.shape[1]))
+            ),
+            dtype=(start.dtype if start is not None and start.dtype else data.dtype.name),
+            declared_channels=declared_c is not None,
+        )
+
+    def check(self, message: FrameMessage) -> None:
+        """Raise :class:`ProtocolError` when ``message`` does not fit this acquisition."""
+        t, p, z = message.position
+        data = message.data
+        for axis, value, size in (("t", t, self.t), ("p", p, self.p), ("z", z, self.z)):
+            if size is not None and value >= size:
+                self._fail(
+                    message,
+                    Reason.OUT_OF_RANGE,
+                    f"index {axis}={value} is outside the acquisition's {axis} size {size} (declared in "
+                    f"'start', else fixed by its first frame): declare sizes.{axis} to send more",
+                )
+        c = message.channel
+        if c is not None:
+            if data.ndim != 2:
+                self._fail(message, Reason.BAD_SHAPE, f"a frame with index c={c} carries one channel (H, W)")
+            if c >= self.c:
+                if not self.declared_channels:
+                    self._fail(
+                        message,
+                        Reason.UNDECLARED_CHANNEL,
+                        f"channel c={c} of an acquisition that declared no channel count: declare sizes.c "
+                        "in 'start' to send channels as separate frames",
+                    )
+                self._fail(
+                    message, Reason.OUT_OF_RANGE, f"channel c={c} is outside the declared sizes.c={self.c}"
+                )
+        else:
+            channels = int(data.shape[2]) if data.ndim == 3 else 1
+            if channels != self.c:
+                self._fail(
+                    message,
+                    Reason.LAYOUT_CONFLICT,
+                    f"frame has {channels} channel(s); the acquisition has {self.c}",
+                )
+        if (int(data.shape[0]), int(data.shape[1])) != self.shape or data.dtype.name != self.dtype:
+            self._fail(
+                message,
+                Reason.LAYOUT_CONFLICT,
+                f"frame is {data.shape[0]}x{data.shape[1]} {data.dtype.name}; the acquisition's frames are "
+                f"{self.shape[0]}x{self.shape[1]} {self.dtype}",
+            )
+
+    @staticmethod
+    def _fail(message: FrameMessage, reason: Reason, detail: str) -> None:
+        header = message.header
+        raise ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
