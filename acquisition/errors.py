@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "AcquisitionError",
     "ListenerClosedError",
+    "NotConnectedError",
     "ProtocolError",
     "SendTimeoutError",
     "SourceError",
@@ -58,6 +59,15 @@ class SendTimeoutError(AcquisitionError, TimeoutError):
     The receiver is behind (or gone) and ZeroMQ's high-water mark is full. Retry, skip the frame, or
     raise the timeout; the frame was not sent.
     """
+
+
+class NotConnectedError(AcquisitionError, TimeoutError):
+    """No receiver completed a connection within the time allowed (nothing listening, unreachable, or
+    the receiver refused this client's CURVE keys: ``refused`` is then True)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        self.refused = refused
+        super().__init__(message)
 
 
 class ListenerClosedError(AcquisitionError, RuntimeError):
