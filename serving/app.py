@@ -10,19 +10,24 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import ModelSettings, ServiceConfig
 from serving.deployments import DecodedFrame, Decoder, Encoder
 from serving.metrics import ServiceMetrics
+from serving.security import http_guard, secure_ingress
 
 __all__ = ["Ingress", "ServeSegmenter", "build_app"]
 
 log = logging.getLogger(__name__)
 
-http_app = FastAPI(title="cellsam-stream", description="Live CellSAM segmentation service.")
+http_app = FastAPI(
+    title="cellsam-stream",
+    description="Live CellSAM segmentation service.",
+    dependencies=[Depends(http_guard)],  # a bearer token on every route once one is configured
+)
 
 
 def _is_replica_failure(exc: BaseException) -> bool:
@@ -115,12 +120,14 @@ class Ingress:
             name=name, sha256=sha256, source=source, device=model.device, dtype=model.dtype
         )
         self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
+        self.curve = secure_ingress(self.config.security, self.metrics)
         self.pipeline = StreamPipeline(
             config=self.config,
             segmenter=self.segmenter,
             sink=ZarrLabelSink(self.config.output.directory),
             metrics=self.metrics,
             model_name=name,
+            curve=self.curve,
         )
         await self.pipeline.start()
         log.info("ingress ready: %s, metrics on port %d", self.pipeline.endpoints, self.metrics_port)
@@ -130,6 +137,9 @@ class Ingress:
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
             await pipeline.stop()
+        curve = getattr(self, "curve", None)
+        if curve is not None:
+            curve.close()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()

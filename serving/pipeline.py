@@ -30,6 +30,7 @@ from acquisition.frames import Frame
 from acquisition.listener import FrameListener, ListenerEvent
 from acquisition.protocol import AcquisitionSummary, FrameResult
 from acquisition.publisher import ResultPublisher
+from acquisition.security import CurveServer
 from acquisition.sink import AcquisitionSpec, LabelSink, Sizes
 from serving.config import ServiceConfig
 from serving.deployments import DecodedFrame
@@ -157,6 +158,8 @@ class StreamPipeline:
     metrics : ServiceMetrics, optional
     model_name : str
         Reported in every result.
+    curve : CurveServer, optional
+        Started CURVE server securing both sockets (see :mod:`acquisition.security`).
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class StreamPipeline:
         metrics: ServiceMetrics | None = None,
         model_name: str = "",
         on_result: Callable[[FrameResult], None] | None = None,
+        curve: CurveServer | None = None,
     ) -> None:
         self.config = config
         self.segmenter = segmenter
@@ -175,7 +179,8 @@ class StreamPipeline:
         self.metrics = metrics or ServiceMetrics()
         self.model_name = model_name
         self.on_result = on_result
-        self.publisher = ResultPublisher(endpoint=config.results.endpoint)
+        secured: Callable[[str], dict[str, Any]] = curve.socket_kwargs if curve else lambda _: {}
+        self.publisher = ResultPublisher(endpoint=config.results.endpoint, **secured("results"))
         self.listener = FrameListener(
             endpoint=config.ingest.endpoint,
             max_in_flight=config.ingest.queue_size,
@@ -184,6 +189,7 @@ class StreamPipeline:
             rcvhwm=config.ingest.rcvhwm,
             retain_buffers=config.ingest.retain_buffers,
             on_event=self._on_event,
+            **secured("ingest"),
         )
         self.acquisitions: dict[str, AcquisitionProgress] = {}
         self._specs: dict[str, AcquisitionSpec] = {}
