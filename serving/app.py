@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import ModelSettings, ServiceConfig
 from serving.deployments import DecodedFrame, Decoder, Encoder
 from serving.metrics import ServiceMetrics
-from serving.security import http_guard, secure_ingress
+from serving.security import require_http_token, secure_ingress
 
 __all__ = ["Ingress", "ServeSegmenter", "build_app"]
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 http_app = FastAPI(
     title="cellsam-stream",
     description="Live CellSAM segmentation service.",
-    dependencies=[Depends(http_guard)],  # a bearer token on every route once one is configured
+    dependencies=[Depends(require_http_token)],  # a bearer token on every route once one is configured
 )
 
 

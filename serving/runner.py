@@ -115,8 +115,10 @@ def start_service(
     from serving.security import read_http_token
 
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address and not config.security.expose:
-        confine_embedded_ray_to_loopback()  # before Ray is imported: it reads the switch on import
+    if (not address and not config.security.expose) or _is_loopback_address(address):
+        # Before Ray is imported: it reads the switch on import. A loopback address names a local-only
+        # Ray on this machine (another `cellsam-stream serve`), which this driver must join as one.
+        confine_embedded_ray_to_loopback()
     _quiet_ray(verbose)
 
     import ray
@@ -128,7 +130,7 @@ def start_service(
     started_ray = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=verbose, logging_level=quiet)
+            _join_cluster(address, verbose=verbose, logging_level=quiet)
         else:
             # An embedded Ray needs a CPU slot for each of the three deployments, even on 2 cores.
             cpus = num_cpus or max(4, os.cpu_count() or 1)
@@ -166,6 +168,33 @@ def start_service(
         started_ray=started_ray,
         http_token=token,
     )
+
+
+def _join_cluster(address: str, *, verbose: bool, logging_level: int) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging_level)
+    except (ConnectionError, AuthenticationError, TimeoutError) as exc:
+        auth = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else (
+                "; if the cluster uses token authentication (Ray's default since 2.59), set "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token; docs/deploy.md)"
+            )
+        )
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartError(f"cannot join the Ray cluster at {address}: {first}{auth}") from None
+
+
+def _is_loopback_address(address: str | None) -> bool:
+    if not address or address == "auto":
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return is_loopback_host(host)
 
 
 def _quiet_ray(verbose: bool) -> None:

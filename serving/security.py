@@ -18,7 +18,7 @@ from acquisition.security import CurveServer
 from serving.config import SecuritySettings
 from serving.metrics import ServiceMetrics
 
-__all__ = ["BearerTokenGuard", "http_guard", "read_http_token", "secure_ingress"]
+__all__ = ["BearerTokenGuard", "http_guard", "read_http_token", "require_http_token", "secure_ingress"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,15 @@ class BearerTokenGuard:
 
 #: The guard of the service's HTTP routes (one Ingress replica per process).
 http_guard = BearerTokenGuard()
+
+
+async def require_http_token(request: Request) -> None:
+    """The FastAPI dependency of every route: asks :data:`http_guard`.
+
+    A module-level function on purpose: Serve copies the FastAPI app (by pickling) into the replica, and
+    a function is pickled by reference, so the copy still reaches the guard the Ingress configures.
+    """
+    await http_guard(request)
 
 
 def secure_ingress(security: SecuritySettings, metrics: ServiceMetrics) -> CurveServer | None:
