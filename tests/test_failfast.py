@@ -51,16 +51,28 @@ CASES = [
     Case("serve_missing_config", ["serve", "--config", "nope.yaml"], 1, "nope.yaml does not exist"),
     Case("serve_http_beyond_loopback", ["serve", "--http-host", "0.0.0.0"], 2, "pass --expose"),
     Case("serve_expose_without_curve", ["serve", "--expose"], 2, "configure CURVE"),
-    Case("serve_same_port_twice", ["serve", "--ingest", "tcp://127.0.0.1:5599", "--results",
-                                   "tcp://127.0.0.1:5599"], 2, "both ask for port 5599"),  # fmt: skip
+    Case(
+        "serve_same_port_twice",
+        ["serve", "--ingest", "tcp://127.0.0.1:5599", "--results", "tcp://127.0.0.1:5599"],
+        2,
+        "both ask for port 5599",
+    ),
     Case("serve_missing_weights", ["serve", "--weights", "nope.pt"], 1, "nope.pt"),
     Case("serve_no_gpu", ["serve", "--random-weights", "--device", "cuda:7"], 2, "--device cuda:7"),
     Case("serve_curve_half", ["serve", "--curve-clients", "adir"], 2, "go together"),
-    Case("serve_missing_server_key", ["serve", "--random-weights", "--curve-secret-key", "k.key_secret",
-                                      "--curve-clients", "adir"], 1, "k.key_secret does not exist"),  # fmt: skip
+    Case(
+        "serve_missing_server_key",
+        ["serve", "--random-weights", "--curve-secret-key", "k.key_secret", "--curve-clients", "adir"],
+        1,
+        "k.key_secret does not exist",
+    ),
     Case("serve_missing_token", ["serve", "--random-weights", "--http-token-file", "nope"], 1, "nope"),
-    Case("serve_unwritable_output", ["serve", "--random-weights", "--output", "a_file/out"], 1,
-         "cannot write to the output directory"),  # fmt: skip
+    Case(
+        "serve_unwritable_output",
+        ["serve", "--random-weights", "--output", "a_file/out"],
+        1,
+        "cannot write to the output directory",
+    ),
     Case("demo_no_frames", ["demo", "--frames", "0"], 2, "--frames must be at least 1, got 0"),
     Case("demo_negative_frames", ["demo", "--frames", "-2"], 2, "got -2"),
     Case("demo_missing_source", ["demo", "--source", "missing.tif"], 1, "missing.tif does not exist"),
