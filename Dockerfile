@@ -7,7 +7,9 @@
 #   - KubeRay head and GPU workers (deploy/kuberay/rayservice.yaml): KubeRay replaces the entrypoint with
 #     its own `ray start ...` command, run by bash, and probes the node with wget -- both are installed;
 #   - a single machine: docker run --gpus all -p 5555:5555 -p 5556:5556 -p 8000:8000 -p 9464:9464 \
-#       -v /data/output:/data/output IMAGE serve --config /data/service.yaml
+#       -v /data/output:/data/output -v /etc/cellsam:/etc/cellsam:ro IMAGE serve --config /data/service.yaml
+#     (inside a container the service must bind beyond its loopback to be reachable: security.expose,
+#     with CURVE keys and an HTTP token, docs/deploy.md "Securing the endpoints")
 #   - the weights init container: IMAGE weights fetch --cache-dir /models
 #
 # The base image brings a CUDA build of torch; installing the package keeps it (torch>=2.4 is already
