@@ -71,7 +71,7 @@ def create_key_pair(directory: str | Path, name: str) -> tuple[Path, Path]:
 
 
 def _load(path: str | Path) -> tuple[bytes, bytes | None]:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CurveKeyError(f"CURVE key file {path} does not exist (make one with `cellsam-stream keys`)")
     try:
