@@ -181,8 +181,7 @@ class CurveServer:
         self._monitors: dict[zmq.Socket[Any], str] = {}
         self._monitor_lock = threading.Lock()
         self._monitor_thread: threading.Thread | None = None
-        self._wake_endpoint = f"inproc://curve-monitor-wake-{id(self)}"
-        self._wake: zmq.Socket[Any] | None = None
+        self._stopping = threading.Event()
         self.refused: dict[str, int] = {}
 
     def start(self) -> None:
@@ -192,8 +191,7 @@ class CurveServer:
         self._auth = ThreadAuthenticator(self.context, log=log)
         self._auth.start()
         self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
-        self._wake = self.context.socket(zmq.PAIR)
-        self._wake.bind(self._wake_endpoint)
+        self._stopping.clear()
         self._monitor_thread = threading.Thread(target=self._watch, name="curve-monitor", daemon=True)
         self._monitor_thread.start()
 
@@ -216,9 +214,8 @@ class CurveServer:
             sock.curve_server = True
             sock.zap_domain = ZAP_DOMAIN.encode()
             monitor = sock.get_monitor_socket(_REFUSED)
-            with self._monitor_lock:
+            with self._monitor_lock:  # the monitor thread picks it up at its next poll
                 self._monitors[monitor] = name
-            self._poke()
 
         return apply
 
@@ -226,36 +223,20 @@ class CurveServer:
         """``socket_options`` and ``context`` for a listener or publisher secured as ``name``."""
         return {"socket_options": self.socket_options(name), "context": self.context}
 
-    def _poke(self) -> None:
-        # Wakes the monitor thread so that it polls the new monitor socket too (own socket per call:
-        # sockets are not thread-safe, and this runs in whichever thread binds).
-        sock = self.context.socket(zmq.PAIR)
-        sock.linger = 0
-        try:
-            sock.connect(self._wake_endpoint)
-            sock.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        finally:
-            sock.close()
-
     def _watch(self) -> None:
-        wake = self._wake
-        if wake is None:
-            return
+        # Polls with a short timeout, so that monitors added by sockets bound later (in other threads)
+        # and a stop request are seen without a wake-up channel.
         poller = zmq.Poller()
-        poller.register(wake, zmq.POLLIN)
         watched: set[zmq.Socket[Any]] = set()
-        while True:
+        while not self._stopping.is_set():
             with self._monitor_lock:
                 for monitor in self._monitors.keys() - watched:
                     poller.register(monitor, zmq.POLLIN)
                     watched.add(monitor)
-            for sock, _ in poller.poll():
-                if sock is wake:
-                    if wake.recv() == b"stop":
-                        return
-                    continue
+            if not watched:
+                self._stopping.wait(0.05)
+                continue
+            for sock, _ in poller.poll(100):
                 try:
                     event = recv_monitor_message(sock)
                 except zmq.ZMQError:
@@ -278,16 +259,10 @@ class CurveServer:
 
         Call it after the secured sockets are closed (terminating waits for every socket of the context).
         """
-        if self._monitor_thread is not None and self._wake is not None:
-            sock = self.context.socket(zmq.PAIR)
-            sock.linger = 0
-            sock.connect(self._wake_endpoint)
-            sock.send(b"stop")
-            sock.close()
+        if self._monitor_thread is not None:
+            self._stopping.set()
             self._monitor_thread.join(5)
             self._monitor_thread = None
-            self._wake.close(linger=0)
-            self._wake = None
         with self._monitor_lock:
             for monitor in self._monitors:
                 monitor.close(linger=0)

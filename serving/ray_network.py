@@ -14,23 +14,44 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["LOCAL_ONLY_ENV", "confine_embedded_ray_to_loopback", "keep_replica_servers_on_loopback"]
+__all__ = ["LOCAL_ONLY_ENV", "keep_replica_servers_on_loopback", "local_only_ray"]
 
 #: Ray's switch for local-only nodes ("0": clusters off, node address 127.0.0.1).
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def confine_embedded_ray_to_loopback() -> None:
-    """Before ``ray.init`` starts a local Ray: make it, and every process it starts, bind loopback only.
+@contextmanager
+def local_only_ray() -> Iterator[None]:
+    """Around ``ray.init`` (and the first ``import ray``): the Ray it starts, and every process that Ray
+    starts, binds loopback only; a driver joining a local-only Ray joins it as one.
 
-    Set in this process's environment, so Ray's processes (which inherit it) see it too.
+    The switch is set in this process's environment while the block runs, so the processes Ray spawns
+    inherit it (the raylet passes it on to the workers it starts later); afterwards this process is as
+    before, and a later Ray started here (another test, a notebook) is not affected.
     """
-    os.environ[LOCAL_ONLY_ENV] = "0"
+    previous = os.environ.get(LOCAL_ONLY_ENV)
     constants = sys.modules.get("ray._private.ray_constants")
+    before = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[LOCAL_ONLY_ENV] = "0"
     if constants is not None:  # Ray read the variable when it was imported
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = previous
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            default = not getattr(constants, "IS_WINDOWS_OR_OSX", False)
+            if before is None:  # Ray was first imported inside the block: what it would have read
+                before = default if previous is None else previous.lower() in ("1", "true")
+            constants.ENABLE_RAY_CLUSTER = before  # type: ignore[attr-defined]
 
 
 def keep_replica_servers_on_loopback() -> None:

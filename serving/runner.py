@@ -6,6 +6,7 @@ fails to start is reported with its replica's exception as soon as Serve sees it
 retries.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -111,37 +112,37 @@ def start_service(
         Serve on the cluster does not match, the app exists, or a deployment failed to start (with the
         replica's exception text).
     """
-    from serving.ray_network import confine_embedded_ray_to_loopback
+    from serving.ray_network import local_only_ray
     from serving.security import read_http_token
 
     address = address or os.environ.get("RAY_ADDRESS")
-    if (not address and not config.security.expose) or _is_loopback_address(address):
-        # Before Ray is imported: it reads the switch on import. A loopback address names a local-only
-        # Ray on this machine (another `cellsam-stream serve`), which this driver must join as one.
-        confine_embedded_ray_to_loopback()
+    # A loopback address names a local-only Ray on this machine (another `cellsam-stream serve`), which
+    # this driver must join as one.
+    local_only = (not address and not config.security.expose) or _is_loopback_address(address)
     _quiet_ray(verbose)
+    quiet = logging.DEBUG if verbose else logging.ERROR
+    started_ray = False
+    with local_only_ray() if local_only else contextlib.nullcontext():
+        import ray  # inside: Ray reads the local-only switch when it is first imported
 
-    import ray
+        if not ray.is_initialized():
+            if address:
+                _join_cluster(address, verbose=verbose, logging_level=quiet)
+            else:
+                # An embedded Ray needs a CPU slot for each of the three deployments, even on 2 cores.
+                cpus = num_cpus or max(4, os.cpu_count() or 1)
+                ray.init(
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    log_to_driver=verbose,
+                    logging_level=quiet,
+                    _node_ip_address=LOOPBACK if local_only else None,
+                )
+                started_ray = True
     from ray import serve
 
     from serving.app import build_app
 
-    quiet = logging.DEBUG if verbose else logging.ERROR
-    started_ray = False
-    if not ray.is_initialized():
-        if address:
-            _join_cluster(address, verbose=verbose, logging_level=quiet)
-        else:
-            # An embedded Ray needs a CPU slot for each of the three deployments, even on 2 cores.
-            cpus = num_cpus or max(4, os.cpu_count() or 1)
-            ray.init(
-                num_cpus=cpus,
-                include_dashboard=False,
-                log_to_driver=verbose,
-                logging_level=quiet,
-                _node_ip_address=None if config.security.expose else LOOPBACK,
-            )
-            started_ray = True
     _quiet_ray(verbose)  # Serve sets up its logger on import
     if http_host is None:
         http_host = "0.0.0.0" if config.security.expose else LOOPBACK
