@@ -6,8 +6,10 @@
 # One image for every role (docs/deploy.md):
 #   - KubeRay head and GPU workers (deploy/kuberay/rayservice.yaml): KubeRay replaces the entrypoint with
 #     its own `ray start ...` command, run by bash, and probes the node with wget -- both are installed;
-#   - a single machine: docker run --gpus all -p 5555:5555 -p 5556:5556 -p 8000:8000 -p 9090:9090 \
-#       -v /data/output:/data/output IMAGE serve --config /data/service.yaml
+#   - a single machine: docker run --gpus all -p 5555:5555 -p 5556:5556 -p 8000:8000 -p 9464:9464 \
+#       -v /data/output:/data/output -v /etc/cellsam:/etc/cellsam:ro IMAGE serve --config /data/service.yaml
+#     (inside a container the service must bind beyond its loopback to be reachable: security.expose,
+#     with CURVE keys and an HTTP token, docs/deploy.md "Securing the endpoints")
 #   - the weights init container: IMAGE weights fetch --cache-dir /models
 #
 # The base image brings a CUDA build of torch; installing the package keeps it (torch>=2.4 is already
@@ -46,8 +48,8 @@ USER 1000
 WORKDIR /home/cellsam
 
 # 5555 ZeroMQ ingest (PULL), 5556 ZeroMQ results (PUB), 8000 Serve HTTP (/healthz, /acquisitions,
-# /segment), 9090 Prometheus /metrics; Ray's own: 6379 GCS, 8265 dashboard, 10001 client, 8080 metrics.
-EXPOSE 5555 5556 8000 9090 6379 8265 10001 8080
+# /segment), 9464 Prometheus /metrics; Ray's own: 6379 GCS, 8265 dashboard, 10001 client, 8080 metrics.
+EXPOSE 5555 5556 8000 9464 6379 8265 10001 8080
 
 ENTRYPOINT ["cellsam-stream"]
 CMD ["--help"]

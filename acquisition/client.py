@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from acquisition.errors import AcquisitionError, ProtocolError, SendTimeoutError
+from acquisition.errors import AcquisitionError, NotConnectedError, ProtocolError, SendTimeoutError
 from acquisition.ids import validate_acquisition_id
 from acquisition.protocol import (
     DEFAULT_FRAME_ENDPOINT,
@@ -31,7 +31,12 @@ from acquisition.protocol import (
     PositionInfo,
     StartMessage,
 )
+from acquisition.security import ClientKeys
 from acquisition.wire import encode_control, encode_frame, frame_header
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
 
 __all__ = ["FrameSender", "ResultMessage", "ResultSubscriber"]
 
@@ -61,8 +66,11 @@ class FrameSender:
         frame has left (reuse a buffer only with ``copy=True``).
     linger : float
         Seconds :meth:`close` waits for queued frames to be delivered.
+    curve : ClientKeys, optional
+        CURVE keys (this client's pair and the service's public key) for a service that requires them:
+        ``ClientKeys.from_files("microscope1.key_secret", "server.key")``.
     socket_options : callable, optional
-        Called with the socket before ``connect`` (e.g. CURVE keys).
+        Called with the socket before ``connect`` (after ``curve``).
 
     Examples
     --------
@@ -83,6 +91,7 @@ class FrameSender:
         sndhwm: int = 32,
         copy: bool = False,
         linger: float = 5.0,
+        curve: ClientKeys | None = None,
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -103,10 +112,50 @@ class FrameSender:
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         # Frames for a listener that is not up yet queue locally instead of being silently lost.
         self._socket.setsockopt(zmq.IMMEDIATE, 0)
+        if curve is not None:
+            curve.apply(self._socket)
         if socket_options is not None:
             socket_options(self._socket)
+        # Watches the handshake, so that wait_connected() can tell "connected" from "refused".
+        self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._connected = False
         self._socket.connect(endpoint)
         self._closed = False
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until a listener completed the connection (with CURVE: accepted this client's keys).
+
+        Frames sent before that are queued locally, so a sender cannot otherwise tell a running service
+        from nothing at all.
+
+        Raises
+        ------
+        NotConnectedError
+            Nothing accepted the connection within ``timeout`` seconds (``refused`` tells a listener that
+            rejected the CURVE handshake from nothing listening).
+        """
+        from zmq.utils.monitor import recv_monitor_message
+
+        deadline = time.monotonic() + timeout
+        refused = ""
+        while not self._connected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._monitor.poll(max(1, int(remaining * 1000))):
+                if refused:
+                    raise NotConnectedError(
+                        f"{self.endpoint} refused this sender ({refused}): check the CURVE keys, the "
+                        "service's public key and that this client's public key is on its allowlist",
+                        refused=True,
+                    )
+                raise NotConnectedError(
+                    f"nothing accepted a connection at {self.endpoint} within {timeout:g} s: is the service "
+                    "running and reachable from here?"
+                )
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            else:
+                refused = str(zmq.Event(event).name).lower()
 
     def _acq(self, acquisition: str | None) -> str:
         acq = acquisition or self.acquisition
@@ -284,6 +333,7 @@ class FrameSender:
         if self._closed:
             return
         self._closed = True
+        self._monitor.close(linger=0)
         self._socket.close(linger=int(1000 * (self.linger if linger is None else linger)))
         if self._own_context:
             self._context.term()
@@ -341,6 +391,10 @@ class ResultSubscriber:
         Acquisition ids to receive; ``None`` receives all.
     labels : bool
         Also receive label images (subscribes to ``l/<id>`` instead of ``r/<id>``).
+    curve : ClientKeys, optional
+        CURVE keys for a service that requires them (see :class:`FrameSender`).
+    socket_options : callable, optional
+        Called with the socket before ``connect`` (after ``curve``).
 
     Notes
     -----
@@ -354,6 +408,7 @@ class ResultSubscriber:
         endpoint: str = DEFAULT_RESULT_ENDPOINT,
         acquisitions: Iterable[str] | None = None,
         labels: bool = False,
+        curve: ClientKeys | None = None,
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -364,6 +419,8 @@ class ResultSubscriber:
         ctx = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] = ctx.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._socket)
         if socket_options is not None:
             socket_options(self._socket)
         for topic in self._topics:

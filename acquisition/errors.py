@@ -12,6 +12,7 @@ __all__ = [
     "AcquisitionError",
     "InvalidAcquisitionIdError",
     "ListenerClosedError",
+    "NotConnectedError",
     "ProtocolError",
     "SendTimeoutError",
     "SourceError",
@@ -70,6 +71,15 @@ class SendTimeoutError(AcquisitionError, TimeoutError):
     The receiver is behind (or gone) and ZeroMQ's high-water mark is full. Retry, skip the frame, or
     raise the timeout; the frame was not sent.
     """
+
+
+class NotConnectedError(AcquisitionError, TimeoutError):
+    """No receiver completed a connection within the time allowed (nothing listening, unreachable, or
+    the receiver refused this client's CURVE keys: ``refused`` is then True)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        self.refused = refused
+        super().__init__(message)
 
 
 class ListenerClosedError(AcquisitionError, RuntimeError):

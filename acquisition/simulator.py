@@ -11,6 +11,7 @@ The CLI's ``cellsam-stream simulate`` parses with :func:`add_simulate_arguments`
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from acquisition.client import FrameSender
-from acquisition.errors import SourceError
+from acquisition.errors import AcquisitionError, NotConnectedError, SourceError
 from acquisition.protocol import DEFAULT_FRAME_ENDPOINT
+from acquisition.security import ClientKeys
 from cellsam_core.synthetic import MODALITIES, Modality, SyntheticMovie
 
 __all__ = [
@@ -253,13 +255,39 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--modality", default="nuclear", choices=list(MODALITIES))
     parser.add_argument("--cells", type=int, default=60, help="cells per field at t=0 (synthetic)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a send may wait")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the service to accept the connection, and for each send",
+    )
+    parser.add_argument("--client-key", type=Path, help="CURVE: this client's NAME.key_secret")
+    parser.add_argument("--server-key", type=Path, help="CURVE: the service's public key (server.key)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
-    """Run the simulator from parsed arguments; returns a process exit code."""
+    """Run the simulator from parsed arguments; returns a process exit code.
+
+    Fails (1, one line on stderr) when nothing accepts the connection within ``--timeout``: frames sent
+    before that would only wait in the sender's queue.
+    """
+    try:
+        return _simulate(args)
+    except (AcquisitionError, FileNotFoundError) as exc:  # SourceError, CurveKeyError, timeouts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, SourceError) else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if (args.client_key is None) != (args.server_key is None):
+        raise SourceError(
+            "CURVE needs both --client-key (yours, .key_secret) and --server-key (the service's)"
+        )
+    curve = ClientKeys.from_files(args.client_key, args.server_key) if args.client_key else None
+    if args.frames < 1 or args.positions < 1:
+        raise SourceError(f"--frames and --positions must be at least 1, got {args.frames}, {args.positions}")
     source: ImageSource
     if args.source == "synthetic":
         source = SyntheticSource(
@@ -276,7 +304,12 @@ def run_simulate_command(args: argparse.Namespace) -> int:
         source = ArraySource.from_path(
             args.source, axes=args.axes, positions=args.positions, frames=args.frames
         )
-    with FrameSender(endpoint=args.to, timeout=args.timeout) as sender:
+    with FrameSender(endpoint=args.to, timeout=args.timeout, curve=curve, linger=args.timeout) as sender:
+        try:
+            sender.wait_connected(args.timeout)
+        except NotConnectedError:
+            sender.close(linger=0)
+            raise
         report = SimulatedMicroscope(
             sender=sender,
             source=source,

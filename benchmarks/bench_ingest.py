@@ -14,7 +14,12 @@ pyzmq's defaults. Both arms run in this process, so they share its ``malloc`` se
 ``retain_buffers`` (default on) applies to the bare arm too; ``--no-retain-buffers`` measures both with
 glibc's defaults.
 
+``--curve`` pairs the listener with ZeroMQ CURVE (encrypted, clients authenticated against an allowlist,
+as ``cellsam-stream serve --curve-secret-key``) against the same listener without it, in one run: the cost
+of authentication and encryption on the ingest path.
+
     python benchmarks/bench_ingest.py
+    python benchmarks/bench_ingest.py --curve --transports tcp     # CURVE / plain
     python benchmarks/bench_ingest.py --frames 10000 --rounds 1 --transports tcp   # memory over 10,000
 """
 
@@ -37,6 +42,7 @@ import zmq
 from acquisition.client import FrameSender
 from acquisition.frames import Frame
 from acquisition.listener import FrameListener
+from acquisition.security import ClientKeys, CurveServer, create_key_pair
 
 
 def rss_mib() -> float:
@@ -58,8 +64,16 @@ def _frames(shape: tuple[int, int]) -> list[np.ndarray]:
     return [rng.integers(0, 4096, shape, dtype=np.uint16) for _ in range(4)]
 
 
-def _send(kind: str, endpoint: str, frames: list[np.ndarray], n: int, sndhwm: int) -> None:
-    """Send ``n`` of ``frames`` (cycling) to ``endpoint``: bare pyzmq, or ``FrameSender``."""
+def _send(
+    kind: str,
+    endpoint: str,
+    frames: list[np.ndarray],
+    n: int,
+    sndhwm: int,
+    curve_files: tuple[str, str] | None = None,
+) -> None:
+    """Send ``n`` of ``frames`` (cycling) to ``endpoint``: bare pyzmq, or ``FrameSender`` (with CURVE
+    when ``curve_files``, the client's secret and the server's public key file, are given)."""
     if kind == "bare":
         ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
@@ -71,7 +85,10 @@ def _send(kind: str, endpoint: str, frames: list[np.ndarray], n: int, sndhwm: in
         push.close(linger=-1)
         ctx.term()  # returns once every zero-copy frame has left
     else:
-        with FrameSender(endpoint=endpoint, acquisition="bench", timeout=None, sndhwm=sndhwm) as tx:
+        curve = ClientKeys.from_files(*curve_files) if curve_files else None
+        with FrameSender(
+            endpoint=endpoint, acquisition="bench", timeout=None, sndhwm=sndhwm, curve=curve
+        ) as tx:
             for i in range(n):
                 tx.send(frames[i % len(frames)], t=i)
 
@@ -80,7 +97,7 @@ def _sender_main(conn: Any, shape: tuple[int, int]) -> None:
     frames = _frames(shape)
     while (job := conn.recv()) is not None:
         try:
-            _send(job[0], job[1], frames, job[2], job[3])
+            _send(job[0], job[1], frames, job[2], job[3], job[4])
         except Exception as exc:  # reported to the parent, which fails the run
             conn.send(repr(exc))
         else:
@@ -100,9 +117,11 @@ class Sender:
         self._proc = context.Process(target=_sender_main, args=(child, shape), daemon=True)
         self._proc.start()
 
-    def start(self, kind: str, endpoint: str, n: int, sndhwm: int) -> None:
+    def start(
+        self, kind: str, endpoint: str, n: int, sndhwm: int, curve_files: tuple[str, str] | None = None
+    ) -> None:
         """Begin sending ``n`` frames to ``endpoint`` (``kind``: ``bare`` or ``ours``)."""
-        self._conn.send((kind, endpoint, n, sndhwm))
+        self._conn.send((kind, endpoint, n, sndhwm, curve_files))
 
     def wait(self, timeout: float = 120.0) -> None:
         """Wait until the last frame has left; raise if sending failed."""
@@ -143,8 +162,10 @@ def ours(
     n: int,
     hwm: tuple[int, int] = (32, 4),
     retain_buffers: bool = True,
+    curve: Curve | None = None,
 ) -> float:
-    """Seconds between the first and the last of ``n`` frames FrameSender -> FrameListener -> consumer."""
+    """Seconds between the first and the last of ``n`` frames FrameSender -> FrameListener -> consumer
+    (both ends with CURVE when ``curve`` is given)."""
 
     async def main() -> float:
         async with FrameListener(
@@ -153,8 +174,9 @@ def ours(
             max_frame_bytes=1 << 30,
             rcvhwm=hwm[1],
             retain_buffers=retain_buffers,
+            **(curve.server.socket_kwargs("ingest") if curve else {}),
         ) as listener:
-            sender.start("ours", listener.endpoint, n, hwm[0])
+            sender.start("ours", listener.endpoint, n, hwm[0], curve.client_files if curve else None)
 
             async def first() -> None:
                 while type(await listener.get()) is not Frame:
@@ -181,6 +203,20 @@ def ours(
             return elapsed
 
     return asyncio.run(main())
+
+
+class Curve:
+    """A CURVE server (started) and the files of its one allowed client, made in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        _, server_secret = create_key_pair(directory / "server", "server")
+        client_public, client_secret = create_key_pair(directory / "client", "client")
+        self.server = CurveServer(secret_key_file=server_secret, allowed_clients=client_public)
+        self.server.start()
+        self.client_files = (str(client_secret), str(directory / "server" / "server.key"))
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def asyncio_floor(sender: Sender, endpoint: str, n: int, hwm: tuple[int, int] = (32, 4)) -> float:
@@ -256,6 +292,7 @@ def paired_rounds(
     hwm: tuple[int, int],
     retain_buffers: bool,
     arms: tuple[str, ...] = ("bare", "ours"),
+    curve: Curve | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
     """Per arm: seconds per round; page faults over all rounds; the receiving thread's CPU seconds per
     round.
@@ -276,6 +313,8 @@ def paired_rounds(
                 times[arm].append(bare_pyzmq(sender, endpoint, frames, hwm))
             elif arm == "floor":
                 times[arm].append(asyncio_floor(sender, endpoint, frames, hwm))
+            elif arm == "curve":
+                times[arm].append(ours(sender, endpoint, frames, hwm, retain_buffers, curve))
             else:
                 times[arm].append(ours(sender, endpoint, frames, hwm, retain_buffers))
             cpu[arm].append(time.thread_time() - cpu_before)
@@ -321,6 +360,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pyzmq: the share of the gap that is the event loop's, not the listener's",
     )
     parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="instead of bare pyzmq, pair the listener with CURVE against the listener without it",
+    )
+    parser.add_argument(
         "--no-retain-buffers",
         dest="retain_buffers",
         action="store_false",
@@ -338,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     sender = Sender(shape)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.curve:
+            report.update(curve_vs_plain(sender, args, Path(tmp), nbytes))
+            sender.close()
+            return report
         for transport in args.transports:
             endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
             # Warm-up: imports, first allocations (and the listener's malloc settings, for both arms).
@@ -400,6 +448,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"(median of {args.rounds} paired rounds, range {control.min():.2f}-{control.max():.2f})"
                 )
     sender.close()
+    return report
+
+
+def curve_vs_plain(sender: Sender, args: argparse.Namespace, tmp: Path, nbytes: int) -> dict[str, Any]:
+    """The listener with CURVE against the listener without it, paired round by round per transport."""
+    report: dict[str, Any] = {"curve": True}
+    curve = Curve(tmp / "keys")
+    try:
+        for transport in args.transports:
+            endpoint = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/bench-{transport}"
+            hwm = (args.sndhwm, args.rcvhwm)
+            ours(sender, endpoint, min(20, args.frames), hwm, args.retain_buffers, curve)  # warm-up
+            times, _, cpu = paired_rounds(
+                sender, endpoint, args.frames, args.rounds, hwm, args.retain_buffers, ("ours", "curve"), curve
+            )
+            paired = np.array(times["ours"]) / np.array(times["curve"])
+            t_plain, t_curve = min(times["ours"]), min(times["curve"])
+            row = {
+                "plain_fps": (args.frames - 1) / t_plain,
+                "plain_GBps": (args.frames - 1) * nbytes / t_plain / 1e9,
+                "curve_fps": (args.frames - 1) / t_curve,
+                "curve_GBps": (args.frames - 1) * nbytes / t_curve / 1e9,
+                "ratio": float(np.median(paired)),
+                "ratio_of_bests": t_plain / t_curve,
+                "ratio_range": [float(paired.min()), float(paired.max())],
+                "plain_cpu_us_per_frame": float(np.median(cpu["ours"])) / args.frames * 1e6,
+                "curve_cpu_us_per_frame": float(np.median(cpu["curve"])) / args.frames * 1e6,
+            }
+            report[transport] = row
+            print(
+                f"{transport}: plain {row['plain_fps']:.0f} frames/s ({row['plain_GBps']:.2f} GB/s), "
+                f"CURVE {row['curve_fps']:.0f} frames/s ({row['curve_GBps']:.2f} GB/s), "
+                f"CURVE / plain {row['ratio']:.2f} (median of {args.rounds} paired rounds, range "
+                f"{paired.min():.2f}-{paired.max():.2f}; of bests {row['ratio_of_bests']:.2f})"
+            )
+    finally:
+        curve.close()
     return report
 
 

@@ -10,20 +10,25 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import ModelSettings, ServiceConfig
 from serving.deployments import Decoder, Encoder
 from serving.metrics import ServiceMetrics
+from serving.security import require_http_token, secure_ingress
 from serving.segmenter import DecodedFrame
 
 __all__ = ["Ingress", "ServeSegmenter", "build_app"]
 
 log = logging.getLogger(__name__)
 
-http_app = FastAPI(title="cellsam-stream", description="Live CellSAM segmentation service.")
+http_app = FastAPI(
+    title="cellsam-stream",
+    description="Live CellSAM segmentation service.",
+    dependencies=[Depends(require_http_token)],  # a bearer token on every route once one is configured
+)
 
 
 def _is_replica_failure(exc: BaseException) -> bool:
@@ -117,11 +122,12 @@ class Ingress:
             name=name, sha256=sha256, source=source, device=model.device, dtype=model.dtype
         )
         self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
+        self.curve = secure_ingress(self.config.security, self.metrics)
         self.pipeline = StreamPipeline(
-            source=components.frame_listener(self.config),
+            source=components.frame_listener(self.config, curve=self.curve),
             segmenter=self.segmenter,
             labels=components.label_store(self.config),
-            results=components.result_publisher(self.config),
+            results=components.result_publisher(self.config, curve=self.curve),
             config=self.config,
             metrics=self.metrics,
             model_name=name,
@@ -134,6 +140,9 @@ class Ingress:
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
             await pipeline.stop()
+        curve = getattr(self, "curve", None)
+        if curve is not None:
+            curve.close()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()

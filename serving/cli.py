@@ -1,7 +1,8 @@
 """The ``cellsam-stream`` command line: parses arguments, loads configuration, calls library functions.
 
-Exit codes: 0 success, 1 the work failed (no weights, unreadable image, frames lost), 2 usage errors
-(argparse's convention).
+Exit codes: 0 success, 1 the work failed (no weights, unreadable image, a port in use, frames lost), 2 usage
+errors (argparse's convention; also invalid configuration values). Errors are one line on stderr; checks
+that need no Ray run before Ray starts (``serving.preflight``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from cellsam_core.inference import DecodeOptions, EncodeOptions, segment
     from cellsam_core.io import read_image, write_labels
     from cellsam_core.select import select_model
+    from serving.preflight import PreflightError, check_device, check_image_output, check_input_file
 
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(args.image).with_name(Path(args.image).stem + "_labels.tif")
+    )
+    check_input_file(Path(args.image), "image")
+    check_image_output(out)
+    check_device(args.device)
     try:
         image = read_image(args.image)
         t0 = time.perf_counter()
@@ -95,12 +105,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     except (CellSAMError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = (
-        Path(args.output)
-        if args.output
-        else Path(args.image).with_name(Path(args.image).stem + "_labels.tif")
-    )
-    write_labels(out, result.labels)
+    try:
+        write_labels(out, result.labels)
+    except OSError as exc:
+        raise PreflightError(f"cannot write {out}: {exc.strerror or exc}") from None
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     print(f"{result.n_cells} cells in {args.image} -> {out}")
     print(f"timing: model load {t_load:.2f} s, segment {t_seg:.2f} s ({steps})")
@@ -108,10 +116,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _service_config(args: argparse.Namespace) -> ServiceConfig:
-    from serving.config import ServiceConfig
+    from serving.preflight import load_service_config
 
-    config = ServiceConfig.from_file(args.config) if args.config else ServiceConfig()
-    return config.with_overrides(
+    return load_service_config(
+        args.config,
         {
             "model.name": args.model,
             "model.weights": str(args.weights) if args.weights else None,
@@ -127,22 +135,38 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
             "encoder.num_gpus": args.num_gpus_per_encoder,
             "decoder.replicas": args.decoder_replicas,
             "decoder.num_gpus": args.num_gpus_per_decoder,
-        }
+            "security.expose": True if args.expose else None,
+            "security.curve_secret_key": str(args.curve_secret_key) if args.curve_secret_key else None,
+            "security.curve_clients": str(args.curve_clients) if args.curve_clients else None,
+            "security.http_token_file": str(args.http_token_file) if args.http_token_file else None,
+        },
     )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    import os
 
-    from serving.runner import start_service, wait_for_signal
+    from serving.preflight import check_service, service_http_host
+    from serving.runner import DEFAULT_HTTP_PORT, start_service, wait_for_signal
 
-    try:
-        config = _service_config(args)
-    except (ValidationError, ValueError, KeyError, OSError) as exc:
-        print(f"error: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    print("starting cellsam-stream (Ray, Serve, model replicas: this takes a few seconds)...")
-    service = start_service(config, address=args.address, http_host=args.http_host, http_port=args.http_port)
+    config = _service_config(args)
+    http_host = service_http_host(config, args.http_host)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    check_service(
+        config,
+        http_host=http_host,
+        http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
+        joining_cluster=bool(address),
+    )
+    print("starting cellsam-stream (Ray, Serve, model replicas: this takes a few seconds)...", flush=True)
+    service = start_service(
+        config,
+        address=address,
+        http_host=http_host,
+        http_port=args.http_port,
+        replace=args.replace,
+        verbose=args.verbose,
+    )
     print(f"cellsam-stream is serving; labels go to {config.output.directory}/")
     print(service.describe())
     with wait_for_signal() as stopped:
@@ -156,7 +180,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from serving.demo import DemoOptions, format_report, run_demo
+    from serving.preflight import check_demo
 
+    check_demo(frames=args.frames, positions=args.positions, fps=args.fps, size=args.size, source=args.source)
     options = DemoOptions(
         frames=args.frames,
         positions=args.positions,
@@ -169,6 +195,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         random_weights=args.random_weights,
         keep_serving=args.keep_serving,
         view=args.view,
+        verbose=args.verbose,
     )
     report = run_demo(options)
     print(format_report(report))
@@ -183,6 +210,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from acquisition.security import create_key_pair
+    from serving.preflight import PreflightError
+
+    try:
+        public, secret = create_key_pair(args.dir, args.name)
+    except FileExistsError as exc:
+        raise PreflightError(str(exc)) from None
+    except OSError as exc:
+        raise PreflightError(f"cannot write keys to {args.dir}: {exc.strerror or exc}") from None
+    print(f"public key: {public}  (hand it out: the service's to every client, a client's to the service's")
+    print("            allowlist directory, security.curve_clients)")
+    print(f"secret key: {secret}  (stays with its owner, readable only by it: the service's goes in")
+    print("            security.curve_secret_key, a client's in ClientKeys.from_files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellsam-stream",
@@ -190,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own log lines in the terminal"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("segment", help="segment one image file and write its label image")
@@ -256,15 +302,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="ZeroMQ address results are published on (default tcp://127.0.0.1:5556)")
     p.add_argument("--live", action="store_true", help="drop the oldest waiting frames when behind")
     p.add_argument("--output", type=Path, help="directory of the OME-Zarr stores (default ./cellsam-output)")
-    p.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP routes (127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000, help="port of the HTTP routes (8000)")
-    p.add_argument("--metrics-port", type=int, help="port of /metrics (9090; 0 picks a free port)")
+    p.add_argument("--http-host", help="address of the HTTP routes (127.0.0.1; 0.0.0.0 with --expose)")
+    p.add_argument(
+        "--http-port", type=int, help="port of the HTTP routes (8000; on a cluster, the running Serve's)"
+    )
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (9464; 0 picks a free port)")
     p.add_argument("--encoder-replicas", type=int, help="encoder replicas (1)")
     p.add_argument("--decoder-replicas", type=int, help="decoder replicas (1)")
     p.add_argument("--num-gpus-per-encoder", type=float, help="GPUs per encoder replica (fractions allowed)")
     p.add_argument("--num-gpus-per-decoder", type=float, help="GPUs per decoder replica (fractions allowed)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--replace", action="store_true", help="with --address: replace a running cellsam application"
+    )
+    g = p.add_argument_group(
+        "exposure and authentication",
+        "Everything binds loopback unless --expose. Exposed ZeroMQ sockets need CURVE keys and exposed HTTP "
+        "a token (docs/deploy.md, Securing the endpoints).",
+    )
+    g.add_argument(
+        "--expose",
+        action="store_true",
+        help="open the service beyond this machine: endpoints on 127.0.0.1 bind 0.0.0.0, the embedded Ray "
+        "binds the machine's address (security.expose)",
+    )
+    g.add_argument(
+        "--curve-secret-key", type=Path, help="the service's NAME.key_secret (`cellsam-stream keys`)"
+    )
+    g.add_argument("--curve-clients", type=Path, help="allowed clients: a directory of public *.key files")
+    g.add_argument("--http-token-file", type=Path, help="file holding the bearer token HTTP requests need")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "keys",
+        help="make a CURVE key pair (for the service or a client) in ZeroMQ's certificate format",
+        description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 0600). Make one pair "
+        "for the service and one per client (microscope PC, viewer); put the clients' public keys in the "
+        "service's allowlist directory.",
+    )
+    p.add_argument("name", help="key name, e.g. server or microscope1")
+    p.add_argument("--dir", type=Path, default=Path("."), help="directory to write to (default: .)")
+    p.set_defaults(func=_cmd_keys)
 
     from acquisition.simulator import add_simulate_arguments, run_simulate_command
 
@@ -286,13 +364,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from serving.preflight import PreflightError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except _runtime_errors() as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """Failures reported as one line (``--verbose`` shows the traceback): the service did not start, a
+    receiver never connected."""
+    from acquisition.errors import NotConnectedError
+    from serving.runner import StartError
+
+    return (StartError, NotConnectedError)
 
 
 if __name__ == "__main__":

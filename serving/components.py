@@ -5,16 +5,24 @@ The pipeline receives these; it never builds them. Tests and notebooks pass in-m
 
 from __future__ import annotations
 
+from typing import Any
+
 from acquisition.listener import FrameListener
 from acquisition.publisher import ResultPublisher
+from acquisition.security import CurveServer
 from acquisition.zarr_sink import ZarrLabelSink
 from serving.config import ServiceConfig
 
 __all__ = ["frame_listener", "label_store", "result_publisher"]
 
 
-def frame_listener(config: ServiceConfig) -> FrameListener:
-    """The ZeroMQ frame source described by ``config.ingest``."""
+def _secured(curve: CurveServer | None, name: str) -> dict[str, Any]:
+    """Socket options and context of a CURVE-secured socket named ``name`` (nothing without CURVE)."""
+    return curve.socket_kwargs(name) if curve is not None else {}
+
+
+def frame_listener(config: ServiceConfig, *, curve: CurveServer | None = None) -> FrameListener:
+    """The ZeroMQ frame source described by ``config.ingest`` (CURVE-secured when ``curve`` is given)."""
     ingest = config.ingest
     return FrameListener(
         endpoint=ingest.endpoint,
@@ -23,12 +31,13 @@ def frame_listener(config: ServiceConfig) -> FrameListener:
         max_frame_bytes=ingest.max_frame_bytes,
         rcvhwm=ingest.rcvhwm,
         retain_buffers=ingest.retain_buffers,
+        **_secured(curve, "ingest"),
     )
 
 
-def result_publisher(config: ServiceConfig) -> ResultPublisher:
-    """The ZeroMQ result sink described by ``config.results``."""
-    return ResultPublisher(endpoint=config.results.endpoint)
+def result_publisher(config: ServiceConfig, *, curve: CurveServer | None = None) -> ResultPublisher:
+    """The ZeroMQ result sink described by ``config.results`` (CURVE-secured when ``curve`` is given)."""
+    return ResultPublisher(endpoint=config.results.endpoint, **_secured(curve, "results"))
 
 
 def label_store(config: ServiceConfig) -> ZarrLabelSink:

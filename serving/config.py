@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
 
 __all__ = [
     "AssemblySettings",
@@ -22,11 +24,15 @@ __all__ = [
     "OutputSettings",
     "ResultsSettings",
     "RetrySettings",
+    "SecuritySettings",
     "ServiceConfig",
 ]
 
 if TYPE_CHECKING:
     from cellsam_core.inference import DecodeOptions
+
+#: Default port of ``/metrics``: the OpenTelemetry Prometheus exporter's, not Prometheus' own 9090.
+DEFAULT_METRICS_PORT = 9464
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -127,8 +133,17 @@ class MetricsSettings(BaseModel):
 
     model_config = _FROZEN
 
-    host: str = Field("127.0.0.1", description="Address /metrics binds; 0.0.0.0 to be scraped remotely.")
-    port: int = Field(9090, ge=0, le=65535, description="Port of /metrics; 0 picks a free port.")
+    host: str = Field(
+        LOOPBACK,
+        description="Address /metrics binds (not authenticated: counts and timings only). Loopback unless "
+        "security.expose is set, which turns 127.0.0.1 into 0.0.0.0.",
+    )
+    port: int = Field(
+        DEFAULT_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Port of /metrics (9464; 9090 is Prometheus' own); 0 picks a free port.",
+    )
 
 
 class EncoderSettings(BaseModel):
@@ -190,6 +205,93 @@ class RetrySettings(BaseModel):
     backoff_s: float = Field(0.5, ge=0, description="Pause before a retry, doubled each attempt.")
 
 
+class SecuritySettings(BaseModel):
+    """Who may reach the service: loopback only by default; CURVE for ZeroMQ, a bearer token for HTTP.
+
+    Key files are ZeroMQ's own certificate format, as ``cellsam-stream keys`` (``zmq.auth``) writes them.
+    Secrets are named by file or environment variable, never written into this configuration.
+    """
+
+    model_config = _FROZEN
+
+    expose: bool = Field(
+        False,
+        description="Open the service beyond this machine: endpoints configured on 127.0.0.1 (the defaults) "
+        "bind all interfaces (0.0.0.0) instead, and an embedded Ray binds the machine's address. Off: "
+        "everything, the embedded Ray included, binds loopback, and a non-loopback address is an error. "
+        "Name a specific address in an endpoint to bind one interface; write `localhost` to keep one "
+        "endpoint on loopback.",
+    )
+    curve_secret_key: str | None = Field(
+        None,
+        description="The service's CURVE certificate with its secret key (NAME.key_secret from "
+        "`cellsam-stream keys`). Set: the frame and result sockets accept only CURVE clients on the "
+        "curve_clients allowlist, and traffic is encrypted.",
+    )
+    curve_clients: str | None = Field(
+        None,
+        description="Allowlist of clients: a directory of their public certificates (*.key) or one such "
+        "file. Required with curve_secret_key.",
+    )
+    http_token_file: str | None = Field(
+        None, description="File holding the bearer token every HTTP route requires (Authorization: Bearer)."
+    )
+    http_token_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the HTTP bearer token (instead of a file; it "
+        "must be set where the Ingress replica runs).",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="With expose: allow ZeroMQ endpoints beyond loopback without CURVE. Only on a network "
+        "where every host may send frames and read results (a VPN, the microscope VLAN).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SecuritySettings:
+        if (self.curve_secret_key is None) != (self.curve_clients is None):
+            raise ValueError(
+                "security.curve_secret_key and security.curve_clients go together: the service's key pair "
+                "and the allowlist of client public keys (make both with `cellsam-stream keys`)"
+            )
+        if self.http_token_file is not None and self.http_token_env is not None:
+            raise ValueError("give the HTTP token as security.http_token_file or http_token_env, not both")
+        return self
+
+    @property
+    def curve(self) -> bool:
+        """CURVE is configured for the ZeroMQ sockets."""
+        return self.curve_secret_key is not None
+
+    @property
+    def http_token(self) -> bool:
+        """HTTP routes require a bearer token."""
+        return self.http_token_file is not None or self.http_token_env is not None
+
+
+def _exposed(data: Any) -> Any:
+    """With ``security.expose``, the loopback defaults (127.0.0.1) of the endpoints become 0.0.0.0."""
+    if not isinstance(data, dict):
+        return data
+    security = data.get("security")
+    expose = security.get("expose") if isinstance(security, dict) else getattr(security, "expose", False)
+    if not expose:
+        return data
+    data = dict(data)
+    for section, key, default in (
+        ("ingest", "endpoint", IngestSettings.model_fields["endpoint"].default),
+        ("results", "endpoint", ResultsSettings.model_fields["endpoint"].default),
+        ("metrics", "host", LOOPBACK),
+    ):
+        value = data.get(section, {})
+        values = dict(value) if isinstance(value, dict) else value.model_dump() if value else {}
+        current = values.get(key, default)
+        if isinstance(current, str) and (current == LOOPBACK or f"//{LOOPBACK}:" in current):
+            values[key] = current.replace(LOOPBACK, ALL_INTERFACES, 1)
+            data[section] = values
+    return data
+
+
 class ServiceConfig(BaseModel):
     """Everything the service needs; the ``args`` of ``serving.app:build_app``."""
 
@@ -204,6 +306,34 @@ class ServiceConfig(BaseModel):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     decoder: DecoderSettings = Field(default_factory=DecoderSettings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expose_defaults(cls, data: Any) -> Any:
+        return _exposed(data)
+
+    @model_validator(mode="after")
+    def _check_exposure(self) -> ServiceConfig:
+        ingest = parse_endpoint(self.ingest.endpoint)
+        results = parse_endpoint(self.results.endpoint)
+        beyond = [e.text for e in (ingest, results) if not e.is_local]
+        if not is_loopback_host(self.metrics.host):
+            beyond.append(f"metrics.host {self.metrics.host}")
+        if beyond and not self.security.expose:
+            raise ValueError(
+                f"{', '.join(beyond)} binds beyond loopback, and security.expose is off: set it (the CLI's "
+                "--expose) to open the service, with CURVE keys for the ZeroMQ sockets (docs/deploy.md, "
+                "Securing the endpoints)"
+            )
+        zmq_open = [e.text for e in (ingest, results) if not e.is_local]
+        if zmq_open and not self.security.curve and not self.security.allow_unauthenticated:
+            raise ValueError(
+                f"{', '.join(zmq_open)} would accept anyone who can reach it: configure CURVE "
+                "(security.curve_secret_key + curve_clients, from `cellsam-stream keys`) or, on a trusted "
+                "network only, set security.allow_unauthenticated"
+            )
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServiceConfig:

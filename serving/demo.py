@@ -43,6 +43,7 @@ class DemoOptions:
     keep_serving: bool = False
     view: bool = False
     seed: int = 0
+    verbose: bool = False  # Ray's own log lines in the terminal
 
 
 @dataclass
@@ -242,7 +243,7 @@ def run_demo(options: DemoOptions, *, out: TextIO = sys.stdout, timeout: float =
     print(model_line, file=out)
     print("starting the service (embedded Ray, Serve, model replicas)...", file=out, flush=True)
     began = time.monotonic()
-    service = start_service(config, http_port=free_port())
+    service = start_service(config, http_port=free_port(), verbose=options.verbose)
     report.metrics_url = service.metrics_url
     try:
         source = _source(options)

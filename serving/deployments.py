@@ -18,9 +18,14 @@ from ray import serve
 
 from cellsam_core.inference import ImageEmbedding, Segmentation
 from serving.config import DecoderSettings, EncoderSettings, ModelSettings
+from serving.ray_network import keep_replica_servers_on_loopback
 from serving.segmenter import DecodedFrame
 
 __all__ = ["Decoder", "EncodedFrame", "Encoder", "load_model_for"]
+
+# Every replica of the app imports this module before its deployment is constructed (the Ingress through
+# serving.app): the moment to keep Serve's per-replica gRPC server on loopback on a local-only node.
+keep_replica_servers_on_loopback()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-__all__ = ["LATENCY_BUCKETS", "METRIC_NAMES", "STAGES", "ServiceMetrics"]
+__all__ = ["AUTH_ENDPOINTS", "LATENCY_BUCKETS", "METRIC_NAMES", "STAGES", "ServiceMetrics"]
 
 #: Pipeline stages with a latency histogram (``cellsam_stage_seconds{stage=...}``).
 STAGES = ("ingest", "queue", "encode", "dispatch", "decode", "measure", "write")
@@ -59,7 +59,11 @@ METRIC_NAMES = (
     "cellsam_queue_depth",
     "cellsam_acquisitions_active",
     "cellsam_model",
+    "cellsam_auth_failures_total",
 )
+
+#: Where the service authenticates (``cellsam_auth_failures_total{endpoint=...}``).
+AUTH_ENDPOINTS = ("ingest", "results", "http")
 
 
 class ServiceMetrics:
@@ -139,6 +143,15 @@ class ServiceMetrics:
             "cellsam_acquisitions_active", "Acquisitions started and not yet ended.", registry=r
         )
         self.model = Info("cellsam_model", "The model the service runs.", registry=r)
+        self.auth_failures = Counter(
+            "cellsam_auth_failures",
+            "Refused attempts by endpoint: ZeroMQ peers whose CURVE handshake failed (ingest, results), "
+            "HTTP requests without the right bearer token (http).",
+            ["endpoint"],
+            registry=r,
+        )
+        for endpoint in AUTH_ENDPOINTS:  # exported at 0 from the start, so rate() sees the first one
+            self.auth_failures.labels(endpoint=endpoint)
         self._server_lock = threading.Lock()
         self._server: object | None = None
 

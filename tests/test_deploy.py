@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SERVE_CONFIGS = ("serve_config.yaml", "serve_config.local.yaml")
 ZMQ_PORTS = {5555, 5556}
-METRICS_PORT = 9090
+METRICS_PORT = 9464
 HTTP_PORT = 8000
 HEAD_RESOURCE = "cellsam_ingress"
 
@@ -145,6 +145,17 @@ def test_gpu_serve_config_places_work_on_gpus_and_the_ingress_on_the_head() -> N
     assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", METRICS_PORT)
 
 
+@pytest.mark.parametrize("name", ["serve_config.yaml", "rayservice"])
+def test_cluster_config_authenticates_everything_it_exposes(name: str) -> None:
+    config_doc = _serve_config(name)
+    (app,) = config_doc["applications"]
+    security = ServiceConfig.model_validate(app["args"]).security
+    assert security.expose and not security.allow_unauthenticated
+    assert security.curve, "ZeroMQ on 0.0.0.0 needs CURVE"
+    assert config_doc["http_options"]["host"] == "0.0.0.0"
+    assert security.http_token, "HTTP on 0.0.0.0 needs a bearer token"
+
+
 def test_local_serve_config_is_a_cpu_smoke_test_on_loopback() -> None:
     config_doc = _serve_config("serve_config.local.yaml")
     (app,) = config_doc["applications"]
@@ -191,6 +202,25 @@ def test_rayservice_head_declares_the_ingress_resource_and_ports() -> None:
     (container,) = head["template"]["spec"]["containers"]
     ports = {p["containerPort"] for p in container["ports"]}
     assert ports >= ZMQ_PORTS | {METRICS_PORT, HTTP_PORT}
+
+
+def test_rayservice_takes_every_secret_from_kubernetes_secrets() -> None:
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    # Ray's own token: KubeRay puts it in every Ray container and uses it for its dashboard calls.
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["authOptions"]["secretName"]
+    (app,) = _serve_config("rayservice")["applications"]
+    security = ServiceConfig.model_validate(app["args"]).security
+    template = _head_template()
+    (head,) = template["spec"]["containers"]
+    env = {e["name"]: e for e in head.get("env", [])}
+    assert security.http_token_env is not None
+    assert "secretKeyRef" in env[security.http_token_env]["valueFrom"], "the HTTP token comes from a Secret"
+    secret_volumes = {v["name"] for v in template["spec"]["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m["name"] for m in head["volumeMounts"]}
+    assert security.curve_secret_key is not None and security.curve_clients is not None
+    assert mounts[str(Path(security.curve_secret_key).parent)] in secret_volumes
+    assert mounts[security.curve_clients] in secret_volumes
 
 
 def test_rayservice_gpu_workers_request_gpus_and_fetch_the_weights_the_config_loads() -> None:
