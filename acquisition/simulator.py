@@ -54,7 +54,9 @@ class ImageSource(Protocol):
 class SyntheticSource:
     """Synthetic live-cell movies, one per (position, z) with seed ``seed + 1000 * p + z``.
 
-    ``labels(t, p, z)`` returns the ground truth of ``image(t, p, z)``.
+    ``labels(t, p, z)`` returns the ground truth of ``image(t, p, z)``. The ``multiplexed`` modality is the
+    two-channel mode: ``(H, W, 2)`` images of a nuclear and a membrane channel. :meth:`declaration` is
+    what a ``start`` declares for it: channel names and roles, pixel size and time interval.
     """
 
     def __init__(
@@ -68,10 +70,17 @@ class SyntheticSource:
         modality: Modality = "nuclear",
         n_cells: int = 40,
         dtype: Any = np.uint16,
+        pixel_size_um: float | None = 0.65,
+        time_interval_s: float | None = 60.0,
+        z_step_um: float | None = 2.0,
     ) -> None:
         if frames < 1 or positions < 1 or z < 1:
             raise SourceError(f"frames, positions and z must be ≥ 1, got {frames}, {positions}, {z}")
         self._sizes = (frames, positions, z)
+        self.modality = modality
+        self.pixel_size_um = pixel_size_um
+        self.time_interval_s = time_interval_s
+        self.z_step_um = z_step_um if z > 1 else None
         self._movies = {
             (p, k): SyntheticMovie(
                 shape, frames, seed=seed + 1000 * p + k, modality=modality, n_cells=n_cells, dtype=dtype
@@ -96,6 +105,23 @@ class SyntheticSource:
     def labels(self, t: int, p: int, z: int) -> np.ndarray:
         """Ground-truth (H, W) int32 labels of ``image(t, p, z)``."""
         return self._render(t, p, z)[1]
+
+    def declaration(self) -> dict[str, Any]:
+        """``start`` fields for this movie: channels with roles and colours, physical sizes."""
+        if self.modality == "multiplexed":
+            channels = {
+                "names": ["H2B", "membrane"],
+                "roles": ["nuclear", "whole_cell"],
+                "colors": ["FF00FF", "00FF00"],
+            }
+        else:
+            role = "nuclear" if self.modality == "nuclear" else "whole_cell"
+            channels = {"names": [self.modality], "roles": [role], "colors": ["FFFFFF"]}
+        fields: dict[str, Any] = {"channels": channels}
+        for name in ("pixel_size_um", "time_interval_s", "z_step_um"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        return fields
 
 
 _DEFAULT_AXES = {2: "YX", 3: "TYX", 4: "TPYX", 5: "TPZYX"}
@@ -187,6 +213,11 @@ class SimulatedMicroscope:
         Target frames per second over all positions and z; ``None`` plays as fast as the listener takes.
     progress : bool
         Show a tqdm progress bar.
+    per_channel : bool
+        Send each channel of a multi-channel image as its own frame (``index.c``), as microscope software
+        does; the ``start`` then declares the channel count. Default: one ``(H, W, C)`` buffer.
+
+    The ``start`` declares the source's :meth:`~SyntheticSource.declaration` when it has one.
     """
 
     def __init__(
@@ -197,6 +228,7 @@ class SimulatedMicroscope:
         acquisition: str = "simulated",
         fps: float | None = None,
         progress: bool = False,
+        per_channel: bool = False,
     ) -> None:
         if fps is not None and fps <= 0:
             raise SourceError(f"fps must be > 0, got {fps}")
@@ -205,6 +237,7 @@ class SimulatedMicroscope:
         self.acquisition = acquisition
         self.fps = fps
         self.progress = progress
+        self.per_channel = per_channel
 
     def indices(self) -> Iterator[tuple[int, int, int]]:
         """(t, p, z) in acquisition order: time outermost, then position, then z."""
@@ -219,21 +252,29 @@ class SimulatedMicroscope:
         from tqdm import tqdm
 
         n_t, n_p, n_z = self.source.sizes
-        total = n_t * n_p * n_z
+        first = self.source.image(0, 0, 0)
+        n_c = int(first.shape[2]) if self.per_channel and first.ndim == 3 else 1
+        total = n_t * n_p * n_z * n_c
         begin = time.monotonic()
-        self.sender.start(self.acquisition, sizes={"t": n_t, "p": n_p, "z": n_z})
+        describe = getattr(self.source, "declaration", None)
+        declared: dict[str, Any] = dict(describe()) if callable(describe) else {}
+        sizes: dict[str, int] = {"t": n_t, "p": n_p, "z": n_z}
+        if n_c > 1:
+            sizes["c"] = n_c
+        self.sender.start(self.acquisition, sizes=sizes, **declared)
         sent = 0
         with tqdm(total=total, disable=not self.progress, unit="frame", desc=self.acquisition) as bar:
             for t, p, z in self.indices():
-                if self.fps is not None:
-                    delay = begin + sent / self.fps - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                self.sender.send(
-                    self.source.image(t, p, z), acquisition=self.acquisition, t=t, p=p, z=z, simulated=True
-                )
-                sent += 1
-                bar.update(1)
+                image = self.source.image(t, p, z)
+                planes = [(c, image[..., c]) for c in range(n_c)] if n_c > 1 else [(None, image)]
+                for c, plane in planes:
+                    if self.fps is not None:
+                        delay = begin + sent / self.fps - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    self.sender.send(plane, acquisition=self.acquisition, t=t, p=p, z=z, c=c, simulated=True)
+                    sent += 1
+                    bar.update(1)
         self.sender.end(self.acquisition, frames=sent)
         return SimulationReport(self.acquisition, sent, time.monotonic() - begin)
 

@@ -7,7 +7,7 @@ one check that a frame index lies inside it.
 from __future__ import annotations
 
 import operator
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -78,7 +78,7 @@ class AcquisitionSpec(_Frozen):
     channel_names: tuple[str, ...] | None = Field(
         default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
     )
-    channel_colors: tuple[str | None, ...] | None = Field(
+    channel_colors: tuple[Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{6}$")] | None, ...] | None = Field(
         default=None,
         description="Display colour per channel as RRGGBB hex (sizes.c of them; None entries and None = "
         "a default palette).",

@@ -72,7 +72,35 @@ from acquisition.zarr_layout import (
 )
 from cellsam_core.cells import CELL_COLUMNS, CellTable
 
-__all__ = ["ZarrLabelSink"]
+__all__ = ["ZarrLabelSink", "open_position"]
+
+
+def open_position(store: str | os.PathLike[str], p: int) -> zarr.Group:
+    """Open position ``p`` of the label store at ``store`` (``{output}/{acquisition}.ome.zarr``), read-only.
+
+    The group holds the image (``"0"``, ``"1"``, ... per level), ``labels/cells/{level}`` and
+    ``cellsam/done``; its path (``"A/1/0"``, ...) comes from the root's ``cellsam.positions``.
+
+    Raises
+    ------
+    IncompatibleStoreError
+        ``store`` is not a label store of this layout version.
+    IndexError
+        ``p`` is not a position of the store.
+    """
+    root = zarr.open_group(store, mode="r", zarr_format=3)
+    meta = root.attrs.get(CELLSAM_KEY)
+    if not isinstance(meta, dict) or meta.get("layout_version") != LAYOUT_VERSION:
+        raise IncompatibleStoreError(
+            f"{store} is not a cellsam-stream label store of layout {LAYOUT_VERSION}"
+        )
+    positions: list[dict[str, Any]] = meta["positions"]
+    if not 0 <= p < len(positions):
+        raise IndexError(f"{store} has positions 0..{len(positions) - 1}, not {p}")
+    group = root[positions[p]["path"]]
+    if not isinstance(group, zarr.Group):
+        raise IncompatibleStoreError(f"{store}: position {p} ({positions[p]['path']}) is not a group")
+    return group
 
 
 def _compressors(codec: Codec, level: int) -> Any:

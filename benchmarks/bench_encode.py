@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from cellsam_core.inference import encode_batch
+from cellsam_core.acceleration import Acceleration
+from cellsam_core.inference import EncodeOptions, encode_batch
 from cellsam_core.registry import build_model
 from cellsam_core.synthetic import synthetic_frame
 
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--frames", type=int, default=8, help="frames per measurement")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="autocast")
+    parser.add_argument("--attention", default="reference", choices=["reference", "sdpa"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -34,14 +37,16 @@ def main() -> None:
     frames = [synthetic_frame((side, side), seed=i, n_cells=40)[0] for i in range(args.frames)]
     print(
         f"encode benchmark: model={args.model} frame={side}px device={args.device} dtype={args.dtype} "
+        f"precision={args.precision} attention={args.attention} "
         f"torch threads={torch.get_num_threads()}"
     )
-    encode_batch(frames[:1], model, max_batch=1)  # warm-up
+    options = EncodeOptions(acceleration=Acceleration(precision=args.precision, attention=args.attention))
+    encode_batch(frames[:1], model, options, max_batch=1)  # warm-up
     base = None
     for b in args.batches:
         t0 = time.perf_counter()
         for start in range(0, len(frames), b):
-            encode_batch(frames[start : start + b], model, max_batch=b)
+            encode_batch(frames[start : start + b], model, options, max_batch=b)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         fps = len(frames) / (time.perf_counter() - t0)

@@ -242,7 +242,7 @@ def set_attention(module: nn.Module, sdpa: bool) -> int:
         if sdpa:
             current = sub.__dict__.get("forward")
             if getattr(current, "__func__", None) is not fast:
-                sub.forward = types.MethodType(fast, sub)  # type: ignore[method-assign]
+                sub.forward = types.MethodType(fast, sub)
         else:
             sub.__dict__.pop("forward", None)
     return count
@@ -250,11 +250,9 @@ def set_attention(module: nn.Module, sdpa: bool) -> int:
 
 def attention_mode(module: nn.Module) -> Literal["sdpa", "reference", "mixed", "none"]:
     """How the segment-anything attention modules inside ``module`` currently run."""
-    modes = {
-        "sdpa" if "forward" in sub.__dict__ else "reference"
-        for sub in module.modules()
-        if type(sub) in _SDPA_FORWARDS
-    }
+    modes = {"forward" in sub.__dict__ for sub in module.modules() if type(sub) in _SDPA_FORWARDS}
     if not modes:
         return "none"
-    return modes.pop() if len(modes) == 1 else "mixed"
+    if len(modes) > 1:
+        return "mixed"
+    return "sdpa" if modes.pop() else "reference"

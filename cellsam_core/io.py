@@ -55,7 +55,7 @@ def encode_labels_bytes(labels: np.ndarray, fmt: str) -> bytes:
     if fmt == "npy":
         np.save(buf, labels, allow_pickle=False)
     elif fmt == "tiff":
-        tifffile.imwrite(buf, labels, compression="zlib")
+        tifffile.imwrite(buf, labels, compression="zlib", photometric="minisblack")
     else:
         raise ValueError(f"unknown label format {fmt!r}: use 'tiff' or 'npy'")
     return buf.getvalue()

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cellsam_core import __version__
 
@@ -72,6 +72,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from cellsam_core.inference import DecodeOptions, EncodeOptions, segment
     from cellsam_core.io import read_image, write_labels
     from cellsam_core.select import select_model
+    from cellsam_core.stacks import label_axes
     from serving.preflight import PreflightError, check_device, check_image_output, check_input_file
 
     out = (
@@ -84,6 +85,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     check_device(args.device)
     try:
         image = read_image(args.image)
+        if args.axes is None and image.ndim == 3 and min(image.shape) > 3:
+            raise ValueError(
+                f"{args.image} has shape {image.shape}, a stack rather than one frame: name its axes with "
+                "--axes, e.g. --axes ZYX (z-stack) or --axes TYX (time-lapse)"
+            )
         t0 = time.perf_counter()
         model, info = select_model(
             weights=args.weights,
@@ -95,24 +101,40 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         t_load = time.perf_counter() - t0
         print(info.describe())
         t0 = time.perf_counter()
-        result = segment(
-            image,
-            model,
-            encode_options=EncodeOptions(tile=args.tile),
-            decode_options=DecodeOptions(bbox_threshold=args.bbox_threshold),
-        )
+        encode_options = EncodeOptions(tile=args.tile)
+        decode_options = DecodeOptions(bbox_threshold=args.bbox_threshold)
+        if args.axes is not None:
+            labels = _segment_stack(image, model, args.axes, encode_options, decode_options)
+            summary = f"{labels.shape} labels ({label_axes(args.axes)})"
+            steps = ""
+        else:
+            result = segment(image, model, encode_options=encode_options, decode_options=decode_options)
+            labels, summary = result.labels, f"{result.n_cells} cells"
+            steps = " (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()) + ")"
         t_seg = time.perf_counter() - t0
     except (CellSAMError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        write_labels(out, result.labels)
+        write_labels(out, labels)
     except OSError as exc:
         raise PreflightError(f"cannot write {out}: {exc.strerror or exc}") from None
-    steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
-    print(f"{result.n_cells} cells in {args.image} -> {out}")
-    print(f"timing: model load {t_load:.2f} s, segment {t_seg:.2f} s ({steps})")
+    print(f"{summary} in {args.image} -> {out}")
+    print(f"timing: model load {t_load:.2f} s, segment {t_seg:.2f} s{steps}")
     return 0
+
+
+def _segment_stack(image: Any, model: Any, axes: str, encode: Any, decode: Any) -> Any:
+    """Every plane of a stack, with a progress bar."""
+    from tqdm import tqdm
+
+    from cellsam_core.stacks import planes, segment_stack
+
+    total = sum(1 for _ in planes(image, axes))
+    with tqdm(total=total, unit="plane", desc="segment", disable=total < 2) as bar:
+        return segment_stack(
+            image, model, axes, encode_options=encode, decode_options=decode, on_plane=lambda _: bar.update(1)
+        )
 
 
 def _service_config(args: argparse.Namespace) -> ServiceConfig:
@@ -250,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="whole-slide tiling (default: automatic for frames much larger than the model input)",
     )
     p.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder box threshold (0.4)")
+    p.add_argument(
+        "--axes",
+        help="axes of a stack, from T P C Z Y X (e.g. ZYX, CYX, TCZYX): every plane is segmented, "
+        "channels (C, at most 3) together; the labels keep the other axes",
+    )
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser(

@@ -115,45 +115,77 @@ def choose_model(options: DemoOptions) -> tuple[dict[str, Any], str]:
     )
 
 
-def write_montage(store: Path, path: Path, *, times: int = 4, position: int = 0) -> Path:
-    """PNG: raw frame | label overlay, for up to ``times`` time points of one position of a store."""
+def write_montage(store: Path, path: Path, *, times: int = 4, positions: int = 2) -> Path:
+    """PNG of a store: raw frame | label overlay, one row per time point (up to ``times``) and position
+    (up to ``positions``), each captioned with its t and p. Multi-channel frames are drawn as a colour
+    composite of their channels (first magenta, second green, then cyan, yellow)."""
     import imageio.v3 as iio
     import zarr
+    from PIL import Image, ImageDraw
     from skimage.color import label2rgb
 
-    series: Any = zarr.open_group(store, mode="r")[str(position)]
-    done = (np.asarray(series["cellsam/done"][:, 0]) & 1).astype(bool)  # bit 1: labels written
-    ts = np.flatnonzero(done)
-    picks = ts[np.linspace(0, len(ts) - 1, min(times, len(ts))).round().astype(int)] if len(ts) else []
+    from acquisition.frames import FrameId
+    from acquisition.spec import AcquisitionSpec
+    from acquisition.zarr_sink import ZarrLabelSink
+
+    attrs: Any = zarr.open_group(store, mode="r").attrs
+    spec = AcquisitionSpec.model_validate(attrs["cellsam"]["spec"])
+    sink = ZarrLabelSink(store.parent)
+    sink.open_acquisition(spec)
+    done = sink.progress(spec.acquisition).done
     rows = []
-    for t in picks:
-        raw = np.asarray(series["0"][t, :, 0], dtype=np.float64)
-        raw = raw.max(axis=0) if raw.ndim == 3 else raw
-        lo, hi = np.percentile(raw, (1, 99.8))
-        grey = np.clip((raw - lo) / max(hi - lo, 1e-9), 0, 1)
-        labels = np.asarray(series["labels/cells/0"][t, 0])
-        overlay = label2rgb(labels, image=grey, alpha=0.35, bg_label=0)
-        rgb_raw = np.repeat(grey[..., None], 3, axis=2)
-        gap = np.ones((grey.shape[0], 4, 3))
-        rows.append(np.concatenate([rgb_raw, gap, overlay], axis=1))
+    for p in range(min(positions, spec.sizes.p)):
+        ts = sorted({f.t for f in done if f.p == p and f.z == 0})
+        picks = (
+            [ts[i] for i in np.linspace(0, len(ts) - 1, min(times, len(ts))).round().astype(int)]
+            if ts
+            else []
+        )
+        for t in picks:
+            frame_id = FrameId(spec.acquisition, p, t, 0)
+            raw = sink.read_image(frame_id)
+            rgb_raw = _composite(np.zeros((1, *spec.frame_shape)) if raw is None else raw)
+            labels = sink.read_labels(frame_id)
+            overlay = label2rgb(labels, image=rgb_raw.mean(axis=2), alpha=0.35, bg_label=0)
+            gap = np.ones((rgb_raw.shape[0], 4, 3))
+            row = (np.concatenate([rgb_raw, gap, overlay], axis=1) * 255).astype(np.uint8)
+            canvas = Image.fromarray(row)
+            ImageDraw.Draw(canvas).text((3, 2), f"t={t} p={p}", fill=(255, 255, 0))
+            rows.append(np.asarray(canvas))
     if not rows:
         raise ValueError(f"no finished frame in {store} to draw")
-    spacer = np.ones((4, rows[0].shape[1], 3))
+    spacer = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
     image = np.concatenate([r for row in rows for r in (row, spacer)][:-1], axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, (image * 255).astype(np.uint8))
+    iio.imwrite(path, image)
     return path
+
+
+_COMPOSITE = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def _composite(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) raw pixels as an (H, W, 3) float image in [0, 1], each channel contrast-stretched."""
+    channels = np.asarray(image, dtype=np.float64)
+    out = np.zeros((*channels.shape[1:], 3))
+    for c, plane in enumerate(channels):
+        lo, hi = np.percentile(plane, (1, 99.8))
+        stretched = np.clip((plane - lo) / max(hi - lo, 1e-9), 0, 1)
+        color = _COMPOSITE[c % len(_COMPOSITE)] if len(channels) > 1 else np.ones(3)
+        out += stretched[..., None] * color
+    return np.clip(out, 0, 1)
 
 
 class _Progress:
     """Collects results from the PUB socket in a thread and prints one live progress line."""
 
-    def __init__(self, endpoint: str, acquisition: str, total: int, out: TextIO) -> None:
+    def __init__(self, endpoint: str, acquisition: str, total: int, out: TextIO, channels: int = 1) -> None:
         from acquisition.client import ResultSubscriber
 
         self.sub = ResultSubscriber(endpoint=endpoint, acquisitions=[acquisition])
         self.sub.wait_ready(30)
         self.total = total
+        self.channels = channels  # frames per result: one result per (t, p, z) of all its channels
         self.out = out
         self.results: list[FrameResult] = []
         self.summary: AcquisitionSummary | None = None
@@ -183,9 +215,10 @@ class _Progress:
         p99 = e2e[min(len(e2e) - 1, round(0.99 * (len(e2e) - 1)))] * 1000 if e2e else float("nan")
         cells = statistics.fmean(r.n_cells for r in ok) if ok else 0.0
         failed = len(self.results) - len(ok)
+        written = len(ok) * self.channels
         return (
-            f"sent {self.sent}/{self.total}  written {len(ok)}  failed {failed}  "
-            f"{len(ok) / elapsed:.2f} frames/s  latency p50 {p50:.0f} ms p99 {p99:.0f} ms  "
+            f"sent {self.sent}/{self.total}  written {written}  failed {failed}  "
+            f"{len(ok) / elapsed:.2f} frame sets/s  latency p50 {p50:.0f} ms p99 {p99:.0f} ms  "
             f"{cells:.1f} cells/frame"
         )
 
@@ -212,12 +245,14 @@ def _source(options: DemoOptions) -> Any:
 
     if options.source is not None:
         return ArraySource.from_path(options.source, positions=options.positions, frames=options.frames)
+    # Two channels (H2B nuclei, membrane), sent one frame per channel as microscope software does.
     return SyntheticSource(
         shape=options.shape,
         frames=options.frames,
         positions=options.positions,
         seed=options.seed,
         n_cells=30,
+        modality="multiplexed",
     )
 
 
@@ -247,13 +282,19 @@ def run_demo(options: DemoOptions, *, out: TextIO = sys.stdout, timeout: float =
     report.metrics_url = service.metrics_url
     try:
         source = _source(options)
-        total = int(np.prod(source.sizes))
+        first = source.image(0, 0, 0)
+        channels = int(first.shape[2]) if first.ndim == 3 else 1  # sent as one frame each
+        total = int(np.prod(source.sizes)) * channels
         print(service.describe(), file=out)
-        progress = _Progress(service.results, options.acquisition, total, out)
+        progress = _Progress(service.results, options.acquisition, total, out, channels=channels)
         try:
             with FrameSender(endpoint=service.ingest, timeout=60) as sender:
                 microscope = SimulatedMicroscope(
-                    sender=sender, source=source, acquisition=options.acquisition, fps=options.fps
+                    sender=sender,
+                    source=source,
+                    acquisition=options.acquisition,
+                    fps=options.fps,
+                    per_channel=True,
                 )
                 errors: list[BaseException] = []
 
@@ -299,7 +340,7 @@ def _open_napari(store: Path, out: TextIO) -> None:
         print("--view: napari is not installed (pip install 'napari[all]' napari-ome-zarr)", file=out)
         return
     viewer = napari.Viewer()
-    viewer.open(str(store / "0"), plugin="napari-ome-zarr")
+    viewer.open(str(store), plugin="napari-ome-zarr")
     napari.run()
 
 
@@ -310,9 +351,11 @@ def format_report(report: DemoReport) -> str:
         f"frames sent {report.frames_sent}, written {report.ok}, failed {report.failed} "
         f"in {report.seconds:.1f} s",
         report.model_line,
-        f"labels: {report.store}  (OME-Zarr NGFF 0.5; labels in <position>/labels/cells)",
-        "  open it: napari with napari-ome-zarr (`napari " + str(report.store) + "/0`), or "
-        "zarr.open_group(...)['0/labels/cells/0'] in Python",
+        f"labels: {report.store}  (OME-Zarr NGFF 0.5, see docs/zarr-layout.md)",
+        "  open it: napari with napari-ome-zarr (`napari --plugin napari-ome-zarr "
+        + str(report.store)
+        + "`), "
+        "or ome_zarr / zarr in Python",
     ]
     if report.montage:
         lines.append(f"montage (raw | labels): {report.montage}")

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
-import zarr
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -21,6 +20,7 @@ from ray import serve
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.protocol import FrameResult
 from acquisition.zarr_layout import table_name
+from acquisition.zarr_sink import open_position
 from cellsam_core.cells import CELL_COLUMNS
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
@@ -99,8 +99,7 @@ def reference_model(service):
 
 def _stored(output: Path, acquisition: str, t: int, p: int = 0, z: int = 0):
     """(done, labels, image) of one frame, read from the OME-Zarr on disk with plain zarr."""
-    root = zarr.open_group(output / f"{acquisition}.ome.zarr", mode="r")
-    series = root[str(p)]
+    series = open_position(output / f"{acquisition}.ome.zarr", p)
     done = bool(series["cellsam/done"][t, z] & 1)  # bit 1: labels and cell table written
     return done, series["labels/cells/0"][t, z], series["0"][t, :, z]
 
@@ -111,8 +110,7 @@ def _frames(n: int, seed: int = 0, shape=(96, 112)) -> list[np.ndarray]:
 
 def _stored_cells(output: Path, acquisition: str, t: int, p: int = 0, z: int = 0) -> dict[str, np.ndarray]:
     """The stored cell table of one frame as column name -> values, read with plain zarr."""
-    root = zarr.open_group(output / f"{acquisition}.ome.zarr", mode="r")
-    table = root[f"{p}/cellsam/cells/{table_name(t, z)}"]
+    table = open_position(output / f"{acquisition}.ome.zarr", p)[f"cellsam/cells/{table_name(t, z)}"]
     names = table.attrs["cellsam"]["columns"]
     rows = np.asarray(table[...])
     return {name: rows[:, i] for i, name in enumerate(names)}

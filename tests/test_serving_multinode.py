@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from acquisition.client import FrameSender, ResultSubscriber
+from acquisition.zarr_sink import open_position
 from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.inference import segment
 from cellsam_core.synthetic import synthetic_frame
@@ -134,7 +134,7 @@ def test_stream_across_nodes_equals_segment_on_the_same_frames(service):
     assert summary.frames_ok == len(frames) and summary.frames_failed == 0, summary
     assert sorted(r.payload.index.t for r in results) == list(range(len(frames)))
     reference = load_model(service.weights, "tiny")
-    series = zarr.open_group(service.output / f"{acquisition}.ome.zarr", mode="r")["0"]
+    series = open_position(service.output / f"{acquisition}.ome.zarr", 0)
     for t, frame in enumerate(frames):
         assert bool(series["cellsam/done"][t, 0] & 1)
         np.testing.assert_array_equal(series["labels/cells/0"][t, 0], segment(frame, reference).labels)

@@ -24,7 +24,7 @@ from acquisition.frames import FrameId
 from acquisition.sink_errors import IncompatibleStoreError
 from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
 from acquisition.zarr_layout import position_path
-from acquisition.zarr_sink import ZarrLabelSink
+from acquisition.zarr_sink import ZarrLabelSink, open_position
 from cellsam_core.cells import CELL_COLUMNS
 from tests.sink_frames import (
     SHAPE,
@@ -85,6 +85,24 @@ def test_positions_are_the_wells_of_a_plate() -> None:
     assert position_path(0, 27 * 27) == "A/1/0" and position_path(27 * 27 - 1, 27 * 27) == "AA/27/0"
     with pytest.raises(ValueError, match="outside"):
         position_path(2, 2)
+
+
+def test_open_position_finds_each_position_of_a_store(tmp_path: Path) -> None:
+    spec = make_spec(sizes=Sizes(t=2, p=5, z=1, c=2))
+    sink = ZarrLabelSink(tmp_path)
+    sink.open_acquisition(spec)
+    write_frame(sink, spec, 4, 1, 0)
+    store = sink.store_path(spec.acquisition)
+    group = open_position(store, 4)
+    assert group.path == "B/2/0"
+    done, labels = (np.asarray(group[name][1, 0]) for name in ("cellsam/done", "labels/cells/0"))  # type: ignore[index]
+    assert done & 1
+    np.testing.assert_array_equal(labels, frame_labels(4, 1, 0))
+    with pytest.raises(IndexError, match=r"positions 0\.\.4, not 5"):
+        open_position(store, 5)
+    _foreign_group(tmp_path / "foreign.ome.zarr")
+    with pytest.raises(IncompatibleStoreError, match="not a cellsam-stream label store"):
+        open_position(tmp_path / "foreign.ome.zarr", 0)
 
 
 def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
