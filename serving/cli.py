@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("."), help="directory to write to (default: .)")
     p.set_defaults(func=_cmd_keys)
 
-    from acquisition.simulator import add_simulate_arguments, run_simulate_command
+    from acquisition.simulate_command import add_simulate_arguments, run_simulate_command
 
     p = sub.add_parser(
         "simulate",

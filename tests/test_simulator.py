@@ -12,7 +12,8 @@ import pytest
 from acquisition.client import FrameSender
 from acquisition.errors import SourceError
 from acquisition.listener import FrameListener
-from acquisition.simulator import ArraySource, SimulatedMicroscope, SyntheticSource, main
+from acquisition.simulate_command import main
+from acquisition.simulator import ArraySource, SimulatedMicroscope, SyntheticSource
 from tests.acq_util import ANY_PORT, Books, books, events_until_end
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,6 +45,34 @@ def test_synthetic_source_is_deterministic_with_ground_truth() -> None:
     assert a.labels(1, 1, 0).shape == (32, 40) and a.labels(1, 1, 0).max() > 0
     with pytest.raises(SourceError):
         SyntheticSource(frames=0)
+
+
+def test_two_channel_mode_sends_one_frame_per_channel_and_declares_the_plan() -> None:
+    source = SyntheticSource(
+        shape=(24, 32), frames=2, positions=2, seed=3, n_cells=4, modality="multiplexed", time_interval_s=30.0
+    )
+
+    def microscope(endpoint: str) -> None:
+        with FrameSender(endpoint=endpoint, timeout=10) as sender:
+            report = SimulatedMicroscope(
+                sender=sender, source=source, acquisition="two", per_channel=True
+            ).run()
+            assert report.frames_sent == 8
+
+    state = play(microscope, "two")
+    assert [(f.index.t, f.index.p, f.index.c) for f in state.frames] == [
+        (t, p, c) for t in range(2) for p in range(2) for c in range(2)
+    ]
+    for frame in state.frames:
+        assert frame.data.shape == (24, 32)
+        t, p, c = frame.index.t, frame.index.p, frame.index.c
+        np.testing.assert_array_equal(frame.data, source.image(t, p, 0)[..., c])
+    start = state.start
+    assert start is not None and start.sizes.c == 2 and (start.sizes.t, start.sizes.p) == (2, 2)
+    assert start.channels is not None and start.channels.names == ("H2B", "membrane")
+    assert (start.channels.nuclear_channel, start.channels.whole_cell_channel) == (0, 1)
+    assert (start.pixel_size_um, start.time_interval_s, start.z_step_um) == (0.65, 30.0, None)
+    assert not state.rejected
 
 
 def test_simulator_plays_t_then_p_then_z() -> None:
