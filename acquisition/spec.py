@@ -78,10 +78,10 @@ class AcquisitionSpec(_Frozen):
     channel_names: tuple[str, ...] | None = Field(
         default=None, description="One name per channel (sizes.c of them); None = 'c0', 'c1', ..."
     )
-    channel_colors: tuple[Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{6}$")] | None, ...] | None = Field(
+    channel_colors: tuple[Annotated[str, Field(pattern=r"^#?[0-9A-Fa-f]{6}$")] | None, ...] | None = Field(
         default=None,
-        description="Display colour per channel as RRGGBB hex (sizes.c of them; None entries and None = "
-        "a default palette).",
+        description="Display colour per channel as RRGGBB hex, '#' optional (sizes.c of them; None "
+        "entries and None = a default palette).",
     )
     positions: tuple[PositionInfo, ...] = Field(
         default=(), description="Name and stage coordinates (µm) of each position, in index p order."

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from acquisition.client import FrameSender, ResultSubscriber
-from acquisition.protocol import FrameResult
+from acquisition.protocol import AcquisitionSummary, FrameResult
 from acquisition.zarr_layout import table_name
 from acquisition.zarr_sink import open_position
 from cellsam_core.cells import CELL_COLUMNS
@@ -227,24 +227,42 @@ def test_rejections_are_counted_reported_and_the_service_keeps_going(service):
 
 
 def test_poison_frame_fails_alone(service):
+    # Frames that do not fit their acquisition are rejected on arrival; a frame that fits but makes the
+    # model raise (four channels without roles: no model input for that) fails alone, mid-stream.
     good = _frames(3, seed=80)
-    poison = np.zeros((64, 64, 4), np.uint16)  # valid on the wire, four channels: the model refuses it
-    with ResultSubscriber(endpoint=service.results, acquisitions=["poison-run"]) as sub:
+    poison = np.zeros((64, 64, 4), np.uint16)
+    with ResultSubscriber(endpoint=service.results, acquisitions=["poison-run", "poison-one"]) as sub:
         sub.wait_ready(30)
         with FrameSender(endpoint=service.ingest, acquisition="poison-run") as tx:
-            tx.start(sizes={"t": 4})
+            tx.start(sizes={"t": 3})
             tx.send(good[0], t=0)
-            tx.send(poison, t=1)
-            tx.send(good[1], t=2)
-            tx.send(good[2], t=3)
-        results, summary = collect_results(sub, "poison-run")
-    assert summary.frames_ok == 3 and summary.frames_failed == 1
-    failed = [r.payload for r in results if r.payload.status == "failed"]
-    assert len(failed) == 1 and failed[0].index.t == 1 and failed[0].reason == "model_error"
+            tx.send(poison, acquisition="poison-one", t=0)
+            tx.send(good[1], t=1)
+            tx.send(good[2], t=2)
+            tx.end("poison-one", frames=1)
+        messages: dict[str, list] = {"poison-run": [], "poison-one": []}
+        summaries: dict[str, AcquisitionSummary] = {}
+        while len(summaries) < 2:
+            msg = sub.recv(timeout=240)
+            if isinstance(msg.payload, AcquisitionSummary):
+                summaries[msg.acquisition] = msg.payload
+            else:
+                messages[msg.acquisition].append(msg)
+    summary, poison_summary, poisoned = (
+        summaries["poison-run"],
+        summaries["poison-one"],
+        messages["poison-one"],
+    )
+    assert summary.frames_ok == 3 and summary.frames_failed == 0
+    assert poison_summary.frames_received == 1 and poison_summary.frames_failed == 1
+    failed = [r.payload for r in poisoned if r.payload.status == "failed"]
+    assert len(failed) == 1 and failed[0].index.t == 0 and failed[0].reason == "model_error"
     assert "channel" in (failed[0].detail or "")
     progress = json.loads(service.get("/acquisitions"))
+    entry = next(a for a in progress["acquisitions"] if a["acquisition"] == "poison-one")
+    assert entry["failed"] == 1 and entry["ok"] == 0 and entry["pending"] == 0
     entry = next(a for a in progress["acquisitions"] if a["acquisition"] == "poison-run")
-    assert entry["failed"] == 1 and entry["ok"] == 3 and entry["pending"] == 0
+    assert entry["failed"] == 0 and entry["ok"] == 3 and entry["pending"] == 0
 
 
 def _replica_actors(deployment: str) -> list:
