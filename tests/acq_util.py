@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
 from acquisition.protocol import EndMessage, StartMessage
@@ -134,3 +136,43 @@ def books(events: Iterable[SourceEvent]) -> dict[str, Books]:
         elif isinstance(event, Dropped):
             entry.dropped += event.count
     return out
+
+
+def python_camera_core(shape: tuple[int, int], fill: Callable[[np.ndarray, int], None]) -> Any:
+    """A UniMMCore with a pure-Python camera: pymmcore-plus's real MDA engine without Micro-Manager.
+
+    ``fill(buffer, n)`` writes the ``n``-th snapped image (uint16, ``shape``) into ``buffer``.
+    """
+    import pytest
+
+    unicore = pytest.importorskip("pymmcore_plus.experimental.unicore")
+
+    class Camera(unicore.SimpleCameraDevice):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self._exposure = 10.0
+            self._n = 0
+
+        def get_exposure(self) -> float:
+            return self._exposure
+
+        def set_exposure(self, exposure: float) -> None:
+            self._exposure = exposure
+
+        def sensor_shape(self) -> tuple[int, int]:
+            return shape
+
+        def dtype(self) -> Any:
+            return np.uint16
+
+        def snap(self, buffer: np.ndarray) -> dict[str, Any]:
+            fill(buffer, self._n)
+            self._n += 1
+            return {}
+
+    core = unicore.UniMMCore()
+    core.loadPyDevice("Camera", Camera())
+    core.initializeDevice("Camera")
+    core.setCameraDevice("Camera")
+    core.setAutoShutter(False)
+    return core

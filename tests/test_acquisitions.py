@@ -27,6 +27,7 @@ from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.synthetic import synthetic_frame
 from serving.config import ServiceConfig
 from serving.pipeline import StreamPipeline
+from tests.acq_util import python_camera_core
 from tests.test_pipeline import FakeSegmenter
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,38 +38,12 @@ PIXEL_SIZE = 0.65
 
 def _camera_core(images: dict[int, np.ndarray]) -> Any:
     """A UniMMCore whose Python camera snaps synthetic cells (frame ``n`` is kept in ``images[n]``)."""
-    unicore = pytest.importorskip("pymmcore_plus.experimental.unicore")
 
-    class Camera(unicore.SimpleCameraDevice):  # type: ignore[name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self._exposure = 10.0
-            self._n = 0
+    def cells(buffer: np.ndarray, n: int) -> None:
+        buffer[:] = synthetic_frame(SHAPE, seed=n, n_cells=6)[0]
+        images[n] = buffer.copy()
 
-        def get_exposure(self) -> float:
-            return self._exposure
-
-        def set_exposure(self, exposure: float) -> None:
-            self._exposure = exposure
-
-        def sensor_shape(self) -> tuple[int, int]:
-            return SHAPE
-
-        def dtype(self) -> Any:
-            return np.uint16
-
-        def snap(self, buffer: np.ndarray) -> dict[str, Any]:
-            image = synthetic_frame(SHAPE, seed=self._n, n_cells=6)[0]
-            buffer[:] = image
-            images[self._n] = image.copy()
-            self._n += 1
-            return {}
-
-    core = unicore.UniMMCore()
-    core.loadPyDevice("Camera", Camera())
-    core.initializeDevice("Camera")
-    core.setCameraDevice("Camera")
-    core.setAutoShutter(False)
+    core = python_camera_core(SHAPE, cells)
     for name, exposure in (("DAPI", "10"), ("FITC", "20")):
         core.defineConfig("Channel", name, "Camera", "Exposure", exposure)
     # Micro-Manager's pixel-size calibration cannot reference a Python device, so the calibrated value

@@ -13,7 +13,15 @@ from acquisition.adapters import PycromanagerForwarder, PymmcorePlusForwarder, j
 from acquisition.client import FrameSender
 from acquisition.errors import AcquisitionError, SendTimeoutError
 from acquisition.listener import FrameListener
-from tests.acq_util import ANY_PORT, books, dead_endpoint, events_until_end, next_frames, run
+from tests.acq_util import (
+    ANY_PORT,
+    books,
+    dead_endpoint,
+    events_until_end,
+    next_frames,
+    python_camera_core,
+    run,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,38 +30,12 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _python_camera_core() -> Any:
-    """A UniMMCore with a pure-Python camera: pymmcore-plus's real MDA engine without Micro-Manager."""
-    unicore = pytest.importorskip("pymmcore_plus.experimental.unicore")
+    """Frame ``n`` is all ``n``: order and content can be checked on the other side."""
 
-    class Camera(unicore.SimpleCameraDevice):  # type: ignore[name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self._exposure = 10.0
-            self._n = 0
+    def counter(buffer: np.ndarray, n: int) -> None:
+        buffer[:] = n
 
-        def get_exposure(self) -> float:
-            return self._exposure
-
-        def set_exposure(self, exposure: float) -> None:
-            self._exposure = exposure
-
-        def sensor_shape(self) -> tuple[int, int]:
-            return (24, 32)
-
-        def dtype(self) -> Any:
-            return np.uint16
-
-        def snap(self, buffer: np.ndarray) -> dict[str, Any]:
-            buffer[:] = self._n  # frame counter, to check order and content on the other side
-            self._n += 1
-            return {}
-
-    core = unicore.UniMMCore()
-    core.loadPyDevice("Camera", Camera())
-    core.initializeDevice("Camera")
-    core.setCameraDevice("Camera")
-    core.setAutoShutter(False)
-    return core
+    return python_camera_core((24, 32), counter)
 
 
 def test_pymmcore_plus_mda_is_forwarded() -> None:
