@@ -46,7 +46,7 @@ from cellsam_core.synthetic import synthetic_frame
 from cellsam_core.testing import smoke_model
 from serving.config import EncoderSettings
 
-STAGES = ("queue", "encode", "dispatch", "decode", "end_to_end")
+STAGES = ("queue", "encode", "dispatch", "decode", "measure", "end_to_end")
 
 
 def _smoke_weights(path: Path, seed: int = 0) -> None:

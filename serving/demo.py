@@ -23,7 +23,7 @@ __all__ = ["DemoOptions", "DemoReport", "choose_model", "run_demo", "write_monta
 
 log = logging.getLogger(__name__)
 
-STAGES = ("queue", "encode", "dispatch", "decode", "write", "end_to_end")
+STAGES = ("queue", "encode", "dispatch", "decode", "measure", "write", "end_to_end")
 
 
 @dataclass(frozen=True)
