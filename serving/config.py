@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
 
 __all__ = [
+    "AccelerationSettings",
     "AssemblySettings",
     "DecoderSettings",
     "EncoderSettings",
@@ -29,12 +30,39 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from cellsam_core.acceleration import Acceleration
     from cellsam_core.inference import DecodeOptions
 
 #: Default port of ``/metrics``: the OpenTelemetry Prometheus exporter's, not Prometheus' own 9090.
 DEFAULT_METRICS_PORT = 9464
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class AccelerationSettings(BaseModel):
+    """Fast paths of the encoder and decoder (:class:`cellsam_core.acceleration.Acceleration`, same fields).
+
+    Kept here as plain settings so that loading a configuration does not import torch; the defaults keep
+    the exact fp32 path on a CPU and take bf16 + SDPA on CUDA.
+    """
+
+    model_config = _FROZEN
+
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Autocast dtype of the transformers: bfloat16, float32, or auto (bf16 on CUDA)."
+    )
+    attention: Literal["auto", "reference", "sdpa"] = Field(
+        "auto", description="Attention through scaled_dot_product_attention (sdpa), as written, or auto."
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile mode of the encoders and transformers; off runs eager."
+    )
+
+    def to_core(self) -> Acceleration:
+        """The :class:`cellsam_core.acceleration.Acceleration` these settings mean."""
+        from cellsam_core.acceleration import Acceleration
+
+        return Acceleration(**self.model_dump())
 
 
 class ModelSettings(BaseModel):
@@ -51,7 +79,12 @@ class ModelSettings(BaseModel):
     )
     device: str = Field("cpu", description="Torch device of the encoder and decoder: cpu, cuda, cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Model precision; bfloat16 is meant for GPUs."
+        "float32",
+        description="Weight precision. For bf16 on a GPU prefer acceleration.precision (autocast keeps the "
+        "mask logits in float32).",
+    )
+    acceleration: AccelerationSettings = Field(
+        default_factory=AccelerationSettings, description="Fast paths of both model deployments."
     )
 
 
@@ -187,12 +220,15 @@ class DecoderSettings(BaseModel):
         "cellsam_core.windows.",
     )
 
-    def decode_options(self) -> DecodeOptions:
+    def decode_options(self, acceleration: AccelerationSettings | None = None) -> DecodeOptions:
         """The :class:`cellsam_core.DecodeOptions` these settings mean (one mapping for every segmenter)."""
         from cellsam_core.inference import DecodeOptions
 
         return DecodeOptions(
-            bbox_threshold=self.bbox_threshold, box_batch_size=self.box_batch_size, window=self.window
+            bbox_threshold=self.bbox_threshold,
+            box_batch_size=self.box_batch_size,
+            window=self.window,
+            acceleration=(acceleration or AccelerationSettings()).to_core(),
         )
 
 

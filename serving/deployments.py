@@ -83,9 +83,10 @@ class Encoder:
         )
 
     def _run(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
-        from cellsam_core.inference import encode_batch
+        from cellsam_core.inference import EncodeOptions, encode_batch
 
-        return [e.to("cpu") for e in encode_batch(images, self.model)]
+        options = EncodeOptions(acceleration=self.settings.acceleration.to_core())
+        return [e.to("cpu") for e in encode_batch(images, self.model, options)]
 
     async def _encode_all(self, images: list[np.ndarray]) -> list[ImageEmbedding | Exception]:
         try:
@@ -134,7 +135,8 @@ class Decoder:
     def _run(self, encoded: EncodedFrame) -> Segmentation:
         from cellsam_core.inference import decode
 
-        return decode(encoded.embedding, self.model, self.decoder_settings.decode_options())
+        options = self.decoder_settings.decode_options(self.settings.acceleration)
+        return decode(encoded.embedding, self.model, options)
 
     async def __call__(self, encoded: EncodedFrame) -> DecodedFrame:
         t0 = time.perf_counter()

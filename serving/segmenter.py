@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from serving.config import DecoderSettings
+from serving.config import AccelerationSettings, DecoderSettings
 
 if TYPE_CHECKING:
     from cellsam_core.inference import Segmentation
@@ -84,20 +84,29 @@ class LocalSegmenter:
     model : CellSAM
     decoder : DecoderSettings, optional
         The same settings the Ray ``Decoder`` deployment takes (thresholds, box batching, window).
+    acceleration : AccelerationSettings, optional
+        Fast paths, as ``model.acceleration`` gives them to both deployments.
     """
 
-    def __init__(self, *, model: CellSAM, decoder: DecoderSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model: CellSAM,
+        decoder: DecoderSettings | None = None,
+        acceleration: AccelerationSettings | None = None,
+    ) -> None:
         self.model = model
         self.decoder = decoder or DecoderSettings()
+        self.acceleration = acceleration or AccelerationSettings()
         self._lock = asyncio.Lock()
 
     def _run(self, image: np.ndarray) -> DecodedFrame:
-        from cellsam_core import decode, encode
+        from cellsam_core import EncodeOptions, decode, encode
 
         t0 = time.perf_counter()
-        embedding = encode(image, self.model)
+        embedding = encode(image, self.model, EncodeOptions(acceleration=self.acceleration.to_core()))
         t1 = time.perf_counter()
-        seg = decode(embedding, self.model, self.decoder.decode_options())
+        seg = decode(embedding, self.model, self.decoder.decode_options(self.acceleration))
         return DecodedFrame(seg, t1 - t0, time.perf_counter() - t1, 1, embedding.nbytes)
 
     async def segment(self, image: np.ndarray) -> DecodedFrame:

@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 
 from cellsam_core.errors import ImageFormatError
-from cellsam_core.inference import decode, encode
+from cellsam_core.inference import EncodeOptions, decode, encode
 from cellsam_core.synthetic import synthetic_frame
-from serving.config import DecoderSettings
+from serving.config import AccelerationSettings, DecoderSettings
 from serving.segmenter import DecodedFrame, RetryableError, Segmenter
 
 
 class SegmenterConformance:
     """Behaviour every `Segmenter` must show; see the `Segmenter` docstring for the contract."""
 
-    #: Decoder settings the implementation under test was built with.
+    #: Decoder settings and fast paths the implementation under test was built with.
     decoder = DecoderSettings()
+    acceleration = AccelerationSettings()
+
+    def expected(self, image: np.ndarray, model: Any) -> Any:
+        """What ``cellsam_core`` gives in this process with the same settings."""
+        encoded = encode(image, model, EncodeOptions(acceleration=self.acceleration.to_core()))
+        return decode(encoded, model, self.decoder.decode_options(self.acceleration))
 
     def run(self, coro: Any) -> Any:
         return asyncio.run(asyncio.wait_for(coro, 300))
@@ -34,7 +40,7 @@ class SegmenterConformance:
     def test_labels_and_cells_equal_the_in_process_model(self, segmenter: Segmenter, model: Any) -> None:
         image = synthetic_frame((96, 112), seed=3, n_cells=12)[0]
         got: DecodedFrame = self.run(segmenter.segment(image))
-        expected = decode(encode(image, model), model, self.decoder.decode_options())
+        expected = self.expected(image, model)
         assert expected.n_cells > 0
         np.testing.assert_array_equal(got.segmentation.labels, expected.labels)
         assert got.segmentation.cells.equals(expected.cells)
@@ -48,7 +54,7 @@ class SegmenterConformance:
             return list(await asyncio.gather(*(segmenter.segment(im) for im in images)))
 
         for image, got in zip(images, self.run(all_of_them()), strict=True):
-            expected = decode(encode(image, model), model, self.decoder.decode_options())
+            expected = self.expected(image, model)
             np.testing.assert_array_equal(got.segmentation.labels, expected.labels)
 
     def test_an_image_the_model_cannot_take_is_the_frames_own_failure(self, segmenter: Segmenter) -> None:
