@@ -15,7 +15,10 @@ from acquisition.errors import ProtocolError
 from acquisition.protocol import Reason, StartMessage
 from acquisition.wire import FrameMessage
 
-__all__ = ["Layout"]
+__all__ = ["DEFAULT_MAX_TIME_POINTS", "Layout"]
+
+#: Default ceiling on any frame's time index (a day at 10 frames/s is 864,000).
+DEFAULT_MAX_TIME_POINTS = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,9 @@ class Layout:
         Pixel dtype of every frame (declared, else the first frame's).
     declared_channels : bool
         Whether ``sizes.c`` was declared (only then may frames carry single channels beyond ``c=0``).
+    max_t : int
+        No frame may have ``t`` at or beyond this, declared or not: a time index is a store extent, and
+        one frame at ``t = 2**63`` must not grow an acquisition's arrays to that length.
     """
 
     t: int | None
@@ -46,9 +52,12 @@ class Layout:
     shape: tuple[int, int]
     dtype: str
     declared_channels: bool
+    max_t: int = DEFAULT_MAX_TIME_POINTS
 
     @classmethod
-    def of(cls, start: StartMessage | None, first: FrameMessage) -> Layout:
+    def of(
+        cls, start: StartMessage | None, first: FrameMessage, *, max_t: int = DEFAULT_MAX_TIME_POINTS
+    ) -> Layout:
         """The layout of an acquisition from its ``start`` (if any) and its first accepted frame."""
         sizes = start.sizes if start is not None else None
         _, p, z = first.position
@@ -73,12 +82,20 @@ class Layout:
             ),
             dtype=(start.dtype if start is not None and start.dtype else data.dtype.name),
             declared_channels=declared_c is not None,
+            max_t=max_t,
         )
 
     def check(self, message: FrameMessage) -> None:
         """Raise :class:`ProtocolError` when ``message`` does not fit this acquisition."""
         t, p, z = message.position
         data = message.data
+        if t >= self.max_t:
+            self._fail(
+                message,
+                Reason.OUT_OF_RANGE,
+                f"index t={t} is at or beyond the service's limit of {self.max_t} time points "
+                "(ingest.max_time_points)",
+            )
         for axis, value, size in (("t", t, self.t), ("p", p, self.p), ("z", z, self.z)):
             if size is not None and value >= size:
                 self._fail(

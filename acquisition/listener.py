@@ -28,6 +28,7 @@ import zmq
 
 from acquisition.allocator import retain_frame_buffers
 from acquisition.errors import ListenerClosedError
+from acquisition.layout import DEFAULT_MAX_TIME_POINTS
 from acquisition.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
 from acquisition.sockets import bind_socket
 from acquisition.source import EventQueue, Intake, SourceEvent, SourceStats
@@ -57,6 +58,8 @@ class FrameListener:
         Largest accepted pixel buffer; larger frames are rejected (``too_large``).
     rcvhwm : int
         ZeroMQ receive high-water mark (messages). Small values make backpressure reach the sender sooner.
+    max_time_points : int
+        Frames with ``t`` at or beyond this are rejected (``out_of_range``), declared or not.
     max_acquisitions : int
         Acquisitions whose declaration is remembered at once; the least recently seen is forgotten.
     max_notices : int
@@ -89,6 +92,7 @@ class FrameListener:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         rcvhwm: int = 4,
         max_acquisitions: int = 1024,
+        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
         max_notices: int = 4096,
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         retain_buffers: bool = True,
@@ -104,7 +108,10 @@ class FrameListener:
         self._context = context
         self._stats = SourceStats()
         self._intake = Intake(
-            max_frame_bytes=max_frame_bytes, stats=self._stats, max_acquisitions=max_acquisitions
+            max_frame_bytes=max_frame_bytes,
+            stats=self._stats,
+            max_acquisitions=max_acquisitions,
+            max_time_points=max_time_points,
         )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
         self._socket: zmq.Socket[Any] | None = None

@@ -23,7 +23,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from acquisition.errors import ListenerClosedError, ProtocolError
 from acquisition.frames import Frame
-from acquisition.layout import Layout
+from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout
 from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
 from acquisition.wire import FrameMessage, decode_message
 
@@ -188,8 +188,16 @@ class Intake:
     ``max_acquisitions`` most recently seen).
     """
 
-    def __init__(self, *, max_frame_bytes: int, stats: SourceStats, max_acquisitions: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_bytes: int,
+        stats: SourceStats,
+        max_acquisitions: int = 1024,
+        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self.max_time_points = max_time_points
         self.stats = stats
         self._max_acquisitions = max_acquisitions
         self._acquisitions: OrderedDict[str, _Known] = OrderedDict()
@@ -237,7 +245,7 @@ class Intake:
             start = known.start if known is not None else None
             layout = known.layout if known is not None else None
             if layout is None:
-                layout = Layout.of(start, message)
+                layout = Layout.of(start, message, max_t=self.max_time_points)
                 self._remember(message.acquisition, _Known(start, layout))
             layout.check(message)
             stats.accepted += 1
@@ -368,9 +376,12 @@ class MemoryFrameSource:
         live: bool = False,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_notices: int = 4096,
+        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
     ) -> None:
         self._stats = SourceStats()
-        self._intake = Intake(max_frame_bytes=max_frame_bytes, stats=self._stats)
+        self._intake = Intake(
+            max_frame_bytes=max_frame_bytes, stats=self._stats, max_time_points=max_time_points
+        )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
         self._room: asyncio.Event | None = None
         self._started = False

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from acquisition.layout import DEFAULT_MAX_TIME_POINTS
 from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
 
 __all__ = [
@@ -113,6 +114,12 @@ class IngestSettings(BaseModel):
         256 * 1024 * 1024, ge=1, description="Larger frames are rejected with reason too_large."
     )
     rcvhwm: int = Field(4, ge=0, description="ZeroMQ receive high-water mark (messages).")
+    max_time_points: int = Field(
+        DEFAULT_MAX_TIME_POINTS,
+        ge=1,
+        description="Frames with a time index at or beyond this are rejected (out_of_range), declared or "
+        "not: one frame at t = 2**63 must not grow an acquisition's store to that length.",
+    )
     retain_buffers: bool = Field(
         True,
         description="On glibc, keep freed frame buffers in the heap for the next frames (process-wide "

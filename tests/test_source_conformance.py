@@ -179,6 +179,18 @@ LAYOUT_CASES = [
         ["ok", "ok", "out_of_range"],
     ),
     LayoutCase(
+        "a time index beyond the service's ceiling, undeclared or declared",
+        None,
+        [chan("L", None, t=3), chan("L", None, t=2**40), chan("L", None, t=10_000_000)],
+        ["ok", "out_of_range", "out_of_range"],
+    ),
+    LayoutCase(
+        "a declared time extent does not lift the ceiling",
+        {"sizes": {"t": 10**12}},
+        [chan("L", None, t=9_999_999), chan("L", None, t=10**9)],
+        ["ok", "out_of_range"],
+    ),
+    LayoutCase(
         "z beyond the declared z",
         {"sizes": {"z": 3}},
         [chan("L", None, z=2), chan("L", None, z=3)],
