@@ -118,6 +118,18 @@ class Rig:
             await self.source.push(_frame_parts(acquisition, frame, t=t))
         await self.source.push(encode_control(EndMessage(acquisition=acquisition, frames=len(frames))))
 
+    def run(self, acquisition: str, frames: list[np.ndarray], **start: Any) -> AcquisitionSummary:
+        """Start the pipeline, play one whole acquisition through it, stop it; return its summary."""
+
+        async def scenario() -> AcquisitionSummary:
+            await self.pipeline.start()
+            await self.acquire(acquisition, frames, **start)
+            summary = await self.summary(acquisition)
+            await self.pipeline.stop()
+            return summary
+
+        return run(scenario())
+
     async def summary(self, acquisition: str, timeout: float = 60) -> AcquisitionSummary:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -138,14 +150,7 @@ def test_one_cell_record_from_segmenter_to_store_and_results() -> None:
     frames = _frames(4)
     rig = Rig()
 
-    async def scenario() -> AcquisitionSummary:
-        await rig.pipeline.start()
-        await rig.acquire("cells", frames, metadata={"pixel_size_um": 0.25})
-        summary = await rig.summary("cells")
-        await rig.pipeline.stop()
-        return summary
-
-    summary = run(scenario())
+    summary = rig.run("cells", frames, metadata={"pixel_size_um": 0.25})
     assert (summary.frames_received, summary.frames_ok, summary.frames_failed) == (4, 4, 0)
     results = rig.results.for_acquisition("cells")
     assert sorted(r.index.t for r in results if r.index is not None) == [0, 1, 2, 3]
@@ -182,14 +187,7 @@ def test_one_cell_record_from_segmenter_to_store_and_results() -> None:
 def test_retries_poison_and_accounting_over_memory_seams() -> None:
     rig = Rig(FakeSegmenter(die_on={1, 4}, raise_on={3}))
 
-    async def scenario() -> AcquisitionSummary:
-        await rig.pipeline.start()
-        await rig.acquire("flaky", _frames(6))
-        summary = await rig.summary("flaky")
-        await rig.pipeline.stop()
-        return summary
-
-    summary = run(scenario())
+    summary = rig.run("flaky", _frames(6))
     assert summary.frames_received == 6 and summary.frames_ok == 5 and summary.frames_failed == 1
     failed = [r for r in rig.results.results if r.status == "failed"]
     assert [(r.index.t, r.reason) for r in failed if r.index] == [(3, "model_error")]
@@ -208,14 +206,7 @@ def test_replica_that_never_comes_back_fails_the_frame_after_bounded_attempts() 
 
     rig = Rig(Dead())
 
-    async def scenario() -> AcquisitionSummary:
-        await rig.pipeline.start()
-        await rig.acquire("dead", _frames(2))
-        summary = await rig.summary("dead")
-        await rig.pipeline.stop()
-        return summary
-
-    summary = run(scenario())
+    summary = rig.run("dead", _frames(2))
     assert summary.frames_failed == 2 and summary.frames_ok == 0
     assert {r.reason for r in rig.results.results} == {"replica_failure"}
     assert rig.pipeline.metrics.retries.labels(deployment="model")._value.get() == 4  # 2 frames x 2 retries
@@ -233,14 +224,7 @@ def test_write_failure_is_recorded_not_lost(after_write: bool) -> None:
     rig.labels = BrokenSink()
     rig.pipeline.labels = rig.labels
 
-    async def scenario() -> AcquisitionSummary:
-        await rig.pipeline.start()
-        await rig.acquire("broken", _frames(3))
-        summary = await rig.summary("broken")
-        await rig.pipeline.stop()
-        return summary
-
-    summary = run(scenario())
+    summary = rig.run("broken", _frames(3))
     results = rig.results.results
     assert summary.frames_ok == 2 and summary.frames_failed == 1
     assert [r.reason for r in results if r.status == "failed"] == ["write_error"]
