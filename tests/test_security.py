@@ -126,7 +126,10 @@ def test_only_allowed_senders_push_frames_and_refusals_are_counted(
                     with pytest.raises(NotConnectedError) as exc:
                         sender.wait_connected(timeout=3)
                     assert exc.value.refused
-                await until(lambda: refusals.counts["ingest"] >= 2)
+                # The authenticator refuses the stranger's key on the server, so that refusal is always
+                # counted; a mechanism mismatch (the plain sender) is sometimes seen only by the client,
+                # which drops the connection before the server has read its greeting.
+                await until(lambda: refusals.counts["ingest"] >= 1)
                 with FrameSender(endpoint=listener.endpoint, curve=keys.good) as good:
                     good.wait_connected(timeout=10)
                     good.send(_frame(1), acquisition="exp1", t=1)
