@@ -13,14 +13,21 @@ from numpy.typing import NDArray
 
 from acquisition.frames import FrameId
 from acquisition.ids import validate_acquisition_id
-from acquisition.sink import PreparedFrame, StoreState, prepare_frame
+from acquisition.sink import (
+    MAX_RECORDED_FAILURES,
+    FailedFrame,
+    PreparedFrame,
+    StoredAcquisition,
+    StoreState,
+    prepare_frame,
+)
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
     FrameNotWrittenError,
     IncompatibleStoreError,
 )
-from acquisition.spec import AcquisitionSpec, check_frame_index
+from acquisition.spec import AcquisitionSpec, check_frame_index, spec_differences, spec_extends
 from cellsam_core.cells import CellTable
 
 __all__ = ["MemoryLabelSink"]
@@ -32,6 +39,7 @@ class _Acquisition:
     frames: dict[tuple[int, int, int], PreparedFrame] = field(default_factory=dict)
     closed: bool = False
     summary: Mapping[str, Any] | None = None
+    failed: dict[tuple[int, int, int], FailedFrame] = field(default_factory=dict)
 
 
 class MemoryLabelSink:
@@ -49,11 +57,26 @@ class MemoryLabelSink:
                 self._acquisitions[spec.acquisition] = _Acquisition(spec=spec)
                 return
             if existing.spec != spec:
-                raise IncompatibleStoreError(
-                    f"acquisition {spec.acquisition!r} exists with a different spec; "
-                    "use a new acquisition id or the original spec"
-                )
+                if not spec_extends(existing.spec, spec):
+                    raise IncompatibleStoreError(
+                        f"acquisition {spec.acquisition!r} exists with a different spec "
+                        f"({'; '.join(spec_differences(existing.spec, spec))}); use a new acquisition id "
+                        "or the original spec (only more time points may be added)"
+                    )
+                existing.spec = spec
             existing.closed = False
+
+    def stored(self, acquisition: str) -> StoredAcquisition | None:
+        with self._lock:
+            existing = self._acquisitions.get(acquisition)
+            return None if existing is None else StoredAcquisition(existing.spec, existing.closed)
+
+    def record_failure(self, frame_id: FrameId, reason: str, detail: str = "") -> None:
+        acq = self._get(frame_id.acquisition)
+        key = check_frame_index(acq.spec, frame_id)
+        with self._lock:
+            if key in acq.failed or len(acq.failed) < MAX_RECORDED_FAILURES:
+                acq.failed[key] = FailedFrame(FrameId(frame_id.acquisition, *key), reason, detail)
 
     def write(
         self,
@@ -113,6 +136,7 @@ class MemoryLabelSink:
                 t_size=max((t for _, t, _ in keys), default=-1) + 1,
                 closed=acq.closed,
                 summary=acq.summary,
+                failed=tuple(f for key, f in sorted(acq.failed.items()) if key not in acq.frames),
             )
 
     def _get(self, acquisition: str) -> _Acquisition:

@@ -21,10 +21,39 @@ from acquisition.sink_errors import InvalidFrameError
 from acquisition.spec import AcquisitionSpec, check_frame_index
 from cellsam_core.cells import CellTable
 
-__all__ = ["LabelSink", "PreparedFrame", "StoreState", "prepare_frame"]
+__all__ = [
+    "MAX_RECORDED_FAILURES",
+    "FailedFrame",
+    "LabelSink",
+    "PreparedFrame",
+    "StoreState",
+    "StoredAcquisition",
+    "prepare_frame",
+]
 
 #: Label dtypes accepted by `write`; all convert to the stored uint32 without loss.
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+
+
+#: Failed frames a sink keeps per acquisition (the rest are counted in the ledger and metrics only).
+MAX_RECORDED_FAILURES = 10_000
+
+
+@dataclass(frozen=True)
+class FailedFrame:
+    """A frame that arrived but is not stored, and why (``failed`` result reasons: ``shutdown``, ...)."""
+
+    frame: FrameId
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StoredAcquisition:
+    """What a sink holds of an acquisition before it is opened: its spec, and whether it was closed."""
+
+    spec: AcquisitionSpec
+    closed: bool
 
 
 @dataclass(frozen=True)
@@ -43,6 +72,8 @@ class StoreState:
         True after `LabelSink.close_acquisition` (until reopened).
     summary : mapping or None
         The summary given to `close_acquisition`.
+    failed : tuple of FailedFrame
+        Frames recorded by `LabelSink.record_failure` and not done since, sorted by (p, t, z).
     """
 
     acquisition: str
@@ -50,6 +81,7 @@ class StoreState:
     t_size: int
     closed: bool
     summary: Mapping[str, Any] | None = None
+    failed: tuple[FailedFrame, ...] = ()
 
     @property
     def frames_done(self) -> int:
@@ -165,7 +197,10 @@ class LabelSink(Protocol):
 
     - `open_acquisition` must precede writes and reads; opening an acquisition that already exists with
       an equal spec reopens it (resume after a crash or restart, or a second writer process), a closed
-      one included. A different spec raises `IncompatibleStoreError`.
+      one included. A spec that only adds time points (`spec_extends`) extends it; any other
+      difference raises `IncompatibleStoreError` naming the differing fields. `stored_spec` returns the
+      spec in force (None before the first open), also from a new sink over the same storage.
+    - `record_failure` notes a frame that failed; `progress` lists it in ``failed`` until it is written.
     - `write` is idempotent per `FrameId`: writing a frame again replaces it, leaving one result.
       After `write` returns the frame is done: `is_done` is True and the read helpers return it.
       A frame is either done with all its parts (labels, cell table, image if given) or not done.
@@ -180,6 +215,20 @@ class LabelSink(Protocol):
 
     def open_acquisition(self, spec: AcquisitionSpec) -> None:
         """Create the acquisition's storage, or reopen it when it exists with an equal spec."""
+        ...
+
+    def stored(self, acquisition: str) -> StoredAcquisition | None:
+        """The spec in force and the closed state of an acquisition (None: the sink holds no such one).
+
+        Needs no `open_acquisition` first: this is how a restarted service finds what it stored before.
+        Raises `IncompatibleStoreError` when something that is not this sink's store is in the way.
+        """
+        ...
+
+    def record_failure(self, frame_id: FrameId, reason: str, detail: str = "") -> None:
+        """Record that a frame of an opened acquisition arrived but failed (reported by `progress`
+        until the frame is written). Keeps the latest reason per frame, at most
+        `MAX_RECORDED_FAILURES` frames per acquisition."""
         ...
 
     def write(

@@ -7,7 +7,7 @@ one check that a frame index lies inside it.
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,7 +17,15 @@ from acquisition.ids import AcquisitionId
 from acquisition.protocol import PositionInfo
 from acquisition.sink_errors import InvalidIdentifierError
 
-__all__ = ["AcquisitionSpec", "Codec", "Sizes", "StorageOptions", "check_frame_index"]
+__all__ = [
+    "AcquisitionSpec",
+    "Codec",
+    "Sizes",
+    "StorageOptions",
+    "check_frame_index",
+    "spec_differences",
+    "spec_extends",
+]
 
 Codec = Literal["blosc-zstd", "zstd", "none"]
 
@@ -95,6 +103,12 @@ class AcquisitionSpec(_Frozen):
     time_interval_s: float | None = Field(default=None, gt=0, description="Time between time points (s).")
     write_image: bool = Field(default=True, description="Store the raw image next to the labels.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="On-disk layout options.")
+    declaration: dict[str, Any] | None = Field(
+        default=None,
+        description="The acquisition's `start` message as JSON (None: it was never declared). Kept in the "
+        "store so that a restarted service resumes the acquisition, channel roles included, without a new "
+        "`start`.",
+    )
 
     @field_validator("frame_shape")
     @classmethod
@@ -149,3 +163,35 @@ def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, in
             bound = "[0, inf)" if size is None else f"[0, {size})"
             raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
     return p, t, z
+
+
+def spec_differences(stored: AcquisitionSpec, new: AcquisitionSpec) -> list[str]:
+    """What differs between two specs of one acquisition, as ``"field: stored -> new"`` lines.
+
+    ``sizes`` is compared per axis (``sizes.t: 5 -> 10``); ``declaration`` is not compared (it follows
+    from the rest, and a longer declared time-lapse changes it).
+    """
+    out: list[str] = []
+    for axis in ("t", "p", "z", "c"):
+        before, after = getattr(stored.sizes, axis), getattr(new.sizes, axis)
+        if before != after:
+            out.append(f"sizes.{axis}: {before} -> {after}")
+    for name in AcquisitionSpec.model_fields:
+        if name not in ("sizes", "declaration") and getattr(stored, name) != getattr(new, name):
+            out.append(f"{name}: {getattr(stored, name)!r} -> {getattr(new, name)!r}")
+    return out
+
+
+def spec_extends(stored: AcquisitionSpec, new: AcquisitionSpec) -> bool:
+    """True when ``new`` is ``stored`` with more time points (and possibly a new declaration).
+
+    The one change a stored acquisition accepts: a bounded time-lapse declared again with a larger (or
+    an open-ended) ``sizes.t``. Everything else that lays out the store must be equal.
+    """
+    if stored.sizes.t is None:
+        grows = new.sizes.t is None
+    else:
+        grows = new.sizes.t is None or new.sizes.t >= stored.sizes.t
+    same_sizes = stored.sizes.model_copy(update={"t": new.sizes.t}) == new.sizes
+    rest = {k for k in AcquisitionSpec.model_fields if k not in ("sizes", "declaration")}
+    return grows and same_sizes and all(getattr(stored, k) == getattr(new, k) for k in rest)

@@ -40,7 +40,14 @@ from zarr.storage import LocalStore
 from acquisition.file_lock import flock as _flock
 from acquisition.frames import FrameId
 from acquisition.ids import validate_acquisition_id
-from acquisition.sink import PreparedFrame, StoreState, prepare_frame
+from acquisition.sink import (
+    MAX_RECORDED_FAILURES,
+    FailedFrame,
+    PreparedFrame,
+    StoredAcquisition,
+    StoreState,
+    prepare_frame,
+)
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
@@ -48,7 +55,7 @@ from acquisition.sink_errors import (
     IncompatibleStoreError,
     InvalidFrameError,
 )
-from acquisition.spec import AcquisitionSpec, Codec, check_frame_index
+from acquisition.spec import AcquisitionSpec, Codec, check_frame_index, spec_differences, spec_extends
 from acquisition.zarr_layout import (
     CELLSAM_KEY,
     DONE_IMAGE,
@@ -73,6 +80,9 @@ from acquisition.zarr_layout import (
 from cellsam_core.cells import CELL_COLUMNS, CellTable
 
 __all__ = ["ZarrLabelSink", "open_position"]
+
+
+_HINT = "move it away or choose another acquisition id"
 
 
 def open_position(store: str | os.PathLike[str], p: int) -> zarr.Group:
@@ -179,6 +189,8 @@ class ZarrLabelSink:
                 shutil.rmtree(stale, ignore_errors=True)
             if path.exists() or path.is_symlink():
                 state = self._check_existing(path, spec)
+                if AcquisitionSpec.model_validate(state["spec"]) != spec:  # a compatible extension
+                    self._extend(LocalStore(path), spec)
                 # A kill while the root's or a position's metadata was being replaced can leave its
                 # temporary file; zarr would warn about it when listing the group. Those metadata are
                 # written under this lock, shared or (for the window) together with the window lock.
@@ -196,6 +208,27 @@ class ZarrLabelSink:
             self._reload(store)
         with self._mutex:
             self._stores[acq] = store
+
+    def stored(self, acquisition: str) -> StoredAcquisition | None:
+        path = self.store_path(acquisition)
+        if not (path.exists() or path.is_symlink()):
+            return None
+        meta = self._read_meta(path)
+        return StoredAcquisition(self._parse_spec(path, meta), bool(meta.get("closed", False)))
+
+    def record_failure(self, frame_id: FrameId, reason: str, detail: str = "") -> None:
+        store = self._store(frame_id.acquisition)
+        p, t, z = check_frame_index(store.spec, frame_id)
+        key = f"{p}/{t}/{z}"
+        with _flock(store.lock_file, exclusive=True):
+            root = zarr.open_group(store.zstore, mode="r+", zarr_format=3)
+            meta: dict[str, Any] = dict(root.attrs[CELLSAM_KEY])  # type: ignore[arg-type]
+            failed: dict[str, Any] = dict(meta.get("failed") or {})
+            if key not in failed and len(failed) >= MAX_RECORDED_FAILURES:
+                return
+            failed[key] = {"reason": str(reason), "detail": str(detail)[:500]}
+            meta["failed"] = failed
+            root.attrs[CELLSAM_KEY] = meta
 
     def write(
         self,
@@ -285,12 +318,20 @@ class ZarrLabelSink:
             done_path = f"{store.position(p)}/cellsam/done"
             values = np.asarray(zarr.open_array(store.zstore, path=done_path, mode="r")[...])
             done += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(values & DONE_LABELS)]
+        done_keys = {(f.p, f.t, f.z) for f in done}
+        failed = []
+        for key, why in (state.get("failed") or {}).items():
+            p, t, z = (int(v) for v in key.split("/"))
+            if (p, t, z) not in done_keys:
+                frame = FrameId(acquisition, p, t, z)
+                failed.append(FailedFrame(frame, why["reason"], why.get("detail", "")))
         return StoreState(
             acquisition=acquisition,
             done=tuple(done),
             t_size=max((f.t for f in done), default=-1) + 1,
             closed=bool(state["closed"]),
             summary=state["summary"],
+            failed=tuple(sorted(failed, key=lambda f: (f.frame.p, f.frame.t, f.frame.z))),
         )
 
     # -- creation and checks ------------------------------------------------------------------
@@ -355,9 +396,20 @@ class ZarrLabelSink:
             ours.create_group("cells", attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}})
         os.rename(tmp, path)
 
+    @classmethod
+    def _check_existing(cls, path: Path, spec: AcquisitionSpec) -> dict[str, Any]:
+        meta = cls._read_meta(path)
+        stored = cls._parse_spec(path, meta)
+        if stored != spec and not spec_extends(stored, spec):
+            raise IncompatibleStoreError(
+                f"{path} was created with a different spec ({'; '.join(spec_differences(stored, spec))}); "
+                f"resume with the original spec (only more time points may be added) or {_HINT}"
+            )
+        return meta
+
     @staticmethod
-    def _check_existing(path: Path, spec: AcquisitionSpec) -> dict[str, Any]:
-        hint = "move it away or choose another acquisition id"
+    def _read_meta(path: Path) -> dict[str, Any]:
+        hint = _HINT
         if not path.is_dir():
             raise IncompatibleStoreError(f"{path} exists but is not a directory; {hint}")
         try:
@@ -372,17 +424,33 @@ class ZarrLabelSink:
                 f"{path} has store layout version {meta.get('layout_version')}, this code writes "
                 f"{LAYOUT_VERSION}; {hint}"
             )
-        try:
-            stored = AcquisitionSpec.model_validate(meta["spec"])
-        except ValidationError as err:
-            raise IncompatibleStoreError(f"{path} holds an unreadable acquisition spec; {hint}") from err
-        if stored != spec:
-            diff = sorted(k for k in AcquisitionSpec.model_fields if getattr(stored, k) != getattr(spec, k))
-            raise IncompatibleStoreError(
-                f"{path} was created with a different spec (fields {', '.join(diff)} differ: stored "
-                f"{ {k: getattr(stored, k) for k in diff} }); resume with the original spec or {hint}"
-            )
         return meta
+
+    @staticmethod
+    def _parse_spec(path: Path, meta: dict[str, Any]) -> AcquisitionSpec:
+        try:
+            return AcquisitionSpec.model_validate(meta["spec"])
+        except ValidationError as err:
+            raise IncompatibleStoreError(f"{path} holds an unreadable acquisition spec; {_HINT}") from err
+
+    def _extend(self, zstore: LocalStore, spec: AcquisitionSpec) -> None:
+        """Record a spec with more time points (callers hold the exclusive lock): bounded arrays grow to
+        the new ``sizes.t`` now; open-ended ones grow as frames come."""
+        root = zarr.open_group(zstore, mode="r+", zarr_format=3)
+        meta: dict[str, Any] = dict(root.attrs[CELLSAM_KEY])  # type: ignore[arg-type]
+        meta["spec"] = spec.model_dump(mode="json")
+        meta["generation"] = int(meta.get("generation", 0)) + 1
+        if spec.sizes.t is not None:
+            for p in range(spec.sizes.p):
+                base = position_path(p, spec.sizes.p)
+                paths = [f"{base}/{k}" for k in range(spec.storage.levels)]
+                paths += [f"{base}/labels/cells/{k}" for k in range(spec.storage.levels)]
+                paths.append(f"{base}/cellsam/done")
+                for array_path in paths:
+                    array = zarr.open_array(zstore, path=array_path, mode="r+")
+                    if array.shape[0] < spec.sizes.t:
+                        array.resize((spec.sizes.t, *array.shape[1:]))
+        root.attrs[CELLSAM_KEY] = meta
 
     # -- metadata state -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 from acquisition.errors import InvalidAcquisitionIdError
 from acquisition.frames import FrameId
 from acquisition.memory_sink import MemoryLabelSink
-from acquisition.sink import LabelSink
+from acquisition.sink import FailedFrame, LabelSink, StoredAcquisition
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
@@ -274,9 +274,64 @@ class SinkConformance:
         self.assert_frame(sink, spec, 0, 1, 0)
         with pytest.raises(IncompatibleStoreError):
             sink.open_acquisition(make_spec(frame_shape=(32, 32)))
-        with pytest.raises(IncompatibleStoreError):
+        with pytest.raises(IncompatibleStoreError, match=r"sizes\.c: 2 -> 3"):
             sink.open_acquisition(make_spec(sizes=Sizes(p=2, z=2, c=3)))
         self.assert_frame(sink, spec, 0, 1, 0)
+
+    def test_stored_spec_is_found_without_opening(
+        self, sink: LabelSink, spec: AcquisitionSpec, tmp_path: Path
+    ) -> None:
+        assert sink.stored("never-opened") is None
+        for reader in self.readers(sink, tmp_path):
+            assert reader.stored(spec.acquisition) == StoredAcquisition(spec, closed=False)
+        sink.close_acquisition(spec.acquisition, {"frames": 0})
+        for reader in self.readers(sink, tmp_path):
+            assert reader.stored(spec.acquisition) == StoredAcquisition(spec, closed=True)
+
+    def test_failures_are_recorded_until_the_frame_is_written(
+        self, sink: LabelSink, spec: AcquisitionSpec, tmp_path: Path
+    ) -> None:
+        a, b = FrameId(spec.acquisition, 1, 4, 0), FrameId(spec.acquisition, 0, 2, 1)
+        sink.record_failure(a, "model_error", "first")
+        sink.record_failure(a, "shutdown", "the service stopped")
+        sink.record_failure(b, "write_error")
+        with pytest.raises(InvalidIdentifierError):
+            sink.record_failure(FrameId(spec.acquisition, 5, 0, 0), "shutdown")
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            assert reader.progress(spec.acquisition).failed == (
+                FailedFrame(b, "write_error", ""),
+                FailedFrame(a, "shutdown", "the service stopped"),
+            )
+        self.write(sink, spec, 1, 4, 0)  # redone: no longer failed
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            assert [f.frame for f in reader.progress(spec.acquisition).failed] == [b]
+
+    def test_more_time_points_extend_a_stored_acquisition(self, sink: LabelSink, tmp_path: Path) -> None:
+        bounded = make_spec(sizes=Sizes(t=3, p=2, z=2, c=3), declaration={"type": "start", "sizes": {"t": 3}})
+        sink.open_acquisition(bounded)
+        self.write(sink, bounded, 1, 2, 1)
+        with pytest.raises(InvalidIdentifierError):
+            self.write(sink, bounded, 1, 3, 1)
+        with pytest.raises(IncompatibleStoreError, match=r"sizes\.t: 3 -> 2"):
+            sink.open_acquisition(bounded.model_copy(update={"sizes": Sizes(t=2, p=2, z=2, c=3)}))
+        longer = bounded.model_copy(
+            update={"sizes": Sizes(t=6, p=2, z=2, c=3), "declaration": {"type": "start", "sizes": {"t": 6}}}
+        )
+        reader = self.readers(sink, tmp_path)[-1]
+        reader.open_acquisition(longer)
+        self.write(reader, longer, 1, 5, 1)
+        for r in self.readers(sink, tmp_path):
+            assert r.stored(bounded.acquisition) == StoredAcquisition(longer, closed=False)
+        r = self.readers(sink, tmp_path)[-1]
+        r.open_acquisition(longer)
+        self.assert_frame(r, longer, 1, 2, 1)
+        self.assert_frame(r, longer, 1, 5, 1)
+        open_ended = longer.model_copy(update={"sizes": Sizes(t=None, p=2, z=2, c=3)})
+        r.open_acquisition(open_ended)
+        self.write(r, open_ended, 0, 40, 0)
+        self.assert_frame(r, open_ended, 0, 40, 0)
 
     def test_close_records_summary_and_refuses_writes(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
         for t in range(3):
