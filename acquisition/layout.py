@@ -9,13 +9,15 @@ acquisition's store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from acquisition.errors import ProtocolError
 from acquisition.protocol import Reason, StartMessage
+from acquisition.spec import AcquisitionSpec
 from acquisition.wire import FrameMessage
 
-__all__ = ["DEFAULT_MAX_TIME_POINTS", "Layout"]
+__all__ = ["DEFAULT_MAX_TIME_POINTS", "Layout", "declared_metadata", "redeclare"]
 
 #: Default ceiling on any frame's time index (a day at 10 frames/s is 864,000).
 DEFAULT_MAX_TIME_POINTS = 10_000_000
@@ -85,6 +87,21 @@ class Layout:
             max_t=max_t,
         )
 
+    @classmethod
+    def of_spec(cls, spec: AcquisitionSpec, *, max_t: int = DEFAULT_MAX_TIME_POINTS) -> Layout:
+        """The layout of an acquisition a label sink already holds (a service restarted on its store)."""
+        sizes = (spec.declaration or {}).get("sizes") or {}
+        return cls(
+            t=spec.sizes.t,
+            p=spec.sizes.p,
+            z=spec.sizes.z,
+            c=spec.sizes.c,
+            shape=spec.frame_shape,
+            dtype=spec.image_dtype,
+            declared_channels=isinstance(sizes, dict) and sizes.get("c") is not None,
+            max_t=max_t,
+        )
+
     def check(self, message: FrameMessage) -> None:
         """Raise :class:`ProtocolError` when ``message`` does not fit this acquisition."""
         t, p, z = message.position
@@ -139,3 +156,83 @@ class Layout:
     def _fail(message: FrameMessage, reason: Reason, detail: str) -> None:
         header = message.header
         raise ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
+
+
+_METADATA = (
+    "pixel_size_um",
+    "time_interval_s",
+    "z_step_um",
+    "channels.names",
+    "channels.colors",
+    "positions",
+)
+
+
+def declared_metadata(source: StartMessage | AcquisitionSpec | None) -> dict[str, Any]:
+    """Physical metadata a declaration fixes (pixel size, intervals, channel names and colours,
+    positions), from a ``start`` or from a stored spec, for comparing a later ``start`` with it."""
+    if source is None:  # an undeclared acquisition: none of them
+        return dict.fromkeys(_METADATA)
+    if isinstance(source, AcquisitionSpec):
+        return {
+            "pixel_size_um": source.pixel_size_um,
+            "time_interval_s": source.time_interval_s,
+            "z_step_um": source.z_step_um,
+            "channels.names": source.channel_names,
+            "channels.colors": source.channel_colors,
+            "positions": source.positions or None,
+        }
+    channels = source.channels
+    return {
+        "pixel_size_um": source.pixel_size,
+        "time_interval_s": source.time_interval_s,
+        "z_step_um": source.z_step_um,
+        "channels.names": tuple(channels.names) if channels is not None and channels.names else None,
+        "channels.colors": tuple(channels.colors) if channels is not None and channels.colors else None,
+        "positions": source.positions or None,
+    }
+
+
+def redeclare(layout: Layout | None, reference: dict[str, Any], start: StartMessage) -> Layout | None:
+    """The layout of an acquisition under a further ``start``: the same, or with more time points.
+
+    A ``start`` may repeat what the acquisition already is (a no-op), leave out what it does not change,
+    or declare more time points (or none: open-ended stays open-ended). Anything else it declares must
+    equal the acquisition's ``layout`` (what its store already holds) and ``reference`` (its physical
+    metadata, :func:`declared_metadata`).
+
+    Raises
+    ------
+    ProtocolError
+        ``layout_conflict`` naming every field that differs.
+    """
+    if layout is None:
+        return None  # no frame yet and nothing stored: nothing is fixed
+    conflicts: list[str] = []
+    for name, before in reference.items():
+        after = declared_metadata(start).get(name)
+        if after is not None and after != before:
+            conflicts.append(f"{name}: {before!r} -> {after!r}")
+    new_layout = layout
+    sizes = start.sizes
+    if sizes.t is not None:
+        if layout.t is None or sizes.t < layout.t:
+            conflicts.append(f"sizes.t: {layout.t} -> {sizes.t} (time points may only be added)")
+        else:
+            new_layout = replace(layout, t=sizes.t)
+    for axis in ("p", "z", "c"):
+        declared = getattr(sizes, axis)
+        if declared is not None and declared != getattr(layout, axis):
+            conflicts.append(f"sizes.{axis}: {getattr(layout, axis)} -> {declared}")
+    if start.shape is not None and tuple(start.shape[:2]) != layout.shape:
+        conflicts.append(f"shape: {layout.shape} -> {tuple(start.shape[:2])}")
+    if start.dtype is not None and start.dtype != layout.dtype:
+        conflicts.append(f"dtype: {layout.dtype} -> {start.dtype}")
+    if conflicts:
+        raise ProtocolError(
+            Reason.LAYOUT_CONFLICT,
+            f"'start' conflicts with acquisition {start.acquisition!r} as it already is "
+            f"({'; '.join(conflicts)}); use a new acquisition id for a different acquisition",
+            acquisition=start.acquisition,
+        )
+    return new_layout

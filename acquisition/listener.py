@@ -30,6 +30,7 @@ from acquisition.allocator import retain_frame_buffers
 from acquisition.errors import ListenerClosedError
 from acquisition.layout import DEFAULT_MAX_TIME_POINTS
 from acquisition.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
+from acquisition.sink import StoredAcquisition
 from acquisition.sockets import bind_socket
 from acquisition.source import EventQueue, Intake, SourceEvent, SourceStats
 
@@ -70,6 +71,11 @@ class FrameListener:
         On glibc, raise ``malloc``'s thresholds (process-wide, see :mod:`acquisition.allocator`) so the
         buffers of freed frames are reused for the next ones instead of being returned to the kernel and
         faulted in again: a sixth less CPU per 8 MiB frame. Default ``True``.
+    stored : callable, optional
+        ``LabelSink.stored``: what the label sink already holds of an acquisition. An acquisition this
+        listener has not seen but the sink holds resumes from it (its declaration, layout and ended
+        state), so a restarted service takes its frames without a new ``start``, and a ``start`` that
+        conflicts with it is rejected (``layout_conflict``).
     context : zmq.Context, optional
         Defaults to the shared ``zmq.Context.instance()`` (a ``zmq.asyncio.Context`` works too: the
         socket is made on a plain view of it).
@@ -97,6 +103,7 @@ class FrameListener:
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         retain_buffers: bool = True,
         context: zmq.Context[Any] | None = None,
+        stored: Callable[[str], StoredAcquisition | None] | None = None,
     ) -> None:
         if max_frame_bytes < 1:
             raise ValueError(f"max_frame_bytes must be ≥ 1, got {max_frame_bytes}")
@@ -112,6 +119,7 @@ class FrameListener:
             stats=self._stats,
             max_acquisitions=max_acquisitions,
             max_time_points=max_time_points,
+            stored=stored,
         )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
         self._socket: zmq.Socket[Any] | None = None

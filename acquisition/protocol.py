@@ -351,6 +351,12 @@ class AcquisitionSummary(BaseModel):
     frames_rejected: int = Field(default=0, ge=0, description="Frames rejected by validation.")
     frames_dropped: int = Field(default=0, ge=0, description="Frames dropped in live mode.")
     n_cells_total: int = Field(default=0, ge=0, description="Cells over all frames.")
+    frames_stored: int | None = Field(
+        default=None,
+        ge=0,
+        description="Frame sets (one per t, p, z) whose labels the store holds: the whole acquisition, "
+        "across restarts of the service (the other counts are this run's).",
+    )
     started_at: float | None = Field(default=None, description="First message, seconds since epoch.")
     ended_at: float | None = Field(default=None, description="End message, seconds since epoch.")
 

@@ -17,14 +17,15 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
 from acquisition.errors import ListenerClosedError, ProtocolError
 from acquisition.frames import Frame
-from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout
+from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout, declared_metadata, redeclare
 from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
+from acquisition.sink import StoredAcquisition
 from acquisition.wire import FrameMessage, decode_message
 
 __all__ = [
@@ -178,6 +179,8 @@ class _Known:
     start: StartMessage | None
     layout: Layout | None = None
     ended: bool = False
+    #: Physical metadata fixed so far (`declared_metadata`), which a later ``start`` must not change.
+    reference: dict[str, Any] = field(default_factory=dict)
 
 
 class Intake:
@@ -195,9 +198,11 @@ class Intake:
         stats: SourceStats,
         max_acquisitions: int = 1024,
         max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+        stored: Callable[[str], StoredAcquisition | None] | None = None,
     ) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.max_time_points = max_time_points
+        self.stored = stored
         self.stats = stats
         self._max_acquisitions = max_acquisitions
         self._acquisitions: OrderedDict[str, _Known] = OrderedDict()
@@ -206,6 +211,36 @@ class Intake:
         """The latest ``start`` of ``acquisition``, if one came (and it is still remembered)."""
         known = self._acquisitions.get(acquisition)
         return known.start if known is not None else None
+
+    def _known(self, acquisition: str) -> _Known | None:
+        """What is known of an acquisition: seen in this run, else what the label sink holds of it."""
+        known = self._acquisitions.get(acquisition)
+        if known is not None or self.stored is None:
+            return known
+        try:
+            stored = self.stored(acquisition)
+        except Exception as exc:  # something that is not its store is in the way, or unreadable
+            raise ProtocolError(
+                Reason.LAYOUT_CONFLICT,
+                f"acquisition {acquisition!r} cannot be resumed from the label store: {exc}",
+                acquisition=acquisition,
+            ) from exc
+        if stored is None:
+            return None
+        spec = stored.spec
+        start = None
+        if spec.declaration is not None:
+            with contextlib.suppress(ValueError):
+                start = StartMessage.model_validate(spec.declaration)
+        known = _Known(
+            start,
+            Layout.of_spec(spec, max_t=self.max_time_points),
+            ended=stored.closed,
+            reference=declared_metadata(spec),
+        )
+        self._remember(acquisition, known)
+        log.info("acquisition %s resumed from the label store (sizes %s)", acquisition, spec.sizes)
+        return known
 
     def _remember(self, acquisition: str, known: _Known) -> None:
         self._acquisitions[acquisition] = known
@@ -233,7 +268,7 @@ class Intake:
         stats = self.stats
         message = decode_message(parts, max_frame_bytes=self.max_frame_bytes)
         if isinstance(message, FrameMessage):
-            known = self._acquisitions.get(message.acquisition)
+            known = self._known(message.acquisition)
             if known is not None and known.ended:
                 header = message.header
                 raise ProtocolError(
@@ -246,18 +281,29 @@ class Intake:
             layout = known.layout if known is not None else None
             if layout is None:
                 layout = Layout.of(start, message, max_t=self.max_time_points)
-                self._remember(message.acquisition, _Known(start, layout))
+                reference = known.reference if known is not None else declared_metadata(None)
+                self._remember(message.acquisition, _Known(start, layout, reference=reference))
             layout.check(message)
             stats.accepted += 1
             stats.bytes_accepted += message.data.nbytes
             return Frame(message, received_at=received_at, declaration=start, layout=layout)
         if isinstance(message, StartMessage):
+            known = self._known(message.acquisition)
+            if known is None:
+                self._remember(message.acquisition, _Known(message, reference=declared_metadata(message)))
+            else:
+                # A further start: the same acquisition (a no-op, or more time points) and never a
+                # different one; it re-opens an ended acquisition.
+                layout = redeclare(known.layout, known.reference, message)
+                reference = known.reference if known.layout is not None else declared_metadata(message)
+                self._remember(message.acquisition, _Known(message, layout, reference=reference))
             stats.started += 1
-            self._remember(message.acquisition, _Known(message))
             return Started(message)
         stats.ended += 1
-        known = self._acquisitions.get(message.acquisition) or _Known(None)
-        self._remember(message.acquisition, _Known(known.start, known.layout, ended=True))
+        known = self._known(message.acquisition) or _Known(None)
+        self._remember(
+            message.acquisition, _Known(known.start, known.layout, ended=True, reference=known.reference)
+        )
         return Ended(message)
 
     def rejected(self, exc: ProtocolError) -> Rejected:
@@ -365,7 +411,8 @@ class EventQueue:
 class MemoryFrameSource:
     """A :class:`FrameSource` fed in-process: :meth:`push` takes the parts of a wire message.
 
-    Same validation and queueing as the ZeroMQ listener; :meth:`push` waits while the queue is full
+    Same validation and queueing (and ``stored``, see :class:`~acquisition.listener.FrameListener`) as
+    the ZeroMQ listener; :meth:`push` waits while the queue is full
     (the backpressure a ZeroMQ sender feels). For tests, notebooks and replaying recorded messages.
     """
 
@@ -377,10 +424,11 @@ class MemoryFrameSource:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_notices: int = 4096,
         max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+        stored: Callable[[str], StoredAcquisition | None] | None = None,
     ) -> None:
         self._stats = SourceStats()
         self._intake = Intake(
-            max_frame_bytes=max_frame_bytes, stats=self._stats, max_time_points=max_time_points
+            max_frame_bytes=max_frame_bytes, stats=self._stats, max_time_points=max_time_points, stored=stored
         )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
         self._room: asyncio.Event | None = None

@@ -18,7 +18,7 @@ from serving.config import ModelSettings, ServiceConfig
 from serving.deployments import Decoder, Encoder
 from serving.metrics import ServiceMetrics
 from serving.security import require_http_token, secure_ingress
-from serving.segmenter import DecodedFrame
+from serving.segmenter import DecodedFrame, RetryableError
 
 __all__ = ["Ingress", "ServeSegmenter", "build_app"]
 
@@ -45,6 +45,27 @@ def _is_replica_failure(exc: BaseException) -> bool:
         current = cause if isinstance(cause, BaseException) else current.__cause__
         seen += 1
     return False
+
+
+def _failed_deployment(exc: BaseException) -> str:
+    """Which deployment's replica a replica failure came from (``model`` when Ray does not say).
+
+    Ray names the dead actor's class in the error (``ServeReplica:<app>:Encoder``)."""
+    text = " ".join(str(e) for e in _chain(exc))
+    for name in ("Encoder", "Decoder"):
+        if f":{name}" in text:
+            return name.lower()
+    return "model"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(out) < 8:
+        out.append(current)
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return out
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -85,7 +106,7 @@ class ServeSegmenter:
             result: DecodedFrame = await self.decoder.remote(encoded)
         except Exception as exc:
             if _is_replica_failure(exc):
-                raise
+                raise RetryableError(str(exc), deployment=_failed_deployment(exc)) from exc
             # Surface the replica's own exception (e.g. ImageFormatError), not Ray's wrapper of it.
             cause = _root_cause(exc)
             if cause is exc:
@@ -94,7 +115,7 @@ class ServeSegmenter:
         return result
 
     def is_retryable(self, exc: BaseException) -> bool:
-        return _is_replica_failure(exc)
+        return isinstance(exc, RetryableError) or _is_replica_failure(exc)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64)
@@ -123,10 +144,11 @@ class Ingress:
         )
         self.metrics_port = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
         self.curve = secure_ingress(self.config.security, self.metrics)
+        labels = components.label_store(self.config)
         self.pipeline = StreamPipeline(
-            source=components.frame_listener(self.config, curve=self.curve),
+            source=components.frame_listener(self.config, curve=self.curve, stored=labels.stored),
             segmenter=self.segmenter,
-            labels=components.label_store(self.config),
+            labels=labels,
             results=components.result_publisher(self.config, curve=self.curve),
             config=self.config,
             metrics=self.metrics,
@@ -135,11 +157,21 @@ class Ingress:
         await self.pipeline.start()
         log.info("ingress ready: %s, metrics on port %d", self.pipeline.endpoints, self.metrics_port)
 
+    async def drain(self, deadline_s: float | None = None) -> dict[str, Any]:
+        """Stop taking frames and finish the accepted ones (see :meth:`StreamPipeline.stop`).
+
+        ``cellsam-stream serve`` calls it on SIGINT/SIGTERM before the model deployments are removed, so
+        frames in flight still have replicas to run on. Returns the drain report as a dict.
+        """
+        timeout = self.config.shutdown.drain_timeout_s if deadline_s is None else deadline_s
+        report = await self.pipeline.stop(deadline_s=timeout)
+        return report.as_dict()
+
     async def __del__(self) -> None:
-        # Serve calls this on shutdown: finish frames in flight, close acquisitions and sockets.
+        # Serve calls this on shutdown: drain (a no-op after `drain`), close sockets.
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
-            await pipeline.stop()
+            await pipeline.stop(deadline_s=self.config.shutdown.drain_timeout_s)
         curve = getattr(self, "curve", None)
         if curve is not None:
             curve.close()

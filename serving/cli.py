@@ -1,7 +1,8 @@
 """The ``cellsam-stream`` command line: parses arguments, loads configuration, calls library functions.
 
 Exit codes: 0 success, 1 the work failed (no weights, unreadable image, a port in use, frames lost), 2 usage
-errors (argparse's convention; also invalid configuration values). Errors are one line on stderr; checks
+errors (argparse's convention; also invalid configuration values), 3 ``serve`` stopped with accepted frames
+unfinished (they got ``failed: shutdown`` results). Errors are one line on stderr; checks
 that need no Ray run before Ray starts (``serving.preflight``).
 """
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from serving.config import ServiceConfig
 
 log = logging.getLogger("cellsam_stream")
+
+#: ``serve`` stopped before every accepted frame was finished.
+EXIT_UNFINISHED = 3
 
 _EPILOG = "Run `cellsam-stream COMMAND --help` for the options of a command."
 
@@ -153,6 +157,7 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
             "results.endpoint": args.results,
             "output.directory": str(args.output) if args.output else None,
             "metrics.port": args.metrics_port,
+            "shutdown.drain_timeout_s": getattr(args, "drain_timeout", None),
             "encoder.replicas": args.encoder_replicas,
             "encoder.num_gpus": args.num_gpus_per_encoder,
             "decoder.replicas": args.decoder_replicas,
@@ -194,9 +199,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with wait_for_signal() as stopped:
         print("Ctrl-C (SIGINT) or SIGTERM stops it after finishing the frames in flight.", flush=True)
         signum = stopped.wait()
-    print(f"received signal {signum}: finishing frames in flight and shutting down...")
-    service.stop()
-    print("stopped")
+    deadline = config.shutdown.drain_timeout_s
+    print(f"received signal {signum}: finishing the accepted frames (at most {deadline:g} s)...", flush=True)
+    report = service.stop(deadline)
+    if report is None:
+        print("stopped; the drain did not report (see the log above)", file=sys.stderr)
+        return EXIT_UNFINISHED
+    unfinished = int(report["unfinished"] or 0)
+    if unfinished:
+        print(
+            f"stopped after {report['seconds']:.1f} s; {unfinished} accepted frame(s) were not finished: "
+            "they got `failed: shutdown` results and are recorded in their stores (re-send them after a "
+            "restart)",
+            file=sys.stderr,
+        )
+        return EXIT_UNFINISHED
+    print(f"stopped after {report['seconds']:.1f} s; every accepted frame was finished")
     return 0
 
 
@@ -334,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-port", type=int, help="port of the HTTP routes (8000; on a cluster, the running Serve's)"
     )
     p.add_argument("--metrics-port", type=int, help="port of /metrics (9464; 0 picks a free port)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="seconds to finish accepted frames on SIGINT/SIGTERM before they fail as `shutdown` (60)",
+    )
     p.add_argument("--encoder-replicas", type=int, help="encoder replicas (1)")
     p.add_argument("--decoder-replicas", type=int, help="decoder replicas (1)")
     p.add_argument("--num-gpus-per-encoder", type=float, help="GPUs per encoder replica (fractions allowed)")

@@ -5,11 +5,13 @@ The pipeline receives these; it never builds them. Tests and notebooks pass in-m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from acquisition.listener import FrameListener
 from acquisition.publisher import ResultPublisher
 from acquisition.security import CurveServer
+from acquisition.sink import StoredAcquisition
 from acquisition.zarr_sink import ZarrLabelSink
 from serving.config import ServiceConfig
 
@@ -21,10 +23,17 @@ def _secured(curve: CurveServer | None, name: str) -> dict[str, Any]:
     return curve.socket_kwargs(name) if curve is not None else {}
 
 
-def frame_listener(config: ServiceConfig, *, curve: CurveServer | None = None) -> FrameListener:
-    """The ZeroMQ frame source described by ``config.ingest`` (CURVE-secured when ``curve`` is given)."""
+def frame_listener(
+    config: ServiceConfig,
+    *,
+    curve: CurveServer | None = None,
+    stored: Callable[[str], StoredAcquisition | None] | None = None,
+) -> FrameListener:
+    """The ZeroMQ frame source described by ``config.ingest`` (CURVE-secured when ``curve`` is given;
+    resuming acquisitions the label sink holds when ``stored`` is its `LabelSink.stored`)."""
     ingest = config.ingest
     return FrameListener(
+        stored=stored,
         endpoint=ingest.endpoint,
         max_queued=ingest.max_queued,
         live=ingest.live,

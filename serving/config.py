@@ -248,6 +248,20 @@ class RetrySettings(BaseModel):
     backoff_s: float = Field(0.5, ge=0, description="Pause before a retry, doubled each attempt.")
 
 
+class ShutdownSettings(BaseModel):
+    """How the service stops (SIGINT/SIGTERM, ``serve.delete``, a pod's termination)."""
+
+    model_config = _FROZEN
+
+    drain_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time to finish the frames already accepted before the model deployments are removed; "
+        "frames unfinished then fail with reason `shutdown` (published and recorded in the store). Keep "
+        "it below the Ingress's `graceful_shutdown_timeout_s` on a cluster.",
+    )
+
+
 class SecuritySettings(BaseModel):
     """Who may reach the service: loopback only by default; CURVE for ZeroMQ, a bearer token for HTTP.
 
@@ -349,6 +363,7 @@ class ServiceConfig(BaseModel):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     decoder: DecoderSettings = Field(default_factory=DecoderSettings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @model_validator(mode="before")

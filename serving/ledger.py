@@ -19,7 +19,10 @@ __all__ = ["AcquisitionLedger", "Ledger"]
 
 @dataclass
 class AcquisitionLedger:
-    """Counts of one acquisition's frames.
+    """Counts of one acquisition's frames in this run of the service.
+
+    ``stored_before`` is what its store already held when this run opened it (an acquisition resumed
+    after a restart); the summary's ``frames_stored`` is read from the store's done map when it ends.
 
     Every frame the source accepted is ``received``; it ends ``dropped`` (live mode, never segmented),
     ``ok`` (segmented and stored) or ``failed`` (with a reason in ``failures``); until then it is
@@ -43,6 +46,8 @@ class AcquisitionLedger:
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     failures: Counter[str] = field(default_factory=Counter)
+    #: Frames the store held when this run of the service first opened the acquisition (None: not yet).
+    stored_before: int | None = None
 
     @property
     def stored(self) -> int:
@@ -91,6 +96,7 @@ class AcquisitionLedger:
             "ended": self.ended,
             "closed": self.closed,
             "frames_declared": self.frames_declared,
+            "stored_before": self.stored_before,
             "failures": dict(self.failures),
         }
 

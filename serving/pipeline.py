@@ -19,9 +19,11 @@ Guarantees (see ``docs/serving.md``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,11 +39,35 @@ from serving.assembly import ChannelAssembler, FrameSet, model_input
 from serving.config import ServiceConfig
 from serving.ledger import AcquisitionLedger, Ledger
 from serving.metrics import ServiceMetrics
-from serving.segmenter import DecodedFrame, Segmenter
+from serving.segmenter import DecodedFrame, RetryableError, Segmenter
 
-__all__ = ["StreamPipeline"]
+__all__ = ["DrainReport", "StreamPipeline"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """How :meth:`StreamPipeline.stop` ended.
+
+    Attributes
+    ----------
+    unfinished : int
+        Accepted frames that had not ended when the drain deadline passed (or that were still waiting for
+        their other channels): each got a ``failed`` result with reason ``shutdown``, recorded in its
+        store, so a sender that re-sends them after a restart completes the acquisition.
+    seconds : float
+        Time the drain took.
+    deadline_s : float or None
+        The deadline it ran under (None: no deadline).
+    """
+
+    unfinished: int
+    seconds: float
+    deadline_s: float | None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"unfinished": self.unfinished, "seconds": self.seconds, "deadline_s": self.deadline_s}
 
 
 class StreamPipeline:
@@ -91,6 +117,10 @@ class StreamPipeline:
         self._finishers: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._sink_lock = asyncio.Lock()
+        self._active: set[int] = set()  # ids of frame sets being processed that have not ended yet
+        self._stopping = False  # the drain deadline passed: whatever has not ended fails as `shutdown`
+        self._unfinished = 0
+        self._drained: DrainReport | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -105,20 +135,61 @@ class StreamPipeline:
         self._janitor = asyncio.create_task(self._expire_sets(), name="pipeline-assembly-timeouts")
         log.info("pipeline: frames from %s, results to %s", self.source.endpoint, self.results.endpoint)
 
-    async def stop(self) -> None:
-        """Stop taking messages, finish every accepted frame, close finished acquisitions, stop publishing."""
+    async def stop(self, deadline_s: float | None = None) -> DrainReport:
+        """Drain: stop taking messages, finish every accepted frame, then stop publishing.
+
+        Frames already accepted (queued in the source or being segmented) are finished: segmented,
+        published and stored. When ``deadline_s`` passes first, every frame that has not ended (and every
+        frame still waiting for its other channels) gets a ``failed`` result with reason ``shutdown``,
+        recorded in its store; a write already under way is let finish. Calling it again returns the
+        first call's report.
+        """
+        if self._drained is not None:
+            return self._drained
+        began = time.monotonic()
         await self.source.stop()
         if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            _, late = await asyncio.wait(self._workers, timeout=deadline_s)
+            if late:
+                self._stopping = True
+                log.warning(
+                    "drain deadline of %g s passed with %d frame(s) in flight: they fail as `shutdown`",
+                    deadline_s,
+                    self._in_flight,
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+                await self._fail_queued()
         if self._janitor is not None:
             self._janitor.cancel()
             await asyncio.gather(self._janitor, return_exceptions=True)
+        self._stopping = True
         for frame_set in self.assembler.take():
-            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, "the service stopped"))
-        for task in list(self._finishers):
-            with contextlib.suppress(Exception):
-                await task
+            self._fail_set(frame_set, "shutdown", self._missing(frame_set, "the service stopped"))
+        while self._finishers:
+            await asyncio.gather(*list(self._finishers), return_exceptions=True)
         self.results.close()
+        self._drained = DrainReport(self._unfinished, time.monotonic() - began, deadline_s)
+        log.info("pipeline stopped: %s", self._drained.as_dict())
+        return self._drained
+
+    async def _fail_queued(self) -> None:
+        """After the deadline: frames still queued in the source fail as ``shutdown``; notices apply."""
+        while True:
+            try:
+                event = await self.source.get()
+            except ListenerClosedError:
+                return
+            if isinstance(event, Frame):
+                self.ledger[event.acquisition].received += 1
+                self.metrics.received.inc()
+                self.metrics.accepted.inc()
+                frame_set = FrameSet(event.id, [], 1)
+                frame_set.add(event)
+                self._fail_set(frame_set, "shutdown", "the service stopped before segmenting it")
+            else:
+                self._on_notice(event)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -162,7 +233,9 @@ class StreamPipeline:
             entry = self.ledger[event.acquisition]
             if entry.closed:  # a new start re-opens a finished acquisition with fresh counts
                 entry = self.ledger.reopen(event.acquisition)
-                self._specs.pop(event.acquisition, None)
+            # The next frame opens the store again: the start may add time points (the source checked
+            # that it changes nothing else).
+            self._specs.pop(event.acquisition, None)
             entry.declaration = event.message
             log.info("acquisition %s started (sizes %s)", event.acquisition, event.message.sizes.model_dump())
         elif isinstance(event, Ended):
@@ -192,14 +265,23 @@ class StreamPipeline:
             self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
         if complete is None:
             return  # waits for its other channels
+        if self._stopping:
+            self._fail_set(complete, "shutdown", "the service stopped before segmenting it")
+            return
         self._in_flight += 1
         m.in_flight.set(self._in_flight)
+        self._active.add(id(complete))
         try:
             await self._process(complete, entry)
+        except asyncio.CancelledError:  # the drain deadline passed
+            if id(complete) in self._active:
+                self._fail_set(complete, "shutdown", "the service stopped before the frame was finished")
+            raise
         except Exception:  # last line of defence: account for the frames, keep serving
             log.exception("unexpected error processing %s", complete.frame_id)
             self._fail_set(complete, "internal_error", "unexpected pipeline error", {})
         finally:
+            self._active.discard(id(complete))
             self._in_flight -= 1
             m.in_flight.set(self._in_flight)
             self._maybe_finish(entry)
@@ -220,14 +302,14 @@ class StreamPipeline:
     def _maybe_finish(self, entry: AcquisitionLedger) -> None:
         if entry.complete and not entry.closed:
             entry.closed = True
-            task = asyncio.get_running_loop().create_task(self._finish(entry))
-            self._finishers.add(task)
-            task.add_done_callback(self._finishers.discard)
+            self._in_background(self._finish(entry))
 
     async def _finish(self, entry: AcquisitionLedger) -> None:
         summary = entry.summary()
         if entry.acquisition in self._specs:
             try:
+                state = await asyncio.to_thread(self.labels.progress, entry.acquisition)
+                summary = summary.model_copy(update={"frames_stored": state.frames_done})
                 await asyncio.to_thread(
                     self.labels.close_acquisition, entry.acquisition, summary.model_dump(mode="json")
                 )
@@ -271,6 +353,7 @@ class StreamPipeline:
             time_interval_s=start.time_interval_s if start is not None else None,
             positions=start.positions[: sizes.p] if start is not None else (),
             write_image=self.config.output.write_images,
+            declaration=start.model_dump(mode="json") if start is not None else None,
         )
 
     async def _ensure_open(self, frame: Frame) -> AcquisitionSpec:
@@ -278,12 +361,40 @@ class StreamPipeline:
         if spec is not None:
             return spec
         async with self._sink_lock:
-            spec = self._specs.get(frame.acquisition)
-            if spec is None:
-                spec = self._spec_for(frame)
-                await asyncio.to_thread(self.labels.open_acquisition, spec)
-                self._specs[frame.acquisition] = spec
-        return spec
+            cached = self._specs.get(frame.acquisition)
+            if cached is not None:
+                return cached
+            opened, done_before = await asyncio.to_thread(self._open, frame)
+            entry = self.ledger[frame.acquisition]
+            if entry.stored_before is None:
+                entry.stored_before = done_before
+            self._specs[frame.acquisition] = opened
+        return opened
+
+    def _open(self, frame: Frame) -> tuple[AcquisitionSpec, int]:
+        """Open (create, resume or extend) a frame's acquisition in the label sink; runs in a thread.
+
+        The store is the source of truth: an acquisition it already holds keeps its stored spec, with
+        the time points and declaration of a later ``start`` (which the source has checked changes
+        nothing else). Returns the spec and the frames done before this run opened it.
+        """
+        stored = self.labels.stored(frame.acquisition)
+        if stored is None:
+            spec = self._spec_for(frame)
+        else:
+            spec = stored.spec
+            update: dict[str, object] = {}
+            if frame.layout is not None and frame.layout.t != spec.sizes.t:
+                update["sizes"] = spec.sizes.model_copy(update={"t": frame.layout.t})
+            if frame.declaration is not None:
+                declaration = frame.declaration.model_dump(mode="json")
+                if declaration != spec.declaration:
+                    update["declaration"] = declaration
+            spec = spec.model_copy(update=update) if update else spec
+            if stored.closed or update:
+                log.info("acquisition %s: resuming its store (%s)", frame.acquisition, ", ".join(update))
+        self.labels.open_acquisition(spec)
+        return spec, self.labels.progress(frame.acquisition).frames_done
 
     async def _segment_with_retries(self, frame_set: FrameSet, image: np.ndarray) -> DecodedFrame:
         attempts = self.config.retries.max_attempts
@@ -295,8 +406,9 @@ class StreamPipeline:
             except Exception as exc:
                 if not self.segmenter.is_retryable(exc) or attempt == attempts:
                     raise
-                self.metrics.retries.labels(deployment="model").inc()
-                self.metrics.replica_failures.labels(deployment="model").inc()
+                deployment = exc.deployment if isinstance(exc, RetryableError) else "model"
+                self.metrics.retries.labels(deployment=deployment).inc()
+                self.metrics.replica_failures.labels(deployment=deployment).inc()
                 log.warning(
                     "frame %s: replica failure (%s), retry %d/%d", frame_set.frame_id, exc, attempt, attempts
                 )
@@ -351,15 +463,25 @@ class StreamPipeline:
             # Feedback first: the microscope gets the result now; the labels are stored right after.
             self._publish_ok(frame_set, seg.labels, cells, latency)
         t0 = time.monotonic()
-        try:
-            image = np.moveaxis(pixels, -1, 0) if spec.write_image else None
-            await asyncio.to_thread(
-                self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells
-            )
-        except Exception as exc:
-            # With feedback first, this set's `ok` result is followed by this `failed` one.
-            self._fail_set(frame_set, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
-            return
+        image = np.moveaxis(pixels, -1, 0) if spec.write_image else None
+        write = asyncio.ensure_future(
+            asyncio.to_thread(self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells)
+        )
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(write)
+                break
+            except asyncio.CancelledError:
+                # The drain deadline passed during the write, which goes on in its thread: let it end so
+                # the frame ends as what it is (stored, or failed), then stop.
+                cancelled = True
+            except Exception as exc:
+                # With feedback first, this set's `ok` result is followed by this `failed` one.
+                self._fail_set(frame_set, "write_error", f"{type(exc).__name__}: {exc}", dict(latency))
+                if cancelled:
+                    raise asyncio.CancelledError from None
+                return
         m.stage_seconds.labels(stage="write").observe(time.monotonic() - t0)
         m.written.inc()
         if after_write:
@@ -367,6 +489,9 @@ class StreamPipeline:
             self._publish_ok(frame_set, seg.labels, cells, latency)
         entry.ok += len(frame_set.frames)
         entry.cells += seg.n_cells
+        self._active.discard(id(frame_set))
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _publish_ok(
         self, frame_set: FrameSet, labels: np.ndarray, cells: CellTable, latency: dict[str, float]
@@ -394,6 +519,11 @@ class StreamPipeline:
         """Every frame of the set ends failed: counted, logged and published with its own index."""
         entry = self.ledger[frame_set.frame_id.acquisition]
         log.warning("frame %s failed (%s): %s", frame_set.frame_id, reason, detail)
+        self._active.discard(id(frame_set))
+        if reason == "shutdown":
+            self._unfinished += len(frame_set.frames)
+        if frame_set.frame_id.acquisition in self._specs:
+            self._in_background(self._record_failure(frame_set, reason, detail))
         n = len(frame_set.frames)
         self.metrics.failed.labels(reason=reason).inc(n)
         entry.failed += n
@@ -411,6 +541,18 @@ class StreamPipeline:
                 )
             )
         self._maybe_finish(entry)
+
+    async def _record_failure(self, frame_set: FrameSet, reason: str, detail: str) -> None:
+        try:
+            await asyncio.to_thread(self.labels.record_failure, frame_set.frame_id, reason, detail)
+        except Exception:
+            log.exception("recording the failure of %s in the label sink failed", frame_set.frame_id)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task that :meth:`stop` waits for."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._finishers.add(task)
+        task.add_done_callback(self._finishers.discard)
 
     def _publish(self, outcome: FrameOutcome) -> None:
         self.results.publish(outcome)

@@ -51,21 +51,39 @@ class RunningService:
     def get_json(self, path: str, timeout: float = 30) -> Any:
         return _get_json(self.http_url + path, self.http_token, timeout)
 
-    def stop(self) -> None:
-        """Delete the app (the ingress finishes frames in flight first), then Ray if it is ours.
+    def drain(self, deadline_s: float | None = None) -> dict[str, Any]:
+        """Ask the Ingress to stop taking frames and finish the accepted ones while every deployment is
+        still up; returns its report (``unfinished``: frames that failed as ``shutdown``)."""
+        from ray import serve
 
-        An embedded Ray goes down with its Serve controller; ``serve.shutdown()`` first would only add a
-        "graceful_shutdown failed ... killed by ray.kill" line from Ray.
+        handle = serve.get_app_handle(APP_NAME)
+        wait = None if deadline_s is None else deadline_s + 60
+        report: dict[str, Any] = handle.drain.remote(deadline_s).result(timeout_s=wait)
+        return report
+
+    def stop(self, deadline_s: float | None = None) -> dict[str, Any] | None:
+        """Drain the Ingress, then delete the app, then Ray if it is ours; returns the drain report
+        (None when the drain itself failed, e.g. the Ingress was already gone).
+
+        Draining first keeps the order: the model deployments are removed only after the frames in
+        flight are finished. An embedded Ray goes down with its Serve controller; ``serve.shutdown()``
+        first would only add a "graceful_shutdown failed ... killed by ray.kill" line from Ray.
         """
         import ray
         from ray import serve
 
+        report = None
+        try:
+            report = self.drain(deadline_s)
+        except Exception as exc:
+            log.warning("draining the Ingress failed (%s: %s); deleting the app", type(exc).__name__, exc)
         try:
             serve.delete(APP_NAME)
         finally:
             if self.started_ray:
                 ray.shutdown()
                 _forget_serve_client()
+        return report
 
     def describe(self) -> str:
         return "\n".join(

@@ -26,7 +26,15 @@ __all__ = ["DecodedFrame", "LocalSegmenter", "RetryableError", "Segmenter"]
 
 
 class RetryableError(RuntimeError):
-    """A segmenter failure worth retrying (the replica died or was unreachable), not the frame's fault."""
+    """A segmenter failure worth retrying (the replica died or was unreachable), not the frame's fault.
+
+    ``deployment`` names the part that failed (``encoder``, ``decoder``; ``model`` when unknown): the
+    label of ``cellsam_retries_total`` and ``cellsam_replica_failures_total``.
+    """
+
+    def __init__(self, message: str, *, deployment: str = "model") -> None:
+        super().__init__(message)
+        self.deployment = deployment
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
 from acquisition.listener import FrameListener
 from acquisition.protocol import EndMessage, Index, StartMessage
+from acquisition.sink import StoredAcquisition
 from acquisition.source import (
     Dropped,
     Ended,
@@ -33,6 +34,7 @@ from acquisition.source import (
     SourceStats,
     Started,
 )
+from acquisition.spec import AcquisitionSpec, Sizes
 from acquisition.wire import encode_control, encode_frame, frame_header
 from tests.acq_util import ANY_PORT, drain, frames_in, next_frames, run, until
 
@@ -234,6 +236,117 @@ LAYOUT_CASES = [
 ]
 
 
+@dataclass(frozen=True)
+class LifecycleCase:
+    """Messages of one acquisition ``L`` (starts, frames, ends) and what each becomes.
+
+    ``stored`` is what the label sink holds of ``L`` (a restarted service); outcomes: ``started``,
+    ``ended``, ``ok`` (an accepted frame) or a rejection reason.
+    """
+
+    name: str
+    messages: list[list[Any]]
+    outcome: list[str]
+    stored: StoredAcquisition | None = None
+
+
+def stored_spec(
+    t: int | None = 5, *, declared: dict[str, Any] | None = None, **fields: Any
+) -> AcquisitionSpec:
+    """What a sink holds of ``L``: 4x5 uint16 frames, ``sizes.t = t``, declared by ``declared``."""
+    declaration = None
+    if declared is not None:
+        declaration = StartMessage(acquisition="L", **declared).model_dump(mode="json")
+    return AcquisitionSpec(
+        acquisition="L",
+        sizes=Sizes(t=t, **fields.pop("sizes", {})),
+        frame_shape=(4, 5),
+        image_dtype="uint16",
+        declaration=declaration,
+        **fields,
+    )
+
+
+LIFECYCLE_CASES = [
+    LifecycleCase(
+        "the same start again is a no-op",
+        [start("L", sizes={"t": 5}), chan("L", None, t=1), start("L", sizes={"t": 5}), chan("L", None, t=4)],
+        ["started", "ok", "started", "ok"],
+    ),
+    LifecycleCase(
+        "a start with more time points extends the acquisition",
+        [start("L", sizes={"t": 5}), chan("L", None, t=1), start("L", sizes={"t": 10}), chan("L", None, t=7)],
+        ["started", "ok", "started", "ok"],
+    ),
+    LifecycleCase(
+        "a start with fewer time points is a conflict, the acquisition stays as it was",
+        [start("L", sizes={"t": 5}), chan("L", None, t=1), start("L", sizes={"t": 3}), chan("L", None, t=4)],
+        ["started", "ok", "layout_conflict", "ok"],
+    ),
+    LifecycleCase(
+        "a start with another frame shape or dtype is a conflict",
+        [
+            start("L"),
+            chan("L", None),
+            start("L", shape=(8, 8)),
+            start("L", dtype="uint8"),
+            start("L", sizes={"p": 3}),
+        ],
+        ["started", "ok", "layout_conflict", "layout_conflict", "layout_conflict"],
+    ),
+    LifecycleCase(
+        "a start with another pixel size is a conflict; leaving it out is not",
+        [
+            start("L", pixel_size_um=0.5),
+            chan("L", None),
+            start("L", pixel_size_um=0.65),
+            start("L"),
+            chan("L", None, t=1),
+        ],
+        ["started", "ok", "layout_conflict", "started", "ok"],
+    ),
+    LifecycleCase(
+        "before any frame a start may still change everything",
+        [start("L", sizes={"t": 5}, pixel_size_um=0.5), start("L", sizes={"t": 2}), chan("L", None, t=1)],
+        ["started", "started", "ok"],
+    ),
+    LifecycleCase(
+        "end, then start re-opens",
+        [start("L"), chan("L", None), end("L"), chan("L", None, t=1), start("L"), chan("L", None, t=1)],
+        ["started", "ok", "ended", "acquisition_ended", "started", "ok"],
+    ),
+    LifecycleCase(
+        "a stored acquisition resumes without a start, with its stored layout",
+        [chan("L", None, t=3), chan("L", None, t=5), chan("L", None, t=3, shape=(8, 8))],
+        ["ok", "out_of_range", "layout_conflict"],
+        stored=StoredAcquisition(stored_spec(5, declared={"sizes": {"t": 5}}), closed=False),
+    ),
+    LifecycleCase(
+        "a stored acquisition: the same start, then a longer one",
+        [start("L", sizes={"t": 5}), chan("L", None, t=4), start("L", sizes={"t": 8}), chan("L", None, t=7)],
+        ["started", "ok", "started", "ok"],
+        stored=StoredAcquisition(stored_spec(5, declared={"sizes": {"t": 5}}), closed=False),
+    ),
+    LifecycleCase(
+        "a stored acquisition: a start that differs from the store is rejected",
+        [
+            start("L", sizes={"t": 5, "p": 2}),
+            start("L", shape=(4, 6)),
+            start("L", time_interval_s=2.0),
+            chan("L", None, t=4),
+        ],
+        ["layout_conflict", "layout_conflict", "layout_conflict", "ok"],
+        stored=StoredAcquisition(stored_spec(5, time_interval_s=1.0), closed=False),
+    ),
+    LifecycleCase(
+        "a stored acquisition that ended takes frames again only after a start",
+        [chan("L", None, t=1), start("L"), chan("L", None, t=1)],
+        ["acquisition_ended", "started", "ok"],
+        stored=StoredAcquisition(stored_spec(None), closed=True),
+    ),
+]
+
+
 class SourceConformance:
     """Behaviour every `FrameSource` must show; see the `FrameSource` docstring for the contract."""
 
@@ -412,6 +525,31 @@ class SourceConformance:
 
         run(main())
 
+    @pytest.mark.parametrize("case", LIFECYCLE_CASES, ids=[c.name for c in LIFECYCLE_CASES])
+    def test_declarations_and_resume(self, case: LifecycleCase) -> None:
+        """Re-declaration rules and resuming an acquisition the label sink holds (protocol.md §1.2)."""
+        looked_up: list[str] = []
+
+        def stored(acquisition: str) -> StoredAcquisition | None:
+            looked_up.append(acquisition)
+            return case.stored if acquisition == "L" else None
+
+        async def main() -> None:
+            async with self.opened(max_queued=32, stored=stored) as (source, feed):
+                await self.fed(source, feed, case.messages)
+                events = [await source.get() for _ in case.messages]
+                outcome = {Started: "started", Ended: "ended", Frame: "ok"}
+                got = [e.reason if isinstance(e, Rejected) else outcome[type(e)] for e in events]
+                assert got == case.outcome
+                for event in events:
+                    if isinstance(event, Rejected):
+                        assert event.acquisition == "L" and event.detail
+                    if isinstance(event, Frame) and case.stored is not None:
+                        assert event.layout is not None and event.layout.p == case.stored.spec.sizes.p
+
+        run(main())
+        assert looked_up == ["L"]  # the store is asked once, when the acquisition is first seen
+
     def test_an_internal_error_on_one_message_is_a_rejection(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import acquisition.source
 
@@ -443,7 +581,7 @@ class SourceConformance:
             frame("b", 0),  # another acquisition is not affected
             end("a"),  # a second end changes nothing
             frame("a", 2),
-            start("a", sizes={"t": 5}),  # re-opens
+            start("a", sizes={"t": 12}),  # re-opens, with more time points
             frame("a", 3),
         ]
 
@@ -462,7 +600,7 @@ class SourceConformance:
                     ("a", 3),
                 ]
                 reopened = frames_in(events)[-1]
-                assert reopened.declaration is not None and reopened.declaration.sizes.t == 5
+                assert reopened.declaration is not None and reopened.declaration.sizes.t == 12
                 assert source.stats.rejected == {"acquisition_ended": 2}
                 assert (source.stats.started, source.stats.ended) == (2, 2)
 
