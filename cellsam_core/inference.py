@@ -28,6 +28,7 @@ from cellsam_core.cells import CellTable
 from cellsam_core.errors import ImageFormatError
 from cellsam_core.modeling.cellfinder import postprocess_detections
 from cellsam_core.modeling.cellsam import CellSAM
+from cellsam_core.threads import intra_op_threads
 
 __all__ = [
     "DecodeOptions",
@@ -487,6 +488,17 @@ def decode_batch(
     if not embeddings:
         return []
     device, _ = _model_device_dtype(model)
+    if device.type != "cpu":
+        return _decode_batch(embeddings, model, options, device)
+    # Thousands of small tensor calls with NumPy work between them: one intra-op thread is as fast on an
+    # idle CPU and does not stall behind spinning OpenMP workers on a busy one (cellsam_core.threads).
+    with intra_op_threads(1):
+        return _decode_batch(embeddings, model, options, device)
+
+
+def _decode_batch(
+    embeddings: Sequence[ImageEmbedding], model: CellSAM, options: DecodeOptions, device: torch.device
+) -> list[Segmentation]:
     plan = options.acceleration.resolve(device)
     share = 1.0 / len(embeddings)
     t0 = time.perf_counter()
