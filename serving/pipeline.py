@@ -33,6 +33,7 @@ from acquisition.sink import LabelSink
 from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
 from acquisition.spec import AcquisitionSpec, Sizes
 from cellsam_core.cells import CellTable
+from cellsam_core.stacks import ZPolicy
 from serving.assembly import ChannelAssembler, FrameSet, model_input
 from serving.config import ServiceConfig
 from serving.ledger import AcquisitionLedger, Ledger
@@ -114,7 +115,7 @@ class StreamPipeline:
             self._janitor.cancel()
             await asyncio.gather(self._janitor, return_exceptions=True)
         for frame_set in self.assembler.take():
-            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, "the service stopped"))
+            self._fail_incomplete(frame_set, "the service stopped")
         for task in list(self._finishers):
             with contextlib.suppress(Exception):
                 await task
@@ -172,9 +173,7 @@ class StreamPipeline:
             log.info("acquisition %s ended (%d frames received)", event.acquisition, entry.received)
             # Every frame of the acquisition came before its end: sets still incomplete never will be.
             for frame_set in self.assembler.take(event.acquisition):
-                self._fail_set(
-                    frame_set, "incomplete_channels", self._missing(frame_set, "the acquisition ended")
-                )
+                self._fail_incomplete(frame_set, "the acquisition ended")
             self._maybe_finish(entry)
         m.acquisitions_active.set(self.ledger.active)
 
@@ -186,10 +185,20 @@ class StreamPipeline:
         entry = self.ledger[frame.acquisition]
         entry.received += 1
         m.acquisitions_active.set(self.ledger.active)
-        complete, evicted = self.assembler.add(frame)
+        z_policy = self._z_policy(frame)
+        if z_policy.plane is not None and frame.layout is not None and z_policy.plane >= frame.layout.z:
+            z = frame.layout.z
+            detail = (
+                f"z.plane {z_policy.plane} is not among this acquisition's {z} z planes (0..{z - 1}): set "
+                f"z.plane below {z} or another z.policy"
+            )
+            self._fail_set(FrameSet(frame.id, [frame], 1), "z_policy_conflict", detail)
+            return
+        complete, evicted = self.assembler.add(frame, stack=z_policy.projects)
         for frame_set in evicted:
-            detail = f"more than {self.assembler.max_pending} incomplete sets waiting"
-            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+            self._fail_incomplete(
+                frame_set, f"more than {self.assembler.max_pending} incomplete sets waiting"
+            )
         if complete is None:
             return  # waits for its other channels
         self._in_flight += 1
@@ -210,12 +219,16 @@ class StreamPipeline:
         while True:
             await asyncio.sleep(period)
             for frame_set in self.assembler.expired():
-                detail = f"not complete {self.assembler.timeout_s:g} s after its first channel"
-                self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+                self._fail_incomplete(
+                    frame_set, f"not complete {self.assembler.timeout_s:g} s after its first frame"
+                )
 
-    @staticmethod
-    def _missing(frame_set: FrameSet, why: str) -> str:
-        return f"channels {frame_set.missing} of {frame_set.frame_id} never arrived ({why})"
+    def _fail_incomplete(self, frame_set: FrameSet, why: str) -> None:
+        """Fail an incomplete set: ``incomplete_stack`` when whole z planes are missing, else
+        ``incomplete_channels``."""
+        name = f"the z-stack (t={frame_set.frame_id.t}, p={frame_set.frame_id.p})" if frame_set.stack else ""
+        what = f"{frame_set.describe_missing()} of {name or frame_set.frame_id}"
+        self._fail_set(frame_set, frame_set.incomplete_reason, f"{what} never arrived ({why})")
 
     def _maybe_finish(self, entry: AcquisitionLedger) -> None:
         if entry.complete and not entry.closed:
@@ -238,6 +251,15 @@ class StreamPipeline:
         log.info("acquisition %s complete: %s", entry.acquisition, entry.as_dict())
 
     # -- frames --------------------------------------------------------------------------------------
+
+    def _z_policy(self, frame: Frame) -> ZPolicy:
+        """The z policy of a frame's acquisition: the service's (``config.z``), except that an acquisition
+        of one z plane (``sizes.z`` declared 1, or undeclared and fixed by its first frame) or without a
+        layout is segmented plane by plane: a single plane is its own projection."""
+        layout = frame.layout
+        if layout is None or layout.z == 1:
+            return ZPolicy()
+        return self.config.z
 
     def _spec_for(self, frame: Frame) -> AcquisitionSpec:
         """The store layout of a frame's acquisition: its layout (declaration and first frame) and the
@@ -271,6 +293,7 @@ class StreamPipeline:
             time_interval_s=start.time_interval_s if start is not None else None,
             positions=start.positions[: sizes.p] if start is not None else (),
             write_image=self.config.output.write_images,
+            z_policy=self._z_policy(frame),
         )
 
     async def _ensure_open(self, frame: Frame) -> AcquisitionSpec:
@@ -281,6 +304,14 @@ class StreamPipeline:
             spec = self._specs.get(frame.acquisition)
             if spec is None:
                 spec = self._spec_for(frame)
+                if spec.z_policy != self.config.z:
+                    log.info(
+                        "acquisition %s has %d z plane(s): segmented plane by plane, not by z policy %r "
+                        "(declare sizes.z in its start to have z-stacks projected)",
+                        frame.acquisition,
+                        spec.sizes.z,
+                        self.config.z.describe(),
+                    )
                 await asyncio.to_thread(self.labels.open_acquisition, spec)
                 self._specs[frame.acquisition] = spec
         return spec
@@ -314,10 +345,15 @@ class StreamPipeline:
         except Exception as exc:
             self._fail_set(frame_set, "sink_error", str(exc), latency)
             return
-        pixels = frame_set.pixels()
+        # What is stored, (H, W, C), and what is segmented and measured: the same pixels; or for a z-stack
+        # (Z, H, W, C) and its projection (max or chosen plane), made off the event loop.
+        if frame_set.stack:
+            pixels, segmented = await asyncio.to_thread(_project, frame_set, spec.z_policy)
+        else:
+            pixels = segmented = frame_set.pixels()
         t_model = time.monotonic()
         try:
-            decoded = await self._segment_with_retries(frame_set, model_input(pixels, frame_set.roles()))
+            decoded = await self._segment_with_retries(frame_set, model_input(segmented, frame_set.roles()))
         except Exception as exc:
             reason = "replica_failure" if self.segmenter.is_retryable(exc) else "model_error"
             self._fail_set(frame_set, reason, f"{type(exc).__name__}: {exc}", latency)
@@ -339,7 +375,7 @@ class StreamPipeline:
             cells = await asyncio.to_thread(
                 seg.cells.with_pixel_size(spec.pixel_size_um).with_intensities,
                 seg.labels,
-                pixels,
+                segmented,
                 spec.channels,
             )
         except Exception as exc:
@@ -352,7 +388,7 @@ class StreamPipeline:
             self._publish_ok(frame_set, seg.labels, cells, latency)
         t0 = time.monotonic()
         try:
-            image = np.moveaxis(pixels, -1, 0) if spec.write_image else None
+            image = np.moveaxis(pixels, -1, 0) if spec.write_image else None  # (C, [Z,] H, W)
             await asyncio.to_thread(
                 self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells
             )
@@ -415,6 +451,12 @@ class StreamPipeline:
     def _publish(self, outcome: FrameOutcome) -> None:
         self.results.publish(outcome)
         self.metrics.results_published.labels(status=outcome.status).inc()
+
+
+def _project(frame_set: FrameSet, z_policy: ZPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """A z-stack's pixels ``(Z, H, W, C)`` and their projection ``(H, W, C)``."""
+    stack = frame_set.pixels()
+    return stack, z_policy.project(stack)
 
 
 def _pixel_size(frame: Frame) -> float | None:
