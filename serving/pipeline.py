@@ -8,7 +8,9 @@ Ray Serve segmenter, the Zarr sink and the ZeroMQ publisher; tests and notebooks
 Guarantees (see ``docs/serving.md``):
 
 * every accepted frame ends as stored labels plus an ``ok`` result, or as a recorded failure (counter
-  with a reason, log line, ``failed`` result); nothing is silently lost;
+  with a reason, log line, ``failed`` result); nothing is silently lost. One ``ok`` result covers a frame
+  set: the channels of a (t, p, z), or under a projection z policy (``config.z``) the whole z-stack of a
+  (t, p), segmented once and stored with every plane;
 * at most ``ingest.max_concurrent`` frames are being segmented or stored at once and at most
   ``ingest.max_queued`` wait in the source; beyond that the source stops taking messages and the sender
   is blocked (or, in live mode, the oldest waiting frame is dropped and counted);
