@@ -298,3 +298,10 @@ def test_a_result_index_is_a_frame_index_or_a_whole_stack() -> None:
     assert type(frame.index) is Index and type(whole.index) is ResultIndex
     with pytest.raises(ValidationError):  # a stack's index names no channel
         FrameResult.model_validate_json(b'{"acquisition": "a", "index": {"t": 1, "z": null, "c": 0}}')
+
+
+def test_feedback_matches_a_stack_result_to_its_first_plane() -> None:
+    from acquisition.feedback_types import frame_key
+
+    assert frame_key(ResultIndex(t=2, p=1)) == (2, 1, 0)
+    assert frame_key(Index(t=2, p=1, z=3)) == (2, 1, 3)
