@@ -121,10 +121,16 @@ class FrameSet:
     def pixels(self) -> np.ndarray:
         """``(H, W, C)`` raw pixels, channel ``k`` from its frame (a single buffer is returned as is).
 
-        Of a z-stack: ``(Z, H, W, C)``, plane ``z`` and channel ``k`` from their frame.
+        Of a z-stack: ``(Z, H, W, C)``, plane ``z`` and channel ``k`` from their frame, a view of a
+        C-contiguous ``(C, Z, H, W)`` array (the stored layout: gathering it is whole-plane copies, and
+        ``np.moveaxis(pixels, -1, 0)`` gives it back without copying).
         """
         if self.stack:
-            return np.stack([self._plane(z) for z in range(self.planes)])
+            first = self._planes[0, 0]
+            stored = np.empty((self.channels, self.planes, *first.shape), dtype=first.dtype)
+            for (z, c), plane in self._planes.items():
+                stored[c, z] = plane
+            return np.moveaxis(stored, 0, -1)
         if len(self.frames) == 1 and self.first.channel is None:
             data = self.first.data
             return data if data.ndim == 3 else data[..., None]
