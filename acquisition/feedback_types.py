@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Union
 import numpy as np
 
 from acquisition.feedback_errors import InvalidActionError, StageMappingError
-from acquisition.protocol import FrameResult, Index
+from acquisition.protocol import FrameResult, Index, ResultIndex
 from acquisition.stage import ImageOrientation, StageXY, pixel_to_stage
 
 if TYPE_CHECKING:
@@ -53,8 +53,13 @@ __all__ = [
 FrameKey = tuple[int, int, int]
 
 
-def frame_key(index: Index | Mapping[str, Any]) -> FrameKey:
-    """``(t, p, z)`` of a result's :class:`Index` or of an ``MDAEvent.index`` mapping (missing axes are 0)."""
+def frame_key(index: Index | ResultIndex | Mapping[str, Any]) -> FrameKey:
+    """``(t, p, z)`` of a result's index or of an ``MDAEvent.index`` mapping (missing axes are 0).
+
+    A z-stack's result (:class:`ResultIndex`, projection z policies) is matched to its stack's first plane.
+    """
+    if isinstance(index, ResultIndex):
+        return index.t, index.p, 0
     if isinstance(index, Index):
         return index.t, index.p, index.z
     return int(index.get("t", 0)), int(index.get("p", 0)), int(index.get("z", 0))
@@ -229,8 +234,11 @@ class FrameInput(RuleInput):
 
     @property
     def index(self) -> Index:
-        """The frame's index (t, p, z)."""
-        return self.result.index or Index()
+        """The frame's index (t, p, z); a z-stack's result (projection z policies) names its first plane."""
+        index = self.result.index
+        if isinstance(index, ResultIndex):
+            return Index(t=index.t, p=index.p)
+        return index or Index()
 
     @property
     def n_cells(self) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from acquisition.frames import FrameId
-from acquisition.protocol import FrameResult, Index
+from acquisition.protocol import FrameResult, Index, ResultIndex
 from cellsam_core.cells import CellTable
 
 __all__ = ["FrameOutcome", "OutcomeStatus"]
@@ -29,8 +29,9 @@ class FrameOutcome:
     ----------
     acquisition : str
         Acquisition id.
-    index : Index or None
-        The frame's wire index (t, p, z, c); None for a rejected message whose index was unreadable.
+    index : Index, ResultIndex or None
+        The frame's wire index (t, p, z, c); a :class:`ResultIndex` (``z=None``) for the whole z-stack of a
+        (t, p) under a projection z policy; None for a rejected message whose index was unreadable.
     status : {"ok", "failed", "rejected"}
     labels : ndarray, uint32 (H, W), or None
         Label image of an ``ok`` outcome (0 = background).
@@ -45,7 +46,7 @@ class FrameOutcome:
     """
 
     acquisition: str
-    index: Index | None
+    index: Index | ResultIndex | None
     status: OutcomeStatus
     labels: NDArray[np.uint32] | None = None
     cells: CellTable | None = None
@@ -56,10 +57,13 @@ class FrameOutcome:
 
     @property
     def frame_id(self) -> FrameId | None:
-        """``FrameId(acquisition, p, t, z)``: the stored frame this outcome is about (None if unknown)."""
+        """``FrameId(acquisition, p, t, z)``: the stored frame this outcome is about (None if unknown).
+
+        A z-stack's outcome (``index.z`` None) is stored as label plane 0 of its (t, p).
+        """
         if self.index is None:
             return None
-        return FrameId(self.acquisition, self.index.p, self.index.t, self.index.z)
+        return FrameId(self.acquisition, self.index.p, self.index.t, self.index.z or 0)
 
     @property
     def n_cells(self) -> int:

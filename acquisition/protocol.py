@@ -43,6 +43,7 @@ __all__ = [
     "LabelsInfo",
     "PositionInfo",
     "Reason",
+    "ResultIndex",
     "StartMessage",
     "default_channels",
     "dump_json",
@@ -99,6 +100,20 @@ class Index(BaseModel):
     p: int = Field(default=0, ge=0, strict=True, description="Stage position.")
     z: int = Field(default=0, ge=0, strict=True, description="Z slice.")
     c: int | None = Field(default=None, ge=0, strict=True, description="Channel, or None for all.")
+
+
+class ResultIndex(BaseModel):
+    """A result's index when it covers a whole z-stack: its (t, p), ``z=None``, ``c=None``.
+
+    Under a projection z policy (``z.policy`` ``max_projection`` or ``plane``) one result covers every z
+    plane and channel of a (t, p); every other result names its frame with an :class:`Index`.
+    """
+
+    model_config = _STRICT
+    t: int = Field(default=0, ge=0, strict=True, description="Time point.")
+    p: int = Field(default=0, ge=0, strict=True, description="Stage position.")
+    z: None = Field(default=None, description="None: every z plane of (t, p).")
+    c: None = Field(default=None, description="None: every channel.")
 
 
 #: What a channel is for the model: CellSAM's nuclear or whole-cell input, or not an input at all.
@@ -288,7 +303,11 @@ class FrameResult(BaseModel):
     type: Literal["result"] = Field(default="result", description="Message type.")
     v: Literal[1] = Field(default=1, description="Protocol version.")
     acquisition: AcquisitionId
-    index: Index | None = Field(default=None, description="Frame index; None if it could not be read.")
+    index: Index | ResultIndex | None = Field(
+        default=None,
+        description="Frame index; z null: the whole z-stack of (t, p) (projection z policies); None if it "
+        "could not be read.",
+    )
     status: Literal["ok", "failed", "rejected"] = Field(default="ok", description="Outcome.")
     reason: str | None = Field(default=None, description="Reason code when not ok.")
     detail: str | None = Field(default=None, description="Human-readable explanation when not ok.")

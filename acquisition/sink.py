@@ -95,8 +95,8 @@ class PreparedFrame:
     Attributes
     ----------
     labels : ndarray, shape (H, W), uint32
-    image : ndarray, shape (C, H, W), spec.image_dtype, or None
-        None when no image was given or the spec does not store images.
+    image : ndarray, shape (C, H, W) or, under a projection z policy, (C, Z, H, W); or None
+        spec.image_dtype; None when no image was given or the spec does not store images.
     cells : CellTable
     key : (int, int, int)
         ``(p, t, z)`` of the frame, checked against the spec.
@@ -122,11 +122,14 @@ def prepare_frame(
     spec : AcquisitionSpec
         The acquisition the frame belongs to (``frame_id.acquisition == spec.acquisition``).
     frame_id : FrameId
-        ``p`` in [0, sizes.p), ``z`` in [0, sizes.z), ``t`` >= 0 and < sizes.t when t is bounded.
+        ``p`` in [0, sizes.p), ``z`` in [0, spec.label_z), ``t`` >= 0 and < sizes.t when t is bounded.
+        Under a projection z policy a frame is a whole (t, p): ``z`` is 0.
     labels : ndarray, shape (H, W), uint8/uint16/uint32
         Label image, 0 = background.
-    image : ndarray, shape (C, H, W) or (H, W) when C == 1, dtype spec.image_dtype, optional
-        Raw image; dropped when ``spec.write_image`` is False.
+    image : ndarray, dtype spec.image_dtype, optional
+        Raw image, shape (C, H, W) or (H, W) when C == 1; under a projection z policy every plane of the
+        (t, p): (C, Z, H, W) or (Z, H, W) when C == 1, Z = sizes.z. Dropped when ``spec.write_image`` is
+        False.
     cells : CellTable, optional
         Cell table; measured from ``labels`` (scores NaN) when omitted. Its pixel size must be the spec's
         or None (the prepared table then takes the spec's).
@@ -158,12 +161,16 @@ def prepare_frame(
     if image is not None and spec.write_image:
         if not isinstance(image, np.ndarray):
             raise InvalidFrameError(f"image must be a numpy array, got {type(image).__name__}")
-        if image.ndim == 2 and sizes.c == 1:
+        # Under a projection z policy a frame is a whole (t, p): its image holds every z plane.
+        stack = spec.z_policy.projects
+        planes: tuple[int, ...] = (sizes.z,) if stack else ()
+        expected = (sizes.c, *planes, height, width)
+        if image.ndim == len(expected) - 1 and sizes.c == 1:
             image = image[np.newaxis]
-        expected = (sizes.c, height, width)
         if image.shape != expected:
+            axes = "(C, Z, H, W), every z plane of the (t, p)" if stack else "(C, H, W)"
             raise InvalidFrameError(
-                f"image of {frame_id!r} has shape {image.shape}, expected (C, H, W) = {expected}"
+                f"image of {frame_id!r} has shape {image.shape}, expected {axes} = {expected}"
             )
         if image.dtype != np.dtype(spec.image_dtype):
             raise InvalidFrameError(
@@ -211,6 +218,8 @@ class LabelSink(Protocol):
       until the acquisition is opened again.
     - A frame with zero cells is done with an all-zero label image and an empty table; a missing frame
       is not done and its reads raise `FrameNotWrittenError`.
+    - A frame is one label plane (``FrameId.z`` in [0, ``spec.label_z``)): a (t, p, z) plane, or under a
+      projection z policy a whole (t, p) (``z = 0``) whose image holds every z plane.
     """
 
     def open_acquisition(self, spec: AcquisitionSpec) -> None:
@@ -254,7 +263,8 @@ class LabelSink(Protocol):
         ...
 
     def read_image(self, frame_id: FrameId) -> NDArray[Any] | None:
-        """Raw image (C, H, W) of a done frame, None when it was written without one."""
+        """Raw image (C, H, W) of a done frame ((C, Z, H, W) under a projection z policy), None when it
+        was written without one."""
         ...
 
     def read_cells(self, frame_id: FrameId) -> CellTable:

@@ -16,6 +16,7 @@ from acquisition.frames import FrameId
 from acquisition.ids import AcquisitionId
 from acquisition.protocol import PositionInfo
 from acquisition.sink_errors import InvalidIdentifierError
+from cellsam_core.stacks import ZPolicy
 
 __all__ = [
     "AcquisitionSpec",
@@ -102,6 +103,11 @@ class AcquisitionSpec(_Frozen):
     )
     time_interval_s: float | None = Field(default=None, gt=0, description="Time between time points (s).")
     write_image: bool = Field(default=True, description="Store the raw image next to the labels.")
+    z_policy: ZPolicy = Field(
+        default_factory=ZPolicy,
+        description="What of each z-stack was segmented: every plane (labels per (t, p, z)) or one "
+        "projection (max or a chosen plane; labels once per (t, p), one label plane).",
+    )
     storage: StorageOptions = Field(default_factory=StorageOptions, description="On-disk layout options.")
     declaration: dict[str, Any] | None = Field(
         default=None,
@@ -136,6 +142,9 @@ class AcquisitionSpec(_Frozen):
             raise ValueError(f"{len(self.channel_colors)} channel_colors given for sizes.c={self.sizes.c}")
         if len(self.positions) > self.sizes.p:
             raise ValueError(f"{len(self.positions)} positions given for sizes.p={self.sizes.p}")
+        plane = self.z_policy.plane
+        if plane is not None and plane >= self.sizes.z:
+            raise ValueError(f"z_policy plane {plane} is outside the {self.sizes.z} z plane(s) of sizes.z")
         return self
 
     @property
@@ -143,12 +152,22 @@ class AcquisitionSpec(_Frozen):
         """Channel names, defaulted to 'c0', 'c1', ..."""
         return self.channel_names or tuple(f"c{i}" for i in range(self.sizes.c))
 
+    @property
+    def label_z(self) -> int:
+        """Label planes per (t, p): ``sizes.z`` when every plane is segmented, 1 under a projection.
+
+        A stored frame is one label plane: ``FrameId.z`` is in [0, label_z), and under a projection a
+        frame (``z = 0``) holds the raw pixels of all ``sizes.z`` planes.
+        """
+        return 1 if self.z_policy.projects else self.sizes.z
+
 
 def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, int, int]:
     """Return ``(p, t, z)`` of ``frame_id`` as ints, or raise `InvalidIdentifierError` (the one index check).
 
     ``frame_id.acquisition`` must be ``spec.acquisition``; ``p`` in [0, sizes.p), ``z`` in
-    [0, sizes.z), ``t`` >= 0 and < sizes.t when t is bounded.
+    [0, spec.label_z) (sizes.z, or 1 under a projection z policy), ``t`` >= 0 and < sizes.t when t is
+    bounded.
     """
     if frame_id.acquisition != spec.acquisition:
         raise InvalidIdentifierError(f"{frame_id!r} does not belong to acquisition {spec.acquisition!r}")
@@ -157,11 +176,13 @@ def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, in
     except TypeError as err:
         raise InvalidIdentifierError(f"frame index of {frame_id!r} must be integers") from err
     sizes = spec.sizes
-    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, sizes.z)}
+    limits = {"p": (p, sizes.p), "t": (t, sizes.t), "z": (z, spec.label_z)}
     for name, (value, size) in limits.items():
         if value < 0 or (size is not None and value >= size):
             bound = "[0, inf)" if size is None else f"[0, {size})"
-            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}")
+            projected = name == "z" and spec.z_policy.projects
+            why = " (one label plane per (t, p): a projection z policy)" if projected else ""
+            raise InvalidIdentifierError(f"{frame_id!r}: {name}={value} is outside {bound}{why}")
     return p, t, z
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "frame_intensity_range",
     "image_group_attrs",
     "label_image_attrs",
+    "label_z_placement",
     "labels_group_attrs",
     "level_shape",
     "merge_ranges",
@@ -94,7 +95,7 @@ def downsample(plane: NDArray[Any], level: int) -> NDArray[Any]:
 
 
 def table_name(t: int, z: int) -> str:
-    """Name of a frame's cell table array inside ``{position}/cellsam/cells``."""
+    """Name of a frame's cell table array inside ``{position}/cellsam/cells`` (``z``: its label plane)."""
     return f"t{t:06d}_z{z:04d}"
 
 
@@ -233,17 +234,37 @@ def _axes(spec: AcquisitionSpec, with_channel: bool) -> list[dict[str, Any]]:
     return axes
 
 
+def label_z_placement(spec: AcquisitionSpec) -> tuple[float, float]:
+    """``(scale, translation)`` along z of the label image: where its planes lie among the image's.
+
+    Every plane segmented: the image's (``z_step_um``, 0). Under a projection z policy the one label plane
+    covers what was segmented: a max projection spans the whole stack (scale ``sizes.z * z_step_um``,
+    centred on it), a chosen plane lies on that plane (scale ``z_step_um``, translation ``plane *
+    z_step_um``). With no z step the unit is one plane.
+    """
+    step = spec.z_step_um or 1.0
+    policy = spec.z_policy
+    if policy.policy == "max_projection":
+        return spec.sizes.z * step, (spec.sizes.z - 1) / 2 * step
+    if policy.plane is not None:
+        return step, policy.plane * step
+    return step, 0.0
+
+
 def _multiscale(spec: AcquisitionSpec, with_channel: bool) -> dict[str, Any]:
+    projected = not with_channel and spec.z_policy.projects
+    z_scale, z_offset = label_z_placement(spec) if projected else (spec.z_step_um or 1.0, 0.0)
     datasets = []
     for level in range(spec.storage.levels):
         pixel = (spec.pixel_size_um or 1.0) * 2**level
         scale = [spec.time_interval_s or 1.0]
         if with_channel:
             scale.append(1.0)
-        scale += [spec.z_step_um or 1.0, pixel, pixel]
-        datasets.append(
-            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-        )
+        scale += [z_scale, pixel, pixel]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+        if projected:
+            transforms.append({"type": "translation", "translation": [0.0, z_offset, 0.0, 0.0]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
     return {
         "axes": _axes(spec, with_channel),
         "datasets": datasets,
@@ -328,13 +349,17 @@ def label_image_attrs(spec: AcquisitionSpec) -> dict[str, Any]:
     misses a value hides that cell). Label ids are per frame (cell 3 at t=0 is unrelated to cell 3 at
     t=1), so neither colours nor ``properties`` per label value could be listed once for all frames;
     the per-frame cell table holds the per-cell data.
+
+    Under a projection z policy the z axis has one plane, placed by `label_z_placement`, and
+    ``cellsam.z_policy`` says what was segmented.
     """
     return {
         "ome": {
             "version": NGFF_VERSION,
             "multiscales": [{"name": "cells", **_multiscale(spec, with_channel=False)}],
             "image-label": {"source": {"image": "../../"}},
-        }
+        },
+        CELLSAM_KEY: {"z_policy": spec.z_policy.model_dump(mode="json")},
     }
 
 

@@ -240,7 +240,13 @@ class ZarrLabelSink:
         store = self._store(frame_id.acquisition)
         frame = prepare_frame(store.spec, frame_id, labels, image, cells)
         p, t, z = frame.key
-        seen = None if frame.image is None else frame_intensity_range(frame.image)
+        image = frame.image
+        # Every z plane of a projection's (C, Z, H, W) image counts: measured as (C, Z * H, W).
+        seen = (
+            None
+            if image is None
+            else frame_intensity_range(image.reshape(image.shape[0], -1, image.shape[-1]))
+        )
         while True:
             self._ensure_t(store, p, t)
             with _flock(store.lock_file, exclusive=False):
@@ -295,9 +301,11 @@ class ZarrLabelSink:
         return np.asarray(series.arrays["labels/0"][t, z], dtype=np.uint32)
 
     def read_image(self, frame_id: FrameId) -> NDArray[Any] | None:
-        _, series, (_, t, z) = self._done_frame(frame_id)
+        store, series, (_, t, z) = self._done_frame(frame_id)
         if not _done_at(series, t, z) & DONE_IMAGE:
             return None
+        if store.spec.z_policy.projects:  # the frame is the whole (t, p): every z plane
+            return np.asarray(series.arrays["image/0"][t])
         return np.asarray(series.arrays["image/0"][t, :, z])
 
     def read_cells(self, frame_id: FrameId) -> CellTable:
@@ -343,6 +351,7 @@ class ZarrLabelSink:
         opts = spec.storage
         sizes = spec.sizes
         t0 = sizes.t if sizes.t is not None else opts.t_growth
+        label_z = spec.label_z  # sizes.z, or 1 under a projection z policy
         rows: dict[str, zarr.Group] = {}
         for p in range(sizes.p):
             row, column, field_name = position_path(p, sizes.p).split("/")
@@ -371,7 +380,7 @@ class ZarrLabelSink:
                 )
                 cells_group.create_array(
                     str(level),
-                    shape=(t0, sizes.z, h, w),
+                    shape=(t0, label_z, h, w),
                     chunks=(1, 1, cy, cx),
                     shards=None if opts.shard_t is None else (opts.shard_t, 1, sy, sx),
                     dtype="uint32",
@@ -386,7 +395,7 @@ class ZarrLabelSink:
             # One chunk per frame: concurrent writers of different frames never share a done chunk.
             ours.create_array(
                 "done",
-                shape=(t0, sizes.z),
+                shape=(t0, label_z),
                 chunks=(1, 1),
                 dtype="uint8",
                 fill_value=0,
@@ -538,8 +547,10 @@ class ZarrLabelSink:
         done = arrays["done"]
         done[t, z] = 0  # a rewrite must never expose a half-replaced frame as done
         if frame.image is not None:
+            # A projection's frame is its whole (t, p): every z plane of the image, (C, Z, H, W).
+            where = (t,) if store.spec.z_policy.projects else (t, slice(None), z)
             for level in range(store.spec.storage.levels):
-                arrays[f"image/{level}"][t, :, z] = downsample(frame.image, level)
+                arrays[f"image/{level}"][where] = downsample(frame.image, level)
         for level in range(store.spec.storage.levels):
             arrays[f"labels/{level}"][t, z] = downsample(frame.labels, level)
         rows = frame.cells.to_array()

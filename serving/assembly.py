@@ -5,6 +5,9 @@ channel in one ``(H, W)`` or ``(H, W, C)`` buffer and is a set on its own. A set
 the acquisition's ``C`` channels has arrived (the count its :class:`~acquisition.layout.Layout` fixed);
 sets that do not complete in time, or that must make room, are handed back as incomplete so the pipeline
 can fail their frames with a reason. Memory held by incomplete sets is bounded by ``max_pending``.
+
+Under a projection z policy a set is a whole z-stack: every frame of one (t, p), complete when each of
+the acquisition's ``Z`` planes has all its channels (``stack=True`` in :meth:`ChannelAssembler.add`).
 """
 
 from __future__ import annotations
@@ -16,22 +19,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from acquisition.frames import Frame, FrameId
-from acquisition.protocol import Channels, Index, default_channels
+from acquisition.protocol import Channels, Index, ResultIndex, default_channels
 
 __all__ = ["ChannelAssembler", "FrameSet", "model_input"]
 
 
 @dataclass
 class FrameSet:
-    """The frames of one ``(acquisition, p, t, z)``: what is segmented and stored together.
+    """The frames of one ``(acquisition, p, t, z)``, or of one ``(acquisition, p, t)`` z-stack: what is
+    segmented and stored together.
 
     Attributes
     ----------
     frame_id : FrameId
+        Where its labels are stored: ``(acquisition, p, t, z)``; a z-stack's has ``z = 0`` (its one label
+        plane).
     frames : list of Frame
-        In arrival order; one per channel (a re-sent channel replaces the pixels, both frames stay).
+        In arrival order; one per channel and plane (a re-sent one replaces the pixels, both frames stay).
     channels : int
         Channels of the acquisition (``C``).
+    planes : int
+        z planes the set gathers: ``Z`` for a z-stack, else 1.
+    stack : bool
+        Whether the set is a whole (t, p) z-stack (a projection z policy).
     started : float
         ``time.monotonic()`` when the first frame arrived (for the assembly timeout).
     """
@@ -39,21 +49,25 @@ class FrameSet:
     frame_id: FrameId
     frames: list[Frame]
     channels: int
+    planes: int = 1
+    stack: bool = False
     started: float = field(default_factory=time.monotonic)
-    _planes: dict[int, np.ndarray] = field(default_factory=dict)
+    _planes: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (z within the set, c)
 
     @property
     def complete(self) -> bool:
-        return len(self._planes) == self.channels
+        return len(self._planes) == self.channels * self.planes
 
     @property
     def first(self) -> Frame:
         return self.frames[0]
 
     @property
-    def index(self) -> Index:
-        """The set's index: its frames' t, p, z and ``c=None`` (all channels)."""
+    def index(self) -> Index | ResultIndex:
+        """The set's index: its frames' t, p, z and ``c=None`` (all channels); a z-stack's has ``z=None``."""
         i = self.first.index
+        if self.stack:
+            return ResultIndex(t=i.t, p=i.p)
         return Index(t=i.t, p=i.p, z=i.z)
 
     @property
@@ -63,25 +77,67 @@ class FrameSet:
 
     @property
     def missing(self) -> list[int]:
-        """Channels not received yet."""
-        return [c for c in range(self.channels) if c not in self._planes]
+        """Channels not received yet (of any plane)."""
+        return [
+            c for c in range(self.channels) if any((z, c) not in self._planes for z in range(self.planes))
+        ]
+
+    @property
+    def missing_planes(self) -> list[int]:
+        """z planes of a z-stack of which no frame arrived."""
+        return [
+            z for z in range(self.planes) if all((z, c) not in self._planes for c in range(self.channels))
+        ]
+
+    @property
+    def incomplete_reason(self) -> str:
+        """Why an incomplete set fails: ``incomplete_stack`` when whole z planes are missing, else
+        ``incomplete_channels``."""
+        return "incomplete_stack" if self.missing_planes else "incomplete_channels"
+
+    def describe_missing(self) -> str:
+        """What has not arrived, for a failure's detail: ``channels [0]``, ``z planes [2]``, ..."""
+        if not self.stack:
+            return f"channels {self.missing}"
+        whole = self.missing_planes
+        parts = [f"z planes {whole}"] if whole else []
+        for z in range(self.planes):
+            absent = [c for c in range(self.channels) if (z, c) not in self._planes]
+            if absent and z not in whole:
+                parts.append(f"channels {absent} of z plane {z}")
+        return "; ".join(parts)
 
     def add(self, frame: Frame) -> None:
         self.frames.append(frame)
+        z = frame.index.z if self.stack else 0
         c = frame.channel
         if c is None:
             data = frame.data if frame.data.ndim == 3 else frame.data[..., None]
             for k in range(data.shape[2]):
-                self._planes[k] = data[..., k]
+                self._planes[z, k] = data[..., k]
         else:
-            self._planes[c] = frame.data
+            self._planes[z, c] = frame.data
 
     def pixels(self) -> np.ndarray:
-        """``(H, W, C)`` raw pixels, channel ``k`` from its frame (a single buffer is returned as is)."""
+        """``(H, W, C)`` raw pixels, channel ``k`` from its frame (a single buffer is returned as is).
+
+        Of a z-stack: ``(Z, H, W, C)``, plane ``z`` and channel ``k`` from their frame, a view of a
+        C-contiguous ``(C, Z, H, W)`` array (the stored layout: gathering it is whole-plane copies, and
+        ``np.moveaxis(pixels, -1, 0)`` gives it back without copying).
+        """
+        if self.stack:
+            first = self._planes[0, 0]
+            stored = np.empty((self.channels, self.planes, *first.shape), dtype=first.dtype)
+            for (z, c), plane in self._planes.items():
+                stored[c, z] = plane
+            return np.moveaxis(stored, 0, -1)
         if len(self.frames) == 1 and self.first.channel is None:
             data = self.first.data
             return data if data.ndim == 3 else data[..., None]
-        return np.stack([self._planes[k] for k in range(self.channels)], axis=-1)
+        return self._plane(0)
+
+    def _plane(self, z: int) -> np.ndarray:
+        return np.stack([self._planes[z, k] for k in range(self.channels)], axis=-1)
 
     def roles(self) -> Channels:
         """Channel names and roles: the acquisition's declaration, else the defaults for ``C``."""
@@ -133,26 +189,28 @@ class ChannelAssembler:
         """Incomplete sets held."""
         return len(self._pending)
 
-    def add(self, frame: Frame) -> tuple[FrameSet | None, list[FrameSet]]:
-        """Take one frame: ``(the set it completed or None, sets evicted to make room)``."""
+    def add(self, frame: Frame, *, stack: bool = False) -> tuple[FrameSet | None, list[FrameSet]]:
+        """Take one frame: ``(the set it completed or None, sets evicted to make room)``.
+
+        With ``stack`` the frame belongs to the z-stack of its (t, p), which its acquisition's layout
+        says has ``Z`` planes (one without a layout: 1).
+        """
         layout = frame.layout
         channels = layout.c if layout is not None else 1
-        key = frame.id
+        key = FrameId(frame.acquisition, frame.index.p, frame.index.t, 0) if stack else frame.id
         pending = self._pending.get(key)
-        if frame.channel is None and pending is None:
-            single = FrameSet(key, [], channels)
-            single.add(frame)
-            return single, []
-        evicted: list[FrameSet] = []
         if pending is None:
-            pending = FrameSet(key, [], channels)
+            planes = layout.z if stack and layout is not None else 1
+            pending = FrameSet(key, [], channels, planes=planes, stack=stack)
+        pending.add(frame)
+        if pending.complete:
+            self._pending.pop(key, None)
+            return pending, []
+        evicted: list[FrameSet] = []
+        if key not in self._pending:
             self._pending[key] = pending
             while len(self._pending) > self.max_pending:
                 evicted.append(self._pending.popitem(last=False)[1])
-        pending.add(frame)
-        if pending.complete:
-            del self._pending[key]
-            return pending, evicted
         return None, evicted
 
     def expired(self, now: float | None = None) -> list[FrameSet]:

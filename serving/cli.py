@@ -89,6 +89,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     check_device(args.device)
     try:
         image = read_image(args.image)
+        if args.z_policy is not None and args.axes is None:
+            raise ValueError("--z-policy applies to a stack: name its axes with --axes, e.g. --axes ZYX")
         if args.axes is None and image.ndim == 3 and min(image.shape) > 3:
             raise ValueError(
                 f"{args.image} has shape {image.shape}, a stack rather than one frame: name its axes with "
@@ -108,7 +110,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         encode_options = EncodeOptions(tile=args.tile)
         decode_options = DecodeOptions(bbox_threshold=args.bbox_threshold)
         if args.axes is not None:
-            labels = _segment_stack(image, model, args.axes, encode_options, decode_options)
+            labels = _segment_stack(image, model, args.axes, args.z_policy, encode_options, decode_options)
             summary = f"{labels.shape} labels ({label_axes(args.axes)})"
             steps = ""
         else:
@@ -128,17 +130,35 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment_stack(image: Any, model: Any, axes: str, encode: Any, decode: Any) -> Any:
-    """Every plane of a stack, with a progress bar."""
+def _segment_stack(image: Any, model: Any, axes: str, z_policy: Any, encode: Any, decode: Any) -> Any:
+    """Every plane of a stack (or every projection, under a projection z policy), with a progress bar."""
     from tqdm import tqdm
 
     from cellsam_core.stacks import planes, segment_stack
 
     total = sum(1 for _ in planes(image, axes))
+    if z_policy is not None and z_policy.projects and "Z" in axes.upper():
+        total //= image.shape[axes.upper().index("Z")]
     with tqdm(total=total, unit="plane", desc="segment", disable=total < 2) as bar:
         return segment_stack(
-            image, model, axes, encode_options=encode, decode_options=decode, on_plane=lambda _: bar.update(1)
+            image,
+            model,
+            axes,
+            z_policy=z_policy,
+            encode_options=encode,
+            decode_options=decode,
+            on_plane=lambda _: bar.update(1),
         )
+
+
+def _z_policy(text: str) -> Any:
+    """``--z-policy``: planes, max or plane:N (a usage error otherwise)."""
+    from cellsam_core.stacks import ZPolicy
+
+    try:
+        return ZPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _service_config(args: argparse.Namespace) -> ServiceConfig:
@@ -294,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--axes",
         help="axes of a stack, from T P C Z Y X (e.g. ZYX, CYX, TCZYX): every plane is segmented, "
         "channels (C, at most 3) together; the labels keep the other axes",
+    )
+    p.add_argument(
+        "--z-policy",
+        type=_z_policy,
+        metavar="planes|max|plane:N",
+        help="with --axes including Z: segment every z plane (planes, the default), the maximum over z of "
+        "each channel (max) or z plane N alone (plane:N, from 0) once per (T, P); the labels keep Z with "
+        "size 1. The service's z.policy setting does the same for streamed z-stacks",
     )
     p.set_defaults(func=_cmd_segment)
 

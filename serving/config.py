@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from acquisition.layout import DEFAULT_MAX_TIME_POINTS
+from cellsam_core.stacks import ZPolicy
 from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "RetrySettings",
     "SecuritySettings",
     "ServiceConfig",
+    "ZPolicy",
 ]
 
 if TYPE_CHECKING:
@@ -128,15 +130,17 @@ class IngestSettings(BaseModel):
 
 
 class AssemblySettings(BaseModel):
-    """Gathering per-channel frames of one (t, p, z) into one frame set (``serving.assembly``)."""
+    """Gathering per-channel frames of one (t, p, z), or under a projection z policy every frame of one
+    (t, p), into one frame set (``serving.assembly``)."""
 
     model_config = _FROZEN
 
     timeout_s: float = Field(
         30.0,
         gt=0,
-        description="A set whose channels have not all arrived this long after its first frame fails "
-        "(reason incomplete_channels), frame by frame.",
+        description="A set whose channels (or z planes) have not all arrived this long after its first "
+        "frame fails (reason incomplete_channels, or incomplete_stack when a whole z plane is missing), "
+        "frame by frame.",
     )
     max_pending_sets: int = Field(
         64,
@@ -357,6 +361,12 @@ class ServiceConfig(BaseModel):
     model: ModelSettings = Field(default_factory=ModelSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    z: ZPolicy = Field(
+        default_factory=ZPolicy,
+        description="What of each z-stack is segmented (cellsam_core.stacks.ZPolicy): policy planes "
+        "(every plane, labels per (t, p, z)), max_projection or plane (with plane: N), both segmenting and "
+        "storing labels once per (t, p) after every z plane of it arrived.",
+    )
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -8,7 +8,9 @@ Ray Serve segmenter, the Zarr sink and the ZeroMQ publisher; tests and notebooks
 Guarantees (see ``docs/serving.md``):
 
 * every accepted frame ends as stored labels plus an ``ok`` result, or as a recorded failure (counter
-  with a reason, log line, ``failed`` result); nothing is silently lost;
+  with a reason, log line, ``failed`` result); nothing is silently lost. One ``ok`` result covers a frame
+  set: the channels of a (t, p, z), or under a projection z policy (``config.z``) the whole z-stack of a
+  (t, p), segmented once and stored with every plane;
 * at most ``ingest.max_concurrent`` frames are being segmented or stored at once and at most
   ``ingest.max_queued`` wait in the source; beyond that the source stops taking messages and the sender
   is blocked (or, in live mode, the oldest waiting frame is dropped and counted);
@@ -28,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from acquisition.errors import ListenerClosedError
-from acquisition.frames import Frame
+from acquisition.frames import Frame, FrameId
 from acquisition.outcome import FrameOutcome
 from acquisition.results import ResultSink
 from acquisition.sink import LabelSink
 from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
 from acquisition.spec import AcquisitionSpec, Sizes
 from cellsam_core.cells import CellTable
+from cellsam_core.stacks import ZPolicy
 from serving.assembly import ChannelAssembler, FrameSet, model_input
 from serving.config import ServiceConfig
 from serving.ledger import AcquisitionLedger, Ledger
@@ -166,7 +169,7 @@ class StreamPipeline:
             await asyncio.gather(self._janitor, return_exceptions=True)
         self._stopping = True
         for frame_set in self.assembler.take():
-            self._fail_set(frame_set, "shutdown", self._missing(frame_set, "the service stopped"))
+            self._fail_incomplete(frame_set, "the service stopped", reason="shutdown")
         while self._finishers:
             await asyncio.gather(*list(self._finishers), return_exceptions=True)
         self.results.close()
@@ -185,7 +188,9 @@ class StreamPipeline:
                 self.ledger[event.acquisition].received += 1
                 self.metrics.received.inc()
                 self.metrics.accepted.inc()
-                frame_set = FrameSet(event.id, [], 1)
+                stack = self._z_policy(event).projects
+                key = FrameId(event.acquisition, event.index.p, event.index.t, 0) if stack else event.id
+                frame_set = FrameSet(key, [], 1, stack=stack)
                 frame_set.add(event)
                 self._fail_set(frame_set, "shutdown", "the service stopped before segmenting it")
             else:
@@ -245,9 +250,7 @@ class StreamPipeline:
             log.info("acquisition %s ended (%d frames received)", event.acquisition, entry.received)
             # Every frame of the acquisition came before its end: sets still incomplete never will be.
             for frame_set in self.assembler.take(event.acquisition):
-                self._fail_set(
-                    frame_set, "incomplete_channels", self._missing(frame_set, "the acquisition ended")
-                )
+                self._fail_incomplete(frame_set, "the acquisition ended")
             self._maybe_finish(entry)
         m.acquisitions_active.set(self.ledger.active)
 
@@ -259,10 +262,20 @@ class StreamPipeline:
         entry = self.ledger[frame.acquisition]
         entry.received += 1
         m.acquisitions_active.set(self.ledger.active)
-        complete, evicted = self.assembler.add(frame)
+        z_policy = self._z_policy(frame)
+        if z_policy.plane is not None and frame.layout is not None and z_policy.plane >= frame.layout.z:
+            z = frame.layout.z
+            detail = (
+                f"z.plane {z_policy.plane} is not among this acquisition's {z} z planes (0..{z - 1}): set "
+                f"z.plane below {z} or another z.policy"
+            )
+            self._fail_set(FrameSet(frame.id, [frame], 1), "z_policy_conflict", detail)
+            return
+        complete, evicted = self.assembler.add(frame, stack=z_policy.projects)
         for frame_set in evicted:
-            detail = f"more than {self.assembler.max_pending} incomplete sets waiting"
-            self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+            self._fail_incomplete(
+                frame_set, f"more than {self.assembler.max_pending} incomplete sets waiting"
+            )
         if complete is None:
             return  # waits for its other channels
         if self._stopping:
@@ -292,12 +305,16 @@ class StreamPipeline:
         while True:
             await asyncio.sleep(period)
             for frame_set in self.assembler.expired():
-                detail = f"not complete {self.assembler.timeout_s:g} s after its first channel"
-                self._fail_set(frame_set, "incomplete_channels", self._missing(frame_set, detail))
+                self._fail_incomplete(
+                    frame_set, f"not complete {self.assembler.timeout_s:g} s after its first frame"
+                )
 
-    @staticmethod
-    def _missing(frame_set: FrameSet, why: str) -> str:
-        return f"channels {frame_set.missing} of {frame_set.frame_id} never arrived ({why})"
+    def _fail_incomplete(self, frame_set: FrameSet, why: str, reason: str | None = None) -> None:
+        """Fail an incomplete set: ``incomplete_stack`` when whole z planes are missing, else
+        ``incomplete_channels`` (or ``reason``, e.g. ``shutdown``)."""
+        name = f"the z-stack (t={frame_set.frame_id.t}, p={frame_set.frame_id.p})" if frame_set.stack else ""
+        what = f"{frame_set.describe_missing()} of {name or frame_set.frame_id}"
+        self._fail_set(frame_set, reason or frame_set.incomplete_reason, f"{what} never arrived ({why})")
 
     def _maybe_finish(self, entry: AcquisitionLedger) -> None:
         if entry.complete and not entry.closed:
@@ -320,6 +337,15 @@ class StreamPipeline:
         log.info("acquisition %s complete: %s", entry.acquisition, entry.as_dict())
 
     # -- frames --------------------------------------------------------------------------------------
+
+    def _z_policy(self, frame: Frame) -> ZPolicy:
+        """The z policy of a frame's acquisition: the service's (``config.z``), except that an acquisition
+        of one z plane (``sizes.z`` declared 1, or undeclared and fixed by its first frame) or without a
+        layout is segmented plane by plane: a single plane is its own projection."""
+        layout = frame.layout
+        if layout is None or layout.z == 1:
+            return ZPolicy()
+        return self.config.z
 
     def _spec_for(self, frame: Frame) -> AcquisitionSpec:
         """The store layout of a frame's acquisition: its layout (declaration and first frame) and the
@@ -354,6 +380,7 @@ class StreamPipeline:
             positions=start.positions[: sizes.p] if start is not None else (),
             write_image=self.config.output.write_images,
             declaration=start.model_dump(mode="json") if start is not None else None,
+            z_policy=self._z_policy(frame),
         )
 
     async def _ensure_open(self, frame: Frame) -> AcquisitionSpec:
@@ -381,6 +408,14 @@ class StreamPipeline:
         stored = self.labels.stored(frame.acquisition)
         if stored is None:
             spec = self._spec_for(frame)
+            if spec.z_policy != self.config.z:
+                log.info(
+                    "acquisition %s has %d z plane(s): segmented plane by plane, not by z policy %r "
+                    "(declare sizes.z in its start to have z-stacks projected)",
+                    frame.acquisition,
+                    spec.sizes.z,
+                    self.config.z.describe(),
+                )
         else:
             spec = stored.spec
             update: dict[str, object] = {}
@@ -426,10 +461,15 @@ class StreamPipeline:
         except Exception as exc:
             self._fail_set(frame_set, "sink_error", str(exc), latency)
             return
-        pixels = frame_set.pixels()
+        # What is stored, (H, W, C), and what is segmented and measured: the same pixels; or for a z-stack
+        # (Z, H, W, C) and its projection (max or chosen plane), made off the event loop.
+        if frame_set.stack:
+            pixels, segmented = await asyncio.to_thread(_project, frame_set, spec.z_policy)
+        else:
+            pixels = segmented = frame_set.pixels()
         t_model = time.monotonic()
         try:
-            decoded = await self._segment_with_retries(frame_set, model_input(pixels, frame_set.roles()))
+            decoded = await self._segment_with_retries(frame_set, model_input(segmented, frame_set.roles()))
         except Exception as exc:
             reason = "replica_failure" if self.segmenter.is_retryable(exc) else "model_error"
             self._fail_set(frame_set, reason, f"{type(exc).__name__}: {exc}", latency)
@@ -451,7 +491,7 @@ class StreamPipeline:
             cells = await asyncio.to_thread(
                 seg.cells.with_pixel_size(spec.pixel_size_um).with_intensities,
                 seg.labels,
-                pixels,
+                segmented,
                 spec.channels,
             )
         except Exception as exc:
@@ -463,7 +503,7 @@ class StreamPipeline:
             # Feedback first: the microscope gets the result now; the labels are stored right after.
             self._publish_ok(frame_set, seg.labels, cells, latency)
         t0 = time.monotonic()
-        image = np.moveaxis(pixels, -1, 0) if spec.write_image else None
+        image = np.moveaxis(pixels, -1, 0) if spec.write_image else None  # (C, [Z,] H, W)
         write = asyncio.ensure_future(
             asyncio.to_thread(self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells)
         )
@@ -557,6 +597,12 @@ class StreamPipeline:
     def _publish(self, outcome: FrameOutcome) -> None:
         self.results.publish(outcome)
         self.metrics.results_published.labels(status=outcome.status).inc()
+
+
+def _project(frame_set: FrameSet, z_policy: ZPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """A z-stack's pixels ``(Z, H, W, C)`` and their projection ``(H, W, C)``."""
+    stack = frame_set.pixels()
+    return stack, z_policy.project(stack)
 
 
 def _pixel_size(frame: Frame) -> float | None:

@@ -279,6 +279,7 @@ def _replica_actors(deployment: str) -> list:
 def test_killed_replicas_mid_stream_lose_no_frame(service, reference_model):
     frames = _frames(12, seed=100, shape=(192, 192))
     acquisition = "kill-run"
+
     def retries() -> dict[str, float]:
         return {
             labels[0][1]: value

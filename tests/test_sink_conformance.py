@@ -25,6 +25,7 @@ from acquisition.sink_errors import (
 from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
 from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.cells import CellTable
+from cellsam_core.stacks import ZPolicy
 from tests.sink_frames import SHAPE, frame_cells, frame_image, frame_labels
 
 
@@ -241,6 +242,33 @@ class SinkConformance:
         sink.write(frame, frame_labels(0, 0, 0), frame_image(0, 0, 0, 2))
         assert sink.read_image(frame) is None
         np.testing.assert_array_equal(sink.read_labels(frame), frame_labels(0, 0, 0))
+
+    @pytest.mark.parametrize(
+        "z_policy", [ZPolicy(policy="max_projection"), ZPolicy(policy="plane", plane=1)], ids=ZPolicy.describe
+    )
+    def test_projection_frame_is_a_whole_stack_with_one_label_plane(
+        self, sink: LabelSink, tmp_path: Path, z_policy: ZPolicy
+    ) -> None:
+        spec = make_spec("projected", z_policy=z_policy)  # 2 z planes, 2 channels
+        sink.open_acquisition(spec)
+        stack = np.stack([frame_image(1, 3, z, 2) for z in range(2)], axis=1)  # (C, Z, H, W)
+        frame = FrameId("projected", 1, 3, 0)
+        sink.write(frame, frame_labels(1, 3, 0), stack, frame_cells(1, 3, 0))
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            assert reader.is_done(frame)
+            np.testing.assert_array_equal(reader.read_image(frame), stack)
+            np.testing.assert_array_equal(reader.read_labels(frame), frame_labels(1, 3, 0))
+            assert reader.read_cells(frame).equals(frame_cells(1, 3, 0))
+            assert reader.progress("projected").done == (frame,)
+        # One label plane per (t, p): z = 1 names no stored frame, and one plane is not the whole stack.
+        with pytest.raises(InvalidIdentifierError, match="projection z policy"):
+            sink.write(FrameId("projected", 1, 3, 1), frame_labels(1, 3, 1), stack)
+        with pytest.raises(InvalidFrameError, match=r"\(C, Z, H, W\)"):
+            sink.write(FrameId("projected", 0, 0, 0), frame_labels(0, 0, 0), stack[:, 0])
+        assert not sink.is_done(FrameId("projected", 0, 0, 0))
+        with pytest.raises(IncompatibleStoreError):  # the policy is part of the spec
+            sink.open_acquisition(make_spec("projected"))
 
     @pytest.mark.parametrize("acquisition", ["../escape", "a/b", ".hidden", "..", "", "x" * 129, "a\\b"])
     def test_escaping_ids_refused(self, sink: LabelSink, tmp_path: Path, acquisition: str) -> None:

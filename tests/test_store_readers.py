@@ -39,6 +39,7 @@ from acquisition.zarr_layout import (
     position_path,
 )
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.stacks import ZPolicy
 from tests.sink_frames import SHAPE, frame_labels, varied_image, write_frame, write_frames_worker
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -232,6 +233,93 @@ def test_napari_plugin_loads_the_root_and_each_position(store: Path) -> None:
         assert values[0] == 0 and len(values) > 2
         alpha = labels.colormap.map(values)[:, 3]
         assert alpha[0] == 0 and (alpha[1:] > 0).all()  # background transparent, every cell coloured
+
+
+# -- a projection store -----------------------------------------------------------------------------
+
+#: The same acquisition under a projection z policy: every raw plane, one label plane per (t, p).
+PROJECTION_SPECS = {
+    "max": SPEC.model_copy(update={"acquisition": "projected", "z_policy": ZPolicy(policy="max_projection")}),
+    "plane 2": SPEC.model_copy(
+        update={"acquisition": "chosen", "z_policy": ZPolicy(policy="plane", plane=2)}
+    ),
+}
+#: Where the label plane lies along z (scale, translation): across the whole stack, or on plane 2.
+LABEL_Z = {"max": (4.5, 1.5), "plane 2": (1.5, 3.0)}
+
+
+def z_stack(p: int, t: int) -> np.ndarray:
+    """(C, Z, H, W): every plane of (t, p)."""
+    return np.stack([varied_image(p, t, z, 2) for z in range(3)], axis=1)
+
+
+@pytest.fixture(scope="module", params=list(PROJECTION_SPECS))
+def projection_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    spec = PROJECTION_SPECS[request.param]
+    sink = ZarrLabelSink(tmp_path_factory.mktemp("projection"))
+    sink.open_acquisition(spec)
+    for p in range(2):
+        for t in range(2):
+            sink.write(FrameId(spec.acquisition, p, t, 0), frame_labels(p, t, 0), z_stack(p, t))
+    return request.param, sink.store_path(spec.acquisition)
+
+
+def test_ome_zarr_reader_opens_a_projection_store(projection_store: tuple[str, Path]) -> None:
+    name, store = projection_store
+    scale, translation = LABEL_Z[name]
+    (plate,) = list(Reader(parse_url(str(store)))())
+    assert [d.shape for d in plate.data] == [(2, 2, 3, 64, 128), (2, 2, 3, 32, 64)]
+    for p in range(2):
+        nodes = {node.zarr.basename(): node for node in Reader(parse_url(str(store / position_path(p, 2))))()}
+        image, cells = nodes["0"], nodes["cells"]
+        assert [d.shape for d in image.data] == [(2, 2, 3, *SHAPE), (2, 2, 3, 32, 32)]
+        np.testing.assert_array_equal(image.data[0][1].compute(), z_stack(p, 1))  # every raw plane
+        assert [d.shape for d in cells.data] == [(2, 1, *SHAPE), (2, 1, 32, 32)]
+        np.testing.assert_array_equal(cells.data[0][1, 0].compute(), frame_labels(p, 1, 0))
+        assert [a["name"] for a in cells.metadata["axes"]] == ["t", "z", "y", "x"]
+        assert cells.metadata["coordinateTransformations"][0] == [
+            {"type": "scale", "scale": [30.0, scale, 0.325, 0.325]},
+            {"type": "translation", "translation": [0.0, translation, 0.0, 0.0]},
+        ]
+
+
+def test_ome_zarr_models_validate_a_projection_store(projection_store: tuple[str, Path]) -> None:
+    name, store = projection_store
+    root = zarr.open_group(store, mode="r")
+    assert HCS.from_zarr(root).n_wells == 2
+    for p in range(2):
+        group = root[position_path(p, 2)]
+        Image.from_zarr(group)  # type: ignore[arg-type]
+        assert Labels.from_zarr(group["labels"]).label_paths == ["cells"]  # type: ignore[index, arg-type]
+        label = ImageLabel.from_zarr(group["labels/cells"])  # type: ignore[index, arg-type]
+        transforms = label.ome_attributes.multiscales[0].datasets[0].coordinateTransformations
+        assert [t.type for t in transforms] == ["scale", "translation"]
+    policy = attrs(store / position_path(0, 2) / "labels" / "cells")["cellsam"]["z_policy"]
+    assert ZPolicy.model_validate(policy) == PROJECTION_SPECS[name].z_policy
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # napari's own imports (pydantic v1 API)
+def test_napari_plugin_loads_a_projection_store(projection_store: tuple[str, Path]) -> None:
+    napari_reader = pytest.importorskip("napari_ome_zarr._reader")
+    components = pytest.importorskip("napari.components")
+    name, store = projection_store
+    for path, width in [(store, 128), (store / position_path(1, 2), 64)]:
+        reader = napari_reader.napari_get_reader(str(path))
+        assert reader is not None
+        viewer = components.ViewerModel()
+        for data, meta, kind in reader():
+            getattr(viewer, f"add_{kind}")(data, **meta)
+        images = [layer for layer in viewer.layers if type(layer).__name__ == "Image"]
+        (labels,) = [layer for layer in viewer.layers if type(layer).__name__ == "Labels"]
+        assert [layer.name.split(": ")[-1] for layer in images] == ["DAPI", "GFP"]
+        assert all(layer.data[0].shape == (2, 3, 64, width) for layer in images)
+        # napari-ome-zarr takes each dataset's first transform (the scale) and no translation.
+        assert labels.data[0].shape == (2, 1, 64, width)
+        assert list(labels.scale) == [30.0, LABEL_Z[name][0], 0.325, 0.325]
+        values = np.unique(np.asarray(labels.data[0][1, 0]))
+        assert values[0] == 0 and len(values) > 1
 
 
 # -- the display window ----------------------------------------------------------------------------
