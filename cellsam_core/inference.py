@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
 
@@ -364,6 +364,7 @@ def _windowed_masks(
     chunk: int,
     options: DecodeOptions,
     plan: Plan,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SAM masks for the boxes of one model input, each decoded over its window of the embedding.
 
@@ -387,6 +388,8 @@ def _windowed_masks(
             sam.mask_decoder, emb, dense_pe, sparse.to(dtype), dense[:1].to(dtype), plan_w, plan=plan
         )
         keep = (iou[:, 0].float() >= options.iou_threshold).cpu().numpy()
+        if progress is not None:
+            progress(len(box_np))
         if not keep.any():
             continue
         region, offsets = windows.window_masks_to_frame(
@@ -408,6 +411,7 @@ def _masks_for_inputs(
     model: CellSAM,
     options: DecodeOptions,
     plan: Plan,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """SAM masks for the boxes of each model input, composed "later box wins" into one label image each.
 
@@ -422,9 +426,18 @@ def _masks_for_inputs(
     chunk = options.box_batch_size or default_box_batch_size(device, size)
     window = decode_window(model, options)
     set_attention(sam.mask_decoder, plan.sdpa)
+    advance = None
+    if progress is not None:
+        total = sum(len(b) for b in boxes)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
     if window is not None and window < grid:
         return [
-            _windowed_masks(sam_embeddings[t], b, out_sizes[t], model, window, chunk, options, plan)
+            _windowed_masks(sam_embeddings[t], b, out_sizes[t], model, window, chunk, options, plan, advance)
             for t, b in enumerate(boxes)
         ]
     return masks.decode_boxes(
@@ -438,11 +451,18 @@ def _masks_for_inputs(
         plan=plan,
         transformer=plan.call(sam.mask_decoder.transformer) if plan.compile_mode else None,
         pad_chunks=plan.compile_mode is not None,
+        progress=advance,
     )
 
 
 @torch.inference_mode()
-def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | None = None) -> Segmentation:
+def decode(
+    embedding: ImageEmbedding,
+    model: CellSAM,
+    options: DecodeOptions | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Segmentation:
     """Boxes from CellFinder, masks from SAM, one label image and its cell table for the frame.
 
     Parameters
@@ -451,6 +471,9 @@ def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | N
         From :func:`encode` with the same model (weights and size).
     model : CellSAM
     options : DecodeOptions, optional
+    progress : callable, optional
+        ``progress(done, total)`` after each chunk of boxes of the mask step (the long part of a large
+        frame): boxes decoded so far and in all.
 
     Returns
     -------
@@ -465,12 +488,16 @@ def decode(embedding: ImageEmbedding, model: CellSAM, options: DecodeOptions | N
           model input to that tile and shifted by the tile's origin. Tiles wrap periodically at the frame
           edges, so a box of a cell at the edge may reach outside ``[0, H) × [0, W)``.
     """
-    return decode_batch([embedding], model, options)[0]
+    return decode_batch([embedding], model, options, progress=progress)[0]
 
 
 @torch.inference_mode()
 def decode_batch(
-    embeddings: Sequence[ImageEmbedding], model: CellSAM, options: DecodeOptions | None = None
+    embeddings: Sequence[ImageEmbedding],
+    model: CellSAM,
+    options: DecodeOptions | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Segmentation]:
     """:func:`decode` of several frames at once: one detection call, mask decoding batched across frames.
 
@@ -489,15 +516,19 @@ def decode_batch(
         return []
     device, _ = _model_device_dtype(model)
     if device.type != "cpu":
-        return _decode_batch(embeddings, model, options, device)
+        return _decode_batch(embeddings, model, options, device, progress)
     # Thousands of small tensor calls with NumPy work between them: one intra-op thread is as fast on an
     # idle CPU and does not stall behind spinning OpenMP workers on a busy one (cellsam_core.threads).
     with intra_op_threads(1):
-        return _decode_batch(embeddings, model, options, device)
+        return _decode_batch(embeddings, model, options, device, progress)
 
 
 def _decode_batch(
-    embeddings: Sequence[ImageEmbedding], model: CellSAM, options: DecodeOptions, device: torch.device
+    embeddings: Sequence[ImageEmbedding],
+    model: CellSAM,
+    options: DecodeOptions,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
 ) -> list[Segmentation]:
     plan = options.acceleration.resolve(device)
     share = 1.0 / len(embeddings)
@@ -512,6 +543,7 @@ def _decode_batch(
         model,
         options,
         plan,
+        progress,
     )
     masks_s = time.perf_counter() - t0
     results = []
@@ -662,6 +694,7 @@ def segment(
     *,
     encode_options: EncodeOptions | None = None,
     decode_options: DecodeOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Segmentation:
     """Segment one frame: exactly ``decode(encode(image, model), model)``.
 
@@ -672,5 +705,7 @@ def segment(
         convention (blank, nuclear, whole-cell): channels fill the last ``C`` slots.
     model : CellSAM
         From :func:`cellsam_core.build_model` or :func:`cellsam_core.load_model`.
+    progress : callable, optional
+        ``progress(done, total)`` in boxes of the mask step (see :func:`decode`).
     """
-    return decode(encode(image, model, encode_options), model, decode_options)
+    return decode(encode(image, model, encode_options), model, decode_options, progress=progress)

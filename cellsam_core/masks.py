@@ -97,6 +97,7 @@ def decode_boxes(
     plan: Plan | None = None,
     transformer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     pad_chunks: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Masks of every box of every model input, composed "later box wins" into one label image per input.
 
@@ -123,6 +124,8 @@ def decode_boxes(
     pad_chunks : bool
         Pad the last chunk to ``chunk`` boxes (repeating its last box, outputs discarded), so that every
         call has one shape: what compiled code and CUDA graphs need.
+    progress : callable, optional
+        Called with the number of boxes of each chunk once it is decoded.
 
     Returns
     -------
@@ -177,4 +180,6 @@ def decode_boxes(
                 masks = (up[:, 0] > logit_threshold) & keep[rows, None, None]
                 composers[t].add(masks, indices=np.arange(lo - starts[t], hi - starts[t]))
             t += 1
+        if progress is not None:
+            progress(stop - start)
     return [(c.labels(), np.arange(n, dtype=np.int64)) for c, n in zip(composers, counts, strict=True)]

@@ -72,30 +72,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from cellsam_core.errors import CellSAMError
-    from cellsam_core.inference import DecodeOptions, EncodeOptions, segment
-    from cellsam_core.io import read_image, write_labels
-    from cellsam_core.select import select_model
-    from cellsam_core.stacks import label_axes
-    from serving.preflight import PreflightError, check_device, check_image_output, check_input_file
+    from tqdm import tqdm
 
-    out = (
-        Path(args.output)
-        if args.output
-        else Path(args.image).with_name(Path(args.image).stem + "_labels.tif")
-    )
-    check_input_file(Path(args.image), "image")
-    check_image_output(out)
+    from cellsam_core.errors import CellSAMError
+    from cellsam_core.inference import DecodeOptions, EncodeOptions
+    from cellsam_core.select import select_model
+    from serving.preflight import check_device, segment_jobs
+
+    if args.z_policy is not None and args.axes is None:
+        print(
+            "error: --z-policy applies to a stack: name its axes with --axes, e.g. --axes ZYX",
+            file=sys.stderr,
+        )
+        return 1
+    jobs = segment_jobs(args.images, args.output)
     check_device(args.device)
     try:
-        image = read_image(args.image)
-        if args.z_policy is not None and args.axes is None:
-            raise ValueError("--z-policy applies to a stack: name its axes with --axes, e.g. --axes ZYX")
-        if args.axes is None and image.ndim == 3 and min(image.shape) > 3:
-            raise ValueError(
-                f"{args.image} has shape {image.shape}, a stack rather than one frame: name its axes with "
-                "--axes, e.g. --axes ZYX (z-stack) or --axes TYX (time-lapse)"
-            )
         t0 = time.perf_counter()
         model, info = select_model(
             weights=args.weights,
@@ -104,30 +96,71 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-        t_load = time.perf_counter() - t0
-        print(info.describe())
-        t0 = time.perf_counter()
-        encode_options = EncodeOptions(tile=args.tile)
-        decode_options = DecodeOptions(bbox_threshold=args.bbox_threshold)
-        if args.axes is not None:
-            labels = _segment_stack(image, model, args.axes, args.z_policy, encode_options, decode_options)
-            summary = f"{labels.shape} labels ({label_axes(args.axes)})"
-            steps = ""
-        else:
-            result = segment(image, model, encode_options=encode_options, decode_options=decode_options)
-            labels, summary = result.labels, f"{result.n_cells} cells"
-            steps = " (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()) + ")"
-        t_seg = time.perf_counter() - t0
     except (CellSAMError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    t_load = time.perf_counter() - t0
+    print(info.describe())
+    options = (EncodeOptions(tile=args.tile), DecodeOptions(bbox_threshold=args.bbox_threshold))
+    failed = 0
+    with tqdm(jobs, unit="file", desc="segment", disable=len(jobs) < 2) as files:
+        for image_path, out in files:
+            try:
+                line = _segment_file(image_path, out, model, args, options, t_load)
+            except (CellSAMError, FileNotFoundError, ValueError, OSError) as exc:
+                failed += 1
+                tqdm.write(f"error: {image_path}: {exc}", file=sys.stderr)
+                continue
+            tqdm.write(line)
+    if len(jobs) > 1:
+        print(
+            f"{len(jobs) - failed} of {len(jobs)} images segmented" + (f", {failed} failed" if failed else "")
+        )
+    return 1 if failed else 0
+
+
+def _segment_file(
+    image_path: Path, out: Path, model: Any, args: argparse.Namespace, options: tuple[Any, Any], t_load: float
+) -> str:
+    """Segment one file and write its labels; returns the report line (cells, timings)."""
+    from tqdm import tqdm
+
+    from cellsam_core.inference import segment
+    from cellsam_core.io import read_image, write_labels
+    from cellsam_core.stacks import label_axes
+
+    encode_options, decode_options = options
+    image = read_image(image_path)
+    if args.axes is None and image.ndim == 3 and min(image.shape) > 3:
+        raise ValueError(
+            f"shape {image.shape} is a stack rather than one frame: name its axes with --axes, e.g. "
+            "--axes ZYX (z-stack) or --axes TYX (time-lapse)"
+        )
+    t0 = time.perf_counter()
+    if args.axes is not None:
+        labels = _segment_stack(image, model, args.axes, args.z_policy, encode_options, decode_options)
+        summary, steps = f"{labels.shape} labels ({label_axes(args.axes)})", ""
+    else:
+        # The mask step of a large (tiled) frame takes minutes on a CPU: show it, box by box.
+        with tqdm(unit="box", desc=f"masks {image_path.name}", leave=False, delay=2.0) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = segment(
+                image, model, encode_options=encode_options, decode_options=decode_options, progress=progress
+            )
+        labels, summary = result.labels, f"{result.n_cells} cells"
+        steps = " (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()) + ")"
+    t_seg = time.perf_counter() - t0
     try:
         write_labels(out, labels)
     except OSError as exc:
-        raise PreflightError(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(f"{summary} in {args.image} -> {out}")
-    print(f"timing: model load {t_load:.2f} s, segment {t_seg:.2f} s{steps}")
-    return 0
+        raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return (
+        f"{summary} in {image_path} -> {out}\ntiming: model load {t_load:.2f} s, segment {t_seg:.2f} s{steps}"
+    )
 
 
 def _segment_stack(image: Any, model: Any, axes: str, z_policy: Any, encode: Any, decode: Any) -> Any:
@@ -299,9 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("segment", help="segment one image file and write its label image")
-    p.add_argument("image", type=Path, help="input image: .tif/.tiff, .png or .npy")
-    p.add_argument("-o", "--output", type=Path, help="label image to write (.tif or .npy)")
+    p = sub.add_parser(
+        "segment",
+        help="segment image files and write their label images",
+        description="Segment one or more images (files, or directories of .tif/.tiff/.png/.npy) with one "
+        "model load; a progress bar shows the files, and the mask step of large frames. Exit code 1 when "
+        "any image failed (the others are still written).",
+    )
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files or directories")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="one input: the label image (.tif or .npy; default IMAGE_labels.tif next to it); several "
+        "inputs or a directory: the directory for the IMAGE_labels.tif files (default: next to each)",
+    )
     _add_model_options(p)
     p.add_argument(
         "--tile",

@@ -243,6 +243,55 @@ def check_input_file(path: Path, what: str) -> None:
         raise PreflightError(f"{what} {path} is not readable (permissions)")
 
 
+#: Image files `segment` reads (a directory given to it contributes these, label outputs excluded).
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+
+
+def segment_jobs(images: Sequence[Path], output: Path | None) -> list[tuple[Path, Path]]:
+    """``(input, output)`` pairs of a ``segment`` run: files as given, directories expanded.
+
+    One input file: ``output`` is the label image (default ``{stem}_labels.tif`` next to it). Several
+    inputs or a directory: ``output`` is a directory (created; default: next to each input), holding
+    ``{stem}_labels.tif`` per input. Files named ``*_labels.*`` in a directory are outputs of an
+    earlier run and are skipped.
+    """
+    files: list[Path] = []
+    expanded = False
+    for path in images:
+        if path.is_dir():
+            expanded = True
+            found = sorted(
+                f
+                for f in path.iterdir()
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith("_labels")
+            )
+            if not found:
+                raise PreflightError(f"{path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        else:
+            check_input_file(path, "image")
+            files.append(path)
+    stems = [f.stem for f in files]
+    if len(files) == 1 and not expanded:
+        out = output or files[0].with_name(files[0].stem + "_labels.tif")
+        check_image_output(out)
+        return [(files[0], out)]
+    if output is not None:
+        if output.suffix.lower() in _LABEL_SUFFIXES:
+            raise UsageError(f"-o {output}: with several inputs -o names a directory, not a file")
+        duplicates = sorted({s for s in stems if stems.count(s) > 1})
+        if duplicates:
+            raise UsageError(f"inputs {', '.join(duplicates)} would write the same label file in -o {output}")
+        _check_writable_dir(output, "directory of -o")
+    jobs = []
+    for f in files:
+        out = (output or f.parent) / f"{f.stem}_labels.tif"
+        jobs.append((f, out))
+    for directory in {out.parent for _, out in jobs}:
+        _check_writable_dir(directory, "output directory")
+    return jobs
+
+
 def _check_writable_dir(directory: Path, what: str) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,58 @@ def test_segment_unreadable_image_exits_1(tmp_path, capsys):
     assert "unrecognised image format" in capsys.readouterr().err
 
 
+def test_segment_several_files_and_a_directory_with_one_model_load(tmp_path, capsys, no_weights):
+    from cellsam_core.checkpoint import load_bundled_model
+    from cellsam_core.synthetic import synthetic_frame
+
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    images = {name: synthetic_frame((96, 96), seed=i, n_cells=8)[0] for i, name in enumerate("abc")}
+    for name, image in images.items():
+        tifffile.imwrite(folder / f"{name}.tif", image)
+    (folder / "broken.tif").write_bytes(b"not a tiff")
+    (folder / "old_labels.tif").write_bytes(b"an earlier run's output: skipped")
+    extra = tmp_path / "single.npy"
+    np.save(extra, images["a"])
+    out = tmp_path / "labels"
+
+    assert main(["segment", str(folder), str(extra), "-o", str(out)]) == 1  # one input failed
+    captured = capsys.readouterr()
+    assert "broken.tif" in captured.err and "4 of 5 images segmented, 1 failed" in captured.out
+    assert captured.out.count("model load") == 4 and captured.out.count("bundled default") == 1
+    model = load_bundled_model()
+    for name, image in images.items():
+        np.testing.assert_array_equal(read_image(out / f"{name}_labels.tif"), segment(image, model).labels)
+    np.testing.assert_array_equal(read_image(out / "single_labels.tif"), read_image(out / "a_labels.tif"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_labels.tif",
+        "b_labels.tif",
+        "c_labels.tif",
+        "single_labels.tif",
+    ]
+
+    # Without -o the labels go next to each input; a directory's own outputs are not inputs next time.
+    assert main(["segment", str(folder / "a.tif"), str(folder / "b.tif")]) == 0
+    assert (folder / "a_labels.tif").exists() and (folder / "b_labels.tif").exists()
+    # Several inputs cannot share one label file: a usage error, before the model loads.
+    assert main(["segment", str(folder / "a.tif"), str(extra), "-o", str(tmp_path / "x.tif")]) == 2
+    assert "-o" in capsys.readouterr().err
+
+
+def test_segment_reports_mask_progress_in_boxes():
+    from cellsam_core.checkpoint import load_bundled_model
+    from cellsam_core.synthetic import synthetic_frame
+
+    model = load_bundled_model()
+    image = np.tile(synthetic_frame((256, 256), seed=4, n_cells=20)[0], (3, 3))  # tiled: many boxes
+    calls: list[tuple[int, int]] = []
+    result = segment(image, model, progress=lambda done, total: calls.append((done, total)))
+    assert result.n_cells > 20 and len(calls) > 1
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and len({t for _, t in calls}) == 1 and calls[-1][0] == calls[-1][1]
+    np.testing.assert_array_equal(result.labels, segment(image, model).labels)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_command_starts_reports_and_stops_on_sigterm(tmp_path):
