@@ -106,13 +106,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from cellsam_core.checkpoint import BUNDLED_WEIGHTS, load_model
     from cellsam_core.training.assess import evaluate_model
 
     try:
         images, labels = _read_pairs(args.images, args.labels)
         model = load_model(args.weights or BUNDLED_WEIGHTS, args.model)
-        result = evaluate_model(model, images, labels)
+        with tqdm(total=len(images), unit="image", desc="evaluate", disable=len(images) < 2) as bar:
+            result = evaluate_model(model, images, labels, on_image=lambda done, _: bar.update(done - bar.n))
     except (CellSAMError, ValueError, OSError) as err:
         return _fail(err)
     print(f"{len(images)} images, {sum(c[0.5].tp + c[0.5].fn for c in result.per_image)} annotated objects")

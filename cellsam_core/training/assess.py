@@ -4,7 +4,7 @@ and score them with :mod:`cellsam_core.evaluation`; the held-out synthetic bench
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,9 +41,17 @@ def evaluate_model(
     labels: Sequence[np.ndarray],
     *,
     decode_options: DecodeOptions | None = None,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> EvaluationResult:
-    """Segment every image with ``segment()`` and evaluate against ``labels`` (same order)."""
+    """Segment every image with ``segment()`` and evaluate against ``labels`` (same order).
+
+    ``on_image(done, total)`` is called after each image is segmented (progress bars).
+    """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} label images; pass them in pairs")
-    preds = [segment(img, model, decode_options=decode_options).labels for img in images]
+    preds = []
+    for img in images:
+        preds.append(segment(img, model, decode_options=decode_options).labels)
+        if on_image is not None:
+            on_image(len(preds), len(images))
     return evaluate([np.asarray(lab) for lab in labels], [p.astype(np.int64) for p in preds])
