@@ -131,7 +131,8 @@ def _detections(cells: CellTable) -> Detections:
 
 
 class OnlineTracker:
-    """Links the frames of ONE position as they come (see the module docstring).
+    """Links the frames of ONE position as they come (see the module docstring). Not thread-safe: one
+    caller per tracker.
 
     Parameters
     ----------
@@ -303,10 +304,12 @@ class OnlineTracker:
                 events.append(TrackEvent("lost", t, tid))
         self._tracks = self._update(tracks, cells, result.link, missed, alive, ids, parents, t)
         self._last_t = t
-        lut = np.zeros(max(int(labels.max(initial=0)), int(cells.label.max(initial=0))) + 1, np.uint32)
+        # Label -> track id; values the table does not hold (none, when it was measured from these labels)
+        # map to background: "clip" sends any value past the table's largest label to the trailing 0.
+        lut = np.zeros(int(cells.label.max(initial=0)) + 2, np.uint32)
         lut[cells.label] = ids
         tracked = cells.with_measurements({TRACK_COLUMN: ids, PARENT_COLUMN: parents})
-        return TrackedFrame(t, np.take(lut, labels), tracked, tuple(events))
+        return TrackedFrame(t, np.take(lut, labels, mode="clip"), tracked, tuple(events))
 
     @staticmethod
     def _update(

@@ -279,6 +279,11 @@ def test_empty_frames_and_state_roundtrip() -> None:
     frame = tracker.link(1, labels, CellTable.from_labels(labels))
     assert frame.track_ids.tolist() == [1] and frame.track_labels.dtype == np.uint32
     assert tracker.link(2, np.zeros(SHAPE, np.int32)).events[0].kind == "lost"
+    # Pixels of a label the table does not hold are background in the tracked labels.
+    extra = labels.copy()
+    extra[100:104, 100:104] = 9
+    frame = tracker.link(3, extra, CellTable.from_labels(labels))
+    assert set(np.unique(frame.track_labels).tolist()) == {0, 1}
 
 
 def test_lineage_graph_links_tracks_and_divisions() -> None:
