@@ -16,6 +16,7 @@ __all__ = [
     "ProtocolError",
     "SendTimeoutError",
     "SourceError",
+    "TrackFileError",
 ]
 
 
@@ -88,3 +89,8 @@ class ListenerClosedError(AcquisitionError, RuntimeError):
 
 class SourceError(AcquisitionError, ValueError):
     """A simulator source (file or synthetic settings) cannot be played: the message says why."""
+
+
+class TrackFileError(AcquisitionError, ValueError):
+    """Tracks or a lineage cannot be written or read in a track file format (CTC, GEFF): the message
+    says why."""

@@ -49,6 +49,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--interval", type=float, default=60.0, help="declared time interval, s (60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--tracks",
+        type=Path,
+        metavar="DIR",
+        help="synthetic source: play movies with known tracks (cells also enter and leave the field) and "
+        "write each position's ground truth in Cell Tracking Challenge form to DIR/p<P>/",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -94,8 +101,14 @@ def _simulate(args: argparse.Namespace) -> int:
             dtype=np.dtype(args.dtype),
             pixel_size_um=args.pixel_size,
             time_interval_s=args.interval,
+            tracked=args.tracks is not None,
         )
+        if args.tracks is not None:
+            for p in range(args.positions):
+                source.write_ctc(args.tracks / f"p{p}", p=p)
     else:
+        if args.tracks is not None:
+            raise SourceError("--tracks needs the synthetic source (a file has no ground-truth tracks)")
         source = ArraySource.from_path(
             args.source, axes=args.axes, positions=args.positions, frames=args.frames
         )

@@ -1,7 +1,8 @@
 """``SimulatedMicroscope``: plays a time-lapse through a :class:`FrameSender` as a microscope would.
 
 Order of play: ``start``; for each time point, each position, each z slice: one frame; then ``end``.
-Sources: a synthetic live-cell movie (:mod:`cellsam_core.synthetic`, with ground truth) or a file
+Sources: a synthetic live-cell movie (:mod:`cellsam_core.synthetic`, with ground truth; with known tracks
+too, :mod:`acquisition.sim_tracks`) or a file
 (``.tif``/``.tiff``, ``.npy``, a ``.zarr`` directory holding an array or an OME-Zarr image ``0``).
 
 The command line (``cellsam-stream simulate``, ``python -m acquisition.simulate_command``) is
@@ -19,7 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from acquisition.client import FrameSender
+from acquisition.ctc import CtcTrack
 from acquisition.errors import SourceError
+from acquisition.sim_tracks import TrackedMovie
 from cellsam_core.synthetic import Modality, SyntheticMovie
 
 __all__ = [
@@ -50,6 +53,10 @@ class SyntheticSource:
     ``labels(t, p, z)`` returns the ground truth of ``image(t, p, z)``. The ``multiplexed`` modality is the
     two-channel mode: ``(H, W, 2)`` images of a nuclear and a membrane channel. :meth:`declaration` is
     what a ``start`` declares for it: channel names and roles, pixel size and time interval.
+
+    ``tracked=True`` plays :class:`~acquisition.sim_tracks.TrackedMovie` movies instead (cells also enter
+    and leave the field): ``labels`` then hold track labels, and :meth:`tracks` / :meth:`write_ctc` give
+    the ground-truth tracks in Cell Tracking Challenge form.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class SyntheticSource:
         pixel_size_um: float | None = 0.65,
         time_interval_s: float | None = 60.0,
         z_step_um: float | None = 2.0,
+        tracked: bool = False,
     ) -> None:
         if frames < 1 or positions < 1 or z < 1:
             raise SourceError(f"frames, positions and z must be ≥ 1, got {frames}, {positions}, {z}")
@@ -74,8 +82,9 @@ class SyntheticSource:
         self.pixel_size_um = pixel_size_um
         self.time_interval_s = time_interval_s
         self.z_step_um = z_step_um if z > 1 else None
-        self._movies = {
-            (p, k): SyntheticMovie(
+        kind = TrackedMovie if tracked else SyntheticMovie
+        self._movies: dict[tuple[int, int], SyntheticMovie | TrackedMovie] = {
+            (p, k): kind(
                 shape, frames, seed=seed + 1000 * p + k, modality=modality, n_cells=n_cells, dtype=dtype
             )
             for p in range(positions)
@@ -96,8 +105,23 @@ class SyntheticSource:
         return self._render(t, p, z)[0]
 
     def labels(self, t: int, p: int, z: int) -> np.ndarray:
-        """Ground-truth (H, W) int32 labels of ``image(t, p, z)``."""
+        """Ground-truth (H, W) labels of ``image(t, p, z)``: int32, or uint32 track labels when tracked."""
         return self._render(t, p, z)[1]
+
+    def tracks(self, p: int = 0, z: int = 0) -> list[CtcTrack]:
+        """Ground-truth tracks of position ``p`` (slice ``z``); needs ``tracked=True``."""
+        return self._tracked(p, z).tracks
+
+    def write_ctc(self, directory: str | Path, p: int = 0, z: int = 0) -> Path:
+        """Write position ``p``'s ground truth in CTC form (``man_track.txt`` + ``man_track000.tif`` ...);
+        needs ``tracked=True``."""
+        return self._tracked(p, z).write_ctc(directory)
+
+    def _tracked(self, p: int, z: int) -> TrackedMovie:
+        movie = self._movies[(p, z)]
+        if not isinstance(movie, TrackedMovie):
+            raise SourceError("this source has no ground-truth tracks: create it with tracked=True")
+        return movie
 
     def declaration(self) -> dict[str, Any]:
         """``start`` fields for this movie: channels with roles and colours, physical sizes."""

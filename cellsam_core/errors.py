@@ -12,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "ImageFormatError",
+    "StaleFrameError",
+    "TrackingError",
     "UnknownModelError",
     "WeightsNotFoundError",
 ]
@@ -72,3 +74,23 @@ class WeightsNotFoundError(CellSAMError, FileNotFoundError):
 
 class DownloadError(CellSAMError, RuntimeError):
     """Downloading or verifying a weights archive failed (HTTP error, checksum mismatch, bad archive)."""
+
+
+class TrackingError(CellSAMError, ValueError):
+    """Input the tracker cannot link: a label image or cell table that does not fit, a time index before
+    the first frame, or a saved tracker state that does not validate."""
+
+
+class StaleFrameError(TrackingError):
+    """A frame was offered for a time index the tracker has already passed (linked and no longer held, or
+    declared missing with :meth:`~cellsam_core.tracking.OnlineTracker.skip`).
+
+    Attributes
+    ----------
+    t : int
+        The time index offered.
+    """
+
+    def __init__(self, t: int, message: str) -> None:
+        self.t = t
+        super().__init__(message)

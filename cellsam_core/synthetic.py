@@ -16,7 +16,7 @@ Modalities
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal, get_args
 
@@ -179,6 +179,10 @@ class SyntheticMovie:
         Fluorescence decays as ``exp(-bleach_rate * t)``.
     noise : bool
         Apply the camera model (set False for clean renders).
+    cells : sequence of SyntheticCells, optional
+        Cell geometry of every frame, given instead of simulated (``n_frames`` must equal its length;
+        ``n_cells``, ``cell_radius``, ``drift`` and ``growth`` are then unused). Label values are the
+        ``ids`` (> 0).
 
     Notes
     -----
@@ -200,6 +204,7 @@ class SyntheticMovie:
         growth: float = 0.02,
         bleach_rate: float = 0.002,
         noise: bool = True,
+        cells: Sequence[SyntheticCells] | None = None,
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
@@ -217,15 +222,27 @@ class SyntheticMovie:
         side = min(self.shape)
         radius = cell_radius or (max(4.0, 0.025 * side), max(5.0, 0.045 * side))
         rng = np.random.default_rng([self.seed, 0])
-        cells = _initial_cells(rng, self.shape, n_cells, radius)
-        divide_area = cells.a * cells.b * rng.uniform(1.8, 2.4, len(cells))
-        next_id = n_cells + 1
-        self.cells: list[SyntheticCells] = [cells]
-        for _ in range(1, self.n_frames):
-            cells, divide_area, next_id = _step(
-                rng, cells, self.shape, drift=drift, growth=growth, divide_area=divide_area, next_id=next_id
-            )
-            self.cells.append(cells)
+        self.cells: list[SyntheticCells]
+        if cells is not None:
+            if len(cells) != self.n_frames:
+                raise ValueError(f"cells holds {len(cells)} frames of geometry for n_frames={self.n_frames}")
+            self.cells = list(cells)
+        else:
+            state = _initial_cells(rng, self.shape, n_cells, radius)
+            divide_area = state.a * state.b * rng.uniform(1.8, 2.4, len(state))
+            next_id = n_cells + 1
+            self.cells = [state]
+            for _ in range(1, self.n_frames):
+                state, divide_area, next_id = _step(
+                    rng,
+                    state,
+                    self.shape,
+                    drift=drift,
+                    growth=growth,
+                    divide_area=divide_area,
+                    next_id=next_id,
+                )
+                self.cells.append(state)
         # Per-movie constants: uneven illumination and peak signal level.
         self._background = self._make_background(rng)
         self._peak = float(rng.uniform(600, 1200))
@@ -246,10 +263,18 @@ class SyntheticMovie:
         for t in range(self.n_frames):
             yield self[t]
 
-    def __getitem__(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def labels(self, t: int) -> np.ndarray:
+        """Ground-truth labels of frame ``t`` alone (no image rendered): (H, W) int32, as ``self[t][1]``."""
+        cells = self.cells[self._index(t)]
+        return _paint(cells, self.shape, 0.55 if self.modality == "nuclear" else 1.0)
+
+    def _index(self, t: int) -> int:
         if not -self.n_frames <= t < self.n_frames:
             raise IndexError(f"frame {t} out of range for a movie of {self.n_frames} frames")
-        t = t % self.n_frames
+        return t % self.n_frames
+
+    def __getitem__(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self._index(t)
         rng = np.random.default_rng([self.seed, 1, t])
         cells = self.cells[t]
         cell_labels = _paint(cells, self.shape, 1.0)

@@ -173,6 +173,18 @@ def test_command_line_entry_point(capsys: pytest.CaptureFixture[str], tmp_path: 
         argv = ["--to", endpoint, "--frames", "2", "--positions", "2", "--shape", "16", "24"]
         assert main([*argv, "--dtype", "uint8", "--acquisition", "cli", "--no-progress"]) == 0
 
+    def tracked(endpoint: str) -> None:
+        argv = ["--to", endpoint, "--frames", "3", "--positions", "2", "--shape", "64", "64", "--cells", "4"]
+        assert main([*argv, "--tracks", str(tmp_path / "gt"), "--acquisition", "gt", "--no-progress"]) == 0
+
+    state = play(tracked, "gt")
+    assert len(state.frames) == 6
+    for p in (0, 1):
+        lines = (tmp_path / "gt" / f"p{p}" / "man_track.txt").read_text().splitlines()
+        assert lines and all(len(line.split()) == 4 for line in lines)
+        assert (tmp_path / "gt" / f"p{p}" / "man_track002.tif").exists()
+    assert main(["--source", str(tmp_path / "m.npy"), "--tracks", str(tmp_path / "x")]) == 2
+
     state = play(synthetic, "cli")
     assert len(state.frames) == 4
     assert {f.data.shape for f in state.frames} == {(16, 24)}
