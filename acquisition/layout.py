@@ -10,12 +10,14 @@ acquisition's store.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acquisition.errors import ProtocolError
 from acquisition.protocol import Reason, StartMessage
-from acquisition.spec import AcquisitionSpec
 from acquisition.wire import FrameMessage
+
+if TYPE_CHECKING:
+    from acquisition.spec import AcquisitionSpec
 
 __all__ = ["DEFAULT_MAX_TIME_POINTS", "Layout", "declared_metadata", "redeclare"]
 
@@ -173,7 +175,7 @@ def declared_metadata(source: StartMessage | AcquisitionSpec | None) -> dict[str
     positions), from a ``start`` or from a stored spec, for comparing a later ``start`` with it."""
     if source is None:  # an undeclared acquisition: none of them
         return dict.fromkeys(_METADATA)
-    if isinstance(source, AcquisitionSpec):
+    if not isinstance(source, StartMessage):  # an AcquisitionSpec
         return {
             "pixel_size_um": source.pixel_size_um,
             "time_interval_s": source.time_interval_s,
