@@ -10,16 +10,13 @@ acquisition's store.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from acquisition.errors import ProtocolError
 from acquisition.protocol import Reason, StartMessage
 from acquisition.wire import FrameMessage
 
-if TYPE_CHECKING:
-    from acquisition.spec import AcquisitionSpec
-
-__all__ = ["DEFAULT_MAX_TIME_POINTS", "Layout", "declared_metadata", "redeclare"]
+__all__ = ["DEFAULT_MAX_TIME_POINTS", "METADATA", "Layout", "declared_metadata", "redeclare"]
 
 #: Default ceiling on any frame's time index (a day at 10 frames/s is 864,000).
 DEFAULT_MAX_TIME_POINTS = 10_000_000
@@ -89,21 +86,6 @@ class Layout:
             max_t=max_t,
         )
 
-    @classmethod
-    def of_spec(cls, spec: AcquisitionSpec, *, max_t: int = DEFAULT_MAX_TIME_POINTS) -> Layout:
-        """The layout of an acquisition a label sink already holds (a service restarted on its store)."""
-        sizes = (spec.declaration or {}).get("sizes") or {}
-        return cls(
-            t=spec.sizes.t,
-            p=spec.sizes.p,
-            z=spec.sizes.z,
-            c=spec.sizes.c,
-            shape=spec.frame_shape,
-            dtype=spec.image_dtype,
-            declared_channels=isinstance(sizes, dict) and sizes.get("c") is not None,
-            max_t=max_t,
-        )
-
     def check(self, message: FrameMessage) -> None:
         """Raise :class:`ProtocolError` when ``message`` does not fit this acquisition."""
         t, p, z = message.position
@@ -160,7 +142,8 @@ class Layout:
         raise ProtocolError(reason, detail, acquisition=header.acquisition, index=header.index.model_dump())
 
 
-_METADATA = (
+#: The physical metadata fields a further ``start`` must not change (:func:`redeclare`).
+METADATA = (
     "pixel_size_um",
     "time_interval_s",
     "z_step_um",
@@ -170,28 +153,19 @@ _METADATA = (
 )
 
 
-def declared_metadata(source: StartMessage | AcquisitionSpec | None) -> dict[str, Any]:
+def declared_metadata(start: StartMessage | None) -> dict[str, Any]:
     """Physical metadata a declaration fixes (pixel size, intervals, channel names and colours,
-    positions), from a ``start`` or from a stored spec, for comparing a later ``start`` with it."""
-    if source is None:  # an undeclared acquisition: none of them
-        return dict.fromkeys(_METADATA)
-    if not isinstance(source, StartMessage):  # an AcquisitionSpec
-        return {
-            "pixel_size_um": source.pixel_size_um,
-            "time_interval_s": source.time_interval_s,
-            "z_step_um": source.z_step_um,
-            "channels.names": source.channel_names,
-            "channels.colors": source.channel_colors,
-            "positions": source.positions or None,
-        }
-    channels = source.channels
+    positions), for comparing a later ``start`` with it (all None for an undeclared acquisition)."""
+    if start is None:
+        return dict.fromkeys(METADATA)
+    channels = start.channels
     return {
-        "pixel_size_um": source.pixel_size,
-        "time_interval_s": source.time_interval_s,
-        "z_step_um": source.z_step_um,
+        "pixel_size_um": start.pixel_size,
+        "time_interval_s": start.time_interval_s,
+        "z_step_um": start.z_step_um,
         "channels.names": tuple(channels.names) if channels is not None and channels.names else None,
         "channels.colors": tuple(channels.colors) if channels is not None and channels.colors else None,
-        "positions": source.positions or None,
+        "positions": start.positions or None,
     }
 
 

@@ -30,9 +30,9 @@ from acquisition.allocator import retain_frame_buffers
 from acquisition.errors import ListenerClosedError
 from acquisition.layout import DEFAULT_MAX_TIME_POINTS
 from acquisition.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
-from acquisition.sink import StoredAcquisition
 from acquisition.sockets import bind_socket
 from acquisition.source import EventQueue, Intake, SourceEvent, SourceStats
+from acquisition.spec import StoredAcquisition
 
 __all__ = ["FrameListener"]
 

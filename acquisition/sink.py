@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from acquisition.frames import FrameId
 from acquisition.sink_errors import InvalidFrameError
-from acquisition.spec import AcquisitionSpec, check_frame_index
+from acquisition.spec import AcquisitionSpec, StoredAcquisition, check_frame_index
 from cellsam_core.cells import CellTable
 
 __all__ = [
@@ -46,14 +46,6 @@ class FailedFrame:
     frame: FrameId
     reason: str
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class StoredAcquisition:
-    """What a sink holds of an acquisition before it is opened: its spec, and whether it was closed."""
-
-    spec: AcquisitionSpec
-    closed: bool
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from acquisition.errors import ListenerClosedError, ProtocolError
 from acquisition.frames import Frame
 from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout, declared_metadata, redeclare
 from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
-from acquisition.sink import StoredAcquisition
+from acquisition.spec import AcquisitionSpec, StoredAcquisition
 from acquisition.wire import FrameMessage, decode_message
 
 __all__ = [
@@ -234,9 +234,9 @@ class Intake:
                 start = StartMessage.model_validate(spec.declaration)
         known = _Known(
             start,
-            Layout.of_spec(spec, max_t=self.max_time_points),
+            _layout_of_spec(spec, max_t=self.max_time_points),
             ended=stored.closed,
-            reference=declared_metadata(spec),
+            reference=_metadata_of_spec(spec),
         )
         self._remember(acquisition, known)
         log.info("acquisition %s resumed from the label store (sizes %s)", acquisition, spec.sizes)
@@ -314,6 +314,33 @@ class Intake:
             with contextlib.suppress(ValueError):
                 index = Index.model_validate(exc.index)
         return Rejected(exc.reason, exc.detail, exc.acquisition, index)
+
+
+def _layout_of_spec(spec: AcquisitionSpec, *, max_t: int) -> Layout:
+    """The layout of an acquisition a label sink already holds (a service restarted on its store)."""
+    sizes = (spec.declaration or {}).get("sizes") or {}
+    return Layout(
+        t=spec.sizes.t,
+        p=spec.sizes.p,
+        z=spec.sizes.z,
+        c=spec.sizes.c,
+        shape=spec.frame_shape,
+        dtype=spec.image_dtype,
+        declared_channels=isinstance(sizes, dict) and sizes.get("c") is not None,
+        max_t=max_t,
+    )
+
+
+def _metadata_of_spec(spec: AcquisitionSpec) -> dict[str, Any]:
+    """`declared_metadata` of a stored acquisition, from its spec."""
+    return {
+        "pixel_size_um": spec.pixel_size_um,
+        "time_interval_s": spec.time_interval_s,
+        "z_step_um": spec.z_step_um,
+        "channels.names": spec.channel_names,
+        "channels.colors": spec.channel_colors,
+        "positions": spec.positions or None,
+    }
 
 
 class EventQueue:

@@ -7,6 +7,7 @@ one check that a frame index lies inside it.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "Codec",
     "Sizes",
     "StorageOptions",
+    "StoredAcquisition",
     "check_frame_index",
     "spec_differences",
     "spec_extends",
@@ -160,6 +162,15 @@ class AcquisitionSpec(_Frozen):
         frame (``z = 0``) holds the raw pixels of all ``sizes.z`` planes.
         """
         return 1 if self.z_policy.projects else self.sizes.z
+
+
+@dataclass(frozen=True)
+class StoredAcquisition:
+    """What a label sink holds of an acquisition before it is opened (``LabelSink.stored``): the spec in
+    force, and whether the acquisition was closed (it ended)."""
+
+    spec: AcquisitionSpec
+    closed: bool
 
 
 def check_frame_index(spec: AcquisitionSpec, frame_id: FrameId) -> tuple[int, int, int]:

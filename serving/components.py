@@ -11,7 +11,7 @@ from typing import Any
 from acquisition.listener import FrameListener
 from acquisition.publisher import ResultPublisher
 from acquisition.security import CurveServer
-from acquisition.sink import StoredAcquisition
+from acquisition.spec import StoredAcquisition
 from acquisition.zarr_sink import ZarrLabelSink
 from serving.config import ServiceConfig
 

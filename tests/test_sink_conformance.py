@@ -12,7 +12,7 @@ import pytest
 from acquisition.errors import InvalidAcquisitionIdError
 from acquisition.frames import FrameId
 from acquisition.memory_sink import MemoryLabelSink
-from acquisition.sink import FailedFrame, LabelSink, StoredAcquisition
+from acquisition.sink import FailedFrame, LabelSink
 from acquisition.sink_errors import (
     AcquisitionClosedError,
     AcquisitionNotOpenError,
@@ -22,7 +22,7 @@ from acquisition.sink_errors import (
     InvalidIdentifierError,
     SinkError,
 )
-from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions
+from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions, StoredAcquisition
 from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.cells import CellTable
 from cellsam_core.stacks import ZPolicy

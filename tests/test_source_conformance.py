@@ -22,7 +22,6 @@ from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
 from acquisition.listener import FrameListener
 from acquisition.protocol import EndMessage, Index, StartMessage
-from acquisition.sink import StoredAcquisition
 from acquisition.source import (
     Dropped,
     Ended,
@@ -34,7 +33,7 @@ from acquisition.source import (
     SourceStats,
     Started,
 )
-from acquisition.spec import AcquisitionSpec, Sizes
+from acquisition.spec import AcquisitionSpec, Sizes, StoredAcquisition
 from acquisition.wire import encode_control, encode_frame, frame_header
 from tests.acq_util import ANY_PORT, drain, frames_in, next_frames, run, until
 
