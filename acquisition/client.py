@@ -30,6 +30,7 @@ from acquisition.protocol import (
     Index,
     PositionInfo,
     StartMessage,
+    TrackResult,
 )
 from acquisition.security import ClientKeys
 from acquisition.wire import encode_control, encode_frame, frame_header
@@ -359,12 +360,13 @@ class FrameSender:
 class ResultMessage:
     """One message from the results socket.
 
-    ``payload`` is a :class:`FrameResult` (``type == "result"``) or :class:`AcquisitionSummary`.
+    ``payload`` is a :class:`FrameResult` (``type == "result"``), an :class:`AcquisitionSummary` or, for
+    a subscriber that asked for tracks, a :class:`TrackResult`.
     ``labels`` is the (H, W) label image when the subscriber asked for labels and one was attached.
     """
 
     topic: str
-    payload: FrameResult | AcquisitionSummary
+    payload: FrameResult | AcquisitionSummary | TrackResult
     labels: np.ndarray | None = None
 
     @property
@@ -373,11 +375,12 @@ class ResultMessage:
         return self.payload.acquisition
 
 
-def _topics(acquisitions: Iterable[str] | None, labels: bool) -> list[str]:
-    prefix = "l/" if labels else "r/"
+def _topics(acquisitions: Iterable[str] | None, labels: bool, tracks: bool = False) -> list[str]:
+    prefixes = ["l/" if labels else "r/"] + (["t/"] if tracks else [])
     if acquisitions is None:
-        return [prefix]
-    return [prefix + validate_acquisition_id(a) for a in acquisitions]
+        return prefixes
+    ids = [validate_acquisition_id(a) for a in acquisitions]
+    return [prefix + a for prefix in prefixes for a in ids]
 
 
 class ResultSubscriber:
@@ -391,6 +394,8 @@ class ResultSubscriber:
         Acquisition ids to receive; ``None`` receives all.
     labels : bool
         Also receive label images (subscribes to ``l/<id>`` instead of ``r/<id>``).
+    tracks : bool
+        Also receive each frame's :class:`TrackResult` (``t/<id>``), after its result.
     curve : ClientKeys, optional
         CURVE keys for a service that requires them (see :class:`FrameSender`).
     socket_options : callable, optional
@@ -408,13 +413,15 @@ class ResultSubscriber:
         endpoint: str = DEFAULT_RESULT_ENDPOINT,
         acquisitions: Iterable[str] | None = None,
         labels: bool = False,
+        tracks: bool = False,
         curve: ClientKeys | None = None,
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.labels = labels
-        self._topics = _topics(acquisitions, labels)
+        self.tracks = tracks
+        self._topics = _topics(acquisitions, labels, tracks)
         self._exact = acquisitions is not None
         ctx = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] = ctx.socket(zmq.SUB)
@@ -461,9 +468,11 @@ class ResultSubscriber:
         if self._exact and topic not in self._topics:
             return None  # prefix match of another id, e.g. r/exp4 vs r/exp42
         obj = json.loads(parts[1])
-        payload: FrameResult | AcquisitionSummary
+        payload: FrameResult | AcquisitionSummary | TrackResult
         if obj.get("type") == "summary":
             payload = AcquisitionSummary.model_validate(obj)
+        elif obj.get("type") == "tracks":
+            payload = TrackResult.model_validate(obj)
         else:
             payload = FrameResult.model_validate(obj)
         labels = None

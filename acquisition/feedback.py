@@ -257,6 +257,8 @@ class FeedbackLoop:
                 self.summary = payload
                 self._ended.set()
                 continue
+            if not isinstance(payload, FrameResult):  # tracks: this loop acts on results
+                continue
             try:
                 self.handle(payload)
             except Exception:  # a bug here must not silence the loop; rule errors are handled inside

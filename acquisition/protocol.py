@@ -45,6 +45,7 @@ __all__ = [
     "Reason",
     "ResultIndex",
     "StartMessage",
+    "TrackResult",
     "default_channels",
     "dump_json",
 ]
@@ -378,6 +379,31 @@ class AcquisitionSummary(BaseModel):
     )
     started_at: float | None = Field(default=None, description="First message, seconds since epoch.")
     ended_at: float | None = Field(default=None, description="End message, seconds since epoch.")
+
+
+class TrackResult(BaseModel):
+    """A frame's cells linked over time, published on ``t/<acquisition>`` once the frame is linked.
+
+    Linking goes in time order per position (and label plane), so it can wait for earlier frames: this
+    message follows the frame's :class:`FrameResult` instead of delaying it. Row ``i`` of ``labels``,
+    ``track_ids`` and ``parent_track_ids`` is one cell (``labels[i]`` its value in the frame's label
+    image, the ``label`` column of its result); a track id is the cell's value in the tracked label image
+    (``labels/tracks`` in the store), the same across time; ``parent_track_ids`` is 0 for a cell whose
+    track has no parent. ``events`` are what happened at this frame: ``appeared``, ``divided`` (parent
+    ``track_id`` -> ``daughters``), ``lost``, ``merged`` (``into``), ``recovered`` (after ``gap`` frames),
+    ``disappeared``.
+    """
+
+    model_config = _WIRE
+    type: Literal["tracks"] = Field(default="tracks", description="Message type.")
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    acquisition: AcquisitionId
+    index: Index | ResultIndex = Field(description="The frame (set) linked.")
+    labels: list[int] = Field(default_factory=list, description="Cell label values, one per cell.")
+    track_ids: list[int] = Field(default_factory=list, description="Track id of each cell.")
+    parent_track_ids: list[int] = Field(default_factory=list, description="Parent track of each cell, or 0.")
+    events: list[dict[str, Any]] = Field(default_factory=list, description="Tracking events at this frame.")
+    timestamp: float | None = Field(default=None, description="Publication time, seconds since epoch.")
 
 
 class Hello(BaseModel):

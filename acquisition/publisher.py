@@ -24,6 +24,7 @@ from acquisition.protocol import (
     FrameResult,
     Hello,
     LabelsInfo,
+    TrackResult,
     dump_json,
 )
 from acquisition.results import check_labels
@@ -33,7 +34,7 @@ __all__ = ["ResultPublisher"]
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[FrameResult | AcquisitionSummary, bytes, np.ndarray | None]
+_Item = tuple[FrameResult | AcquisitionSummary | TrackResult, bytes, np.ndarray | None]
 
 
 class ResultPublisher:
@@ -144,6 +145,12 @@ class ResultPublisher:
         """Publish an end-of-acquisition summary."""
         self._queue.put((summary, dump_json(summary), None))
 
+    def publish_tracks(self, tracks: TrackResult) -> None:
+        """Publish a frame's tracks on ``t/<acquisition>``."""
+        if tracks.timestamp is None:
+            tracks = tracks.model_copy(update={"timestamp": time.time()})
+        self._queue.put((tracks, dump_json(tracks), None))
+
     # -- the thread that owns the socket ---------------------------------------------------------
 
     def _run(self) -> None:
@@ -202,6 +209,10 @@ class ResultPublisher:
     def _send(self, sock: zmq.Socket[Any], item: _Item) -> None:
         model, plain, labels = item
         topic = model.acquisition.encode()
+        if isinstance(model, TrackResult):
+            sock.send_multipart([b"t/" + topic, plain])
+            self.published += 1
+            return
         sock.send_multipart([b"r/" + topic, plain])
         if self.wants_labels(model.acquisition):
             if labels is not None and isinstance(model, FrameResult):

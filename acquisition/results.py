@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from acquisition.outcome import FrameOutcome
-from acquisition.protocol import AcquisitionSummary, FrameResult
+from acquisition.protocol import AcquisitionSummary, FrameResult, TrackResult
 
 __all__ = ["MemoryResultSink", "ResultSink", "check_labels"]
 
@@ -38,6 +38,8 @@ class ResultSink(Protocol):
       published (labels not an (H, W) integer image, an invalid result) raises ``ValueError`` in the
       caller and publishes nothing.
     - :meth:`publish_summary` sends the summary after every result of the acquisition published before.
+    - :meth:`publish_tracks` sends a frame's tracks, in order with the acquisition's other messages, to
+      readers that asked for tracks (``t/<acquisition>``).
     - Results of one acquisition are delivered in the order they were published.
     - Safe to call from any thread once :meth:`start` returned; :meth:`close` delivers what was published
       before it.
@@ -64,12 +66,16 @@ class ResultSink(Protocol):
         """Publish an end-of-acquisition summary."""
         ...
 
+    def publish_tracks(self, tracks: TrackResult) -> None:
+        """Publish a frame's tracks (stamped with the publication time), after its result."""
+        ...
+
 
 class MemoryResultSink:
     """Keeps every published result, label image and summary in lists (thread-safe).
 
     ``results`` and ``labels`` are parallel (the label image of each result, None when it has none);
-    ``messages`` holds results and summaries together, in publication order.
+    ``messages`` holds results, tracks and summaries together, in publication order.
     """
 
     def __init__(self) -> None:
@@ -77,7 +83,8 @@ class MemoryResultSink:
         self.results: list[FrameResult] = []
         self.labels: list[np.ndarray | None] = []
         self.summaries: list[AcquisitionSummary] = []
-        self.messages: list[FrameResult | AcquisitionSummary] = []
+        self.tracks: list[TrackResult] = []
+        self.messages: list[FrameResult | AcquisitionSummary | TrackResult] = []
         self.started = False
         self.closed = False
 
@@ -103,6 +110,12 @@ class MemoryResultSink:
         with self._lock:
             self.summaries.append(summary)
             self.messages.append(summary)
+
+    def publish_tracks(self, tracks: TrackResult) -> None:
+        tracks = tracks.model_copy(update={"timestamp": time.time()})
+        with self._lock:
+            self.tracks.append(tracks)
+            self.messages.append(tracks)
 
     def for_acquisition(self, acquisition: str) -> list[FrameResult]:
         """Results of one acquisition, in publication order."""

@@ -21,7 +21,7 @@ from skimage.draw import disk
 
 from acquisition.client import ResultSubscriber
 from acquisition.outcome import FrameOutcome
-from acquisition.protocol import AcquisitionSummary, FrameResult, Index
+from acquisition.protocol import AcquisitionSummary, FrameResult, Index, TrackResult
 from acquisition.publisher import ResultPublisher
 from acquisition.results import MemoryResultSink, ResultSink
 from cellsam_core.cells import CELL_COLUMNS, CellTable
@@ -60,7 +60,7 @@ def ok(acq: str, t: int, *, seed: int = 0, **kwargs: Any) -> FrameOutcome:
 class Delivered:
     """One message as a reader got it."""
 
-    payload: FrameResult | AcquisitionSummary
+    payload: FrameResult | AcquisitionSummary | TrackResult
     labels: np.ndarray | None
 
 
@@ -77,8 +77,11 @@ class ResultSinkConformance:
         """The sink under test, not started; every implementation's test class overrides this."""
         raise NotImplementedError
 
-    def reader(self, sink: ResultSink, *, labels: bool = False) -> contextlib.AbstractContextManager[Reader]:
-        """A reader of everything ``sink`` publishes from now on (with label images if ``labels``)."""
+    def reader(
+        self, sink: ResultSink, *, labels: bool = False, tracks: bool = False
+    ) -> contextlib.AbstractContextManager[Reader]:
+        """A reader of everything ``sink`` publishes from now on (with label images if ``labels``, with
+        tracks if ``tracks``)."""
         raise NotImplementedError
 
     @pytest.fixture
@@ -167,6 +170,32 @@ class ResultSinkConformance:
         ours = [p for p in got if p.acquisition == "sum"]
         assert [p.type for p in ours] == ["result", "result", "result", "summary"]
         assert ours[-1] == summary
+
+    @pytest.mark.parametrize("wants_tracks", [True, False])
+    def test_tracks_follow_their_result_for_readers_that_ask(
+        self, sink: ResultSink, wants_tracks: bool
+    ) -> None:
+        tracks = TrackResult(
+            acquisition="trk",
+            index=Index(t=0),
+            labels=[1, 2],
+            track_ids=[7, 9],
+            parent_track_ids=[0, 3],
+            events=[{"kind": "divided", "t": 0, "track_id": 3, "daughters": [7, 9]}],
+        )
+        summary = AcquisitionSummary(acquisition="trk", frames_received=1, frames_ok=1)
+        with self.reader(sink, tracks=wants_tracks) as reader:
+            sink.publish(ok("trk", 0))
+            sink.publish_tracks(tracks)
+            sink.publish_summary(summary)
+            got = [d.payload for d in reader.read(3 if wants_tracks else 2)]
+        assert [p.type for p in got] == (
+            ["result", "tracks", "summary"] if wants_tracks else ["result", "summary"]
+        )
+        if wants_tracks:
+            delivered = got[1]
+            assert isinstance(delivered, TrackResult) and delivered.timestamp is not None
+            assert delivered.model_copy(update={"timestamp": None}) == tracks
 
     def test_order_per_acquisition_is_kept(self, sink: ResultSink) -> None:
         acquisitions = ("a", "b", "c")
@@ -259,32 +288,38 @@ class TestResultPublisher(ResultSinkConformance):
         return ResultPublisher(endpoint=ANY_PORT, heartbeat_interval=0.02)
 
     @contextlib.contextmanager
-    def reader(self, sink: ResultSink, *, labels: bool = False) -> Iterator[Reader]:
-        with ResultSubscriber(endpoint=sink.endpoint, labels=labels) as subscriber:
+    def reader(self, sink: ResultSink, *, labels: bool = False, tracks: bool = False) -> Iterator[Reader]:
+        with ResultSubscriber(endpoint=sink.endpoint, labels=labels, tracks=tracks) as subscriber:
             subscriber.wait_ready(timeout=10)
             yield SubscriberReader(subscriber)
 
 
 class ListReader:
-    def __init__(self, sink: MemoryResultSink, labels: bool) -> None:
+    def __init__(self, sink: MemoryResultSink, labels: bool, tracks: bool) -> None:
         self._sink = sink
         self._labels = labels
+        self._tracks = tracks
         self._next = len(sink.messages)
+
+    def _visible(self) -> list[FrameResult | AcquisitionSummary | TrackResult]:
+        messages = self._sink.messages[self._next :]
+        return [m for m in messages if self._tracks or not isinstance(m, TrackResult)]
 
     def read(self, n: int) -> list[Delivered]:
         deadline = time.monotonic() + 10
-        while len(self._sink.messages) < self._next + n:
+        while len(self._visible()) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} messages not published within 10 s")
             time.sleep(0.005)
+        visible = self._visible()[:n]
+        self._next = self._sink.messages.index(visible[-1], self._next) + 1 if visible else self._next
         out = []
-        for message in self._sink.messages[self._next : self._next + n]:
+        for message in visible:
             labels = None
             if self._labels and isinstance(message, FrameResult):
                 i = next(i for i, r in enumerate(self._sink.results) if r is message)
                 labels = self._sink.labels[i]
             out.append(Delivered(message, labels))
-        self._next += n
         return out
 
 
@@ -293,9 +328,9 @@ class TestMemoryResultSink(ResultSinkConformance):
         return MemoryResultSink()
 
     @contextlib.contextmanager
-    def reader(self, sink: ResultSink, *, labels: bool = False) -> Iterator[Reader]:
+    def reader(self, sink: ResultSink, *, labels: bool = False, tracks: bool = False) -> Iterator[Reader]:
         assert isinstance(sink, MemoryResultSink)
-        yield ListReader(sink, labels)
+        yield ListReader(sink, labels, tracks)
 
     def test_lists_and_lookup(self) -> None:
         sink = MemoryResultSink()
