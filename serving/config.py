@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from acquisition.layout import DEFAULT_MAX_TIME_POINTS
 from cellsam_core.stacks import ZPolicy
+from cellsam_core.tracking_config import TrackerConfig
 from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
 
 __all__ = [
@@ -252,6 +253,26 @@ class RetrySettings(BaseModel):
     backoff_s: float = Field(0.5, ge=0, description="Pause before a retry, doubled each attempt.")
 
 
+class TrackingSettings(BaseModel):
+    """Live tracking: each position's cells linked from frame to frame as frames are segmented."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(True, description="Link cells over time and store and publish their tracks.")
+    linker: TrackerConfig = Field(
+        default_factory=TrackerConfig, description="How cells are linked (see docs/tracking.md)."
+    )
+    max_held_frames: int = Field(
+        4,
+        ge=0,
+        description="Segmented frames held waiting for an earlier frame that has not arrived; beyond this "
+        "the missing time point is skipped (tracks may be gap-closed across it).",
+    )
+    lineage_every: int = Field(
+        20, ge=1, description="Rewrite a position's lineage graph (GEFF) every this many linked frames."
+    )
+
+
 class ShutdownSettings(BaseModel):
     """How the service stops (SIGINT/SIGTERM, ``serve.delete``, a pod's termination)."""
 
@@ -373,6 +394,7 @@ class ServiceConfig(BaseModel):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     decoder: DecoderSettings = Field(default_factory=DecoderSettings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 

@@ -19,7 +19,7 @@ import numpy as np
 from acquisition.protocol import AcquisitionSummary, FrameResult
 from serving.config import ServiceConfig
 
-__all__ = ["DemoOptions", "DemoReport", "choose_model", "run_demo", "write_montage"]
+__all__ = ["DemoOptions", "DemoReport", "choose_model", "run_demo", "write_montage", "write_track_plots"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class DemoReport:
     summary: AcquisitionSummary | None = None
     store: Path | None = None
     montage: Path | None = None
+    plots: Path | None = None
     metrics_url: str = ""
     model_line: str = ""
     seconds: float = 0.0
@@ -122,7 +123,6 @@ def write_montage(store: Path, path: Path, *, times: int = 4, positions: int = 2
     import imageio.v3 as iio
     import zarr
     from PIL import Image, ImageDraw
-    from skimage.color import label2rgb
 
     from acquisition.frames import FrameId
     from acquisition.spec import AcquisitionSpec
@@ -145,8 +145,10 @@ def write_montage(store: Path, path: Path, *, times: int = 4, positions: int = 2
             frame_id = FrameId(spec.acquisition, p, t, 0)
             raw = sink.read_image(frame_id)
             rgb_raw = _composite(np.zeros((1, *spec.frame_shape)) if raw is None else raw)
-            labels = sink.read_labels(frame_id)
-            overlay = label2rgb(labels, image=rgb_raw.mean(axis=2), alpha=0.35, bg_label=0)
+            # Tracked frames are coloured by track id, so a cell keeps its colour from row to row.
+            tracked = sink.is_tracked(frame_id)
+            labels = sink.read_tracks(frame_id) if tracked else sink.read_labels(frame_id)
+            overlay = _overlay(labels, rgb_raw.mean(axis=2))
             gap = np.ones((rgb_raw.shape[0], 4, 3))
             row = (np.concatenate([rgb_raw, gap, overlay], axis=1) * 255).astype(np.uint8)
             canvas = Image.fromarray(row)
@@ -158,6 +160,70 @@ def write_montage(store: Path, path: Path, *, times: int = 4, positions: int = 2
     image = np.concatenate([r for row in rows for r in (row, spacer)][:-1], axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, image)
+    return path
+
+
+def _overlay(labels: np.ndarray, gray: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """(H, W, 3) float: ``gray`` with each label value in a fixed colour of its own (the same value, the
+    same colour, in every frame)."""
+    rng = np.random.default_rng(7)
+    palette = rng.uniform(0.25, 1.0, size=(4096, 3))
+    palette[0] = 0
+    colors = palette[np.asarray(labels, dtype=np.int64) % len(palette)]
+    base = np.repeat(gray[..., None], 3, axis=2)
+    mask = (labels > 0)[..., None]
+    return np.where(mask, (1 - alpha) * base + alpha * colors, base)
+
+
+def write_track_plots(store: Path, path: Path, *, position: int = 0) -> Path:
+    """PNG next to the montage: cells per frame (every position), and one reporter's mean intensity per
+    track over time (the first channel, tracks seen in at least a third of the frames of ``position``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    from acquisition.frames import FrameId
+    from acquisition.spec import AcquisitionSpec
+    from acquisition.zarr_sink import ZarrLabelSink
+    from cellsam_core.tracking_state import TRACK_COLUMN
+
+    attrs: Any = zarr.open_group(store, mode="r").attrs
+    spec = AcquisitionSpec.model_validate(attrs["cellsam"]["spec"])
+    sink = ZarrLabelSink(store.parent)
+    sink.open_acquisition(spec)
+    done = sorted(sink.progress(spec.acquisition).done, key=lambda f: (f.p, f.t))
+    reporter = f"intensity_mean_{spec.channels[0]}"
+    fig, (counts_ax, tracks_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in range(spec.sizes.p):
+        frames = [f for f in done if f.p == p and f.z == 0]
+        counts_ax.plot(
+            [f.t for f in frames], [len(sink.read_cells(f)) for f in frames], marker="o", label=f"p={p}"
+        )
+    per_track: dict[int, list[tuple[int, float]]] = {}
+    frames = [f for f in done if f.p == position and f.z == 0 and sink.is_tracked(f)]
+    for f in frames:
+        cells = sink.read_cells(FrameId(f.acquisition, f.p, f.t, f.z))
+        ids, values = cells.measurements.get(TRACK_COLUMN), cells.measurements.get(reporter)
+        if ids is None or values is None:
+            continue
+        for tid, value in zip(ids, values, strict=True):
+            per_track.setdefault(int(tid), []).append((f.t, float(value)))
+    long = {tid: pts for tid, pts in per_track.items() if len(pts) >= max(2, len(frames) // 3)}
+    for _, pts in sorted(long.items()):
+        tracks_ax.plot([t for t, _ in pts], [v for _, v in pts], linewidth=1)
+    counts_ax.set(xlabel="time point", ylabel="cells", title="cells per frame")
+    counts_ax.legend()
+    tracks_ax.set(
+        xlabel="time point",
+        ylabel=f"mean {spec.channels[0]} intensity",
+        title=f"{len(long)} tracks of position {position}",
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -204,7 +270,7 @@ class _Progress:
             if isinstance(message.payload, AcquisitionSummary):
                 self.summary = message.payload
                 self._done.set()
-            else:
+            elif isinstance(message.payload, FrameResult):
                 self.results.append(message.payload)
 
     def line(self) -> str:
@@ -253,6 +319,7 @@ def _source(options: DemoOptions) -> Any:
         seed=options.seed,
         n_cells=30,
         modality="multiplexed",
+        tracked=True,  # cells move, grow, divide, enter and leave: what live tracking is for
     )
 
 
@@ -321,6 +388,7 @@ def run_demo(options: DemoOptions, *, out: TextIO = sys.stdout, timeout: float =
         report.seconds = time.monotonic() - began
         if report.ok:
             report.montage = write_montage(report.store, output / f"{options.acquisition}-montage.png")
+            report.plots = write_track_plots(report.store, output / f"{options.acquisition}-tracks.png")
         if options.view:
             _open_napari(report.store, out)
         if options.keep_serving:
@@ -358,7 +426,9 @@ def format_report(report: DemoReport) -> str:
         "or ome_zarr / zarr in Python",
     ]
     if report.montage:
-        lines.append(f"montage (raw | labels): {report.montage}")
+        lines.append(f"montage (raw | labels coloured by track): {report.montage}")
+    if report.plots:
+        lines.append(f"plots (cells per frame, reporter intensity per track): {report.plots}")
     lines.append(f"metrics were served at {report.metrics_url}")
     lines.append("per-stage latency, ms (p50 / p99):")
     for stage in STAGES:

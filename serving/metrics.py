@@ -28,7 +28,7 @@ from prometheus_client import (
 __all__ = ["AUTH_ENDPOINTS", "LATENCY_BUCKETS", "METRIC_NAMES", "STAGES", "ServiceMetrics"]
 
 #: Pipeline stages with a latency histogram (``cellsam_stage_seconds{stage=...}``).
-STAGES = ("ingest", "queue", "encode", "dispatch", "decode", "measure", "write")
+STAGES = ("ingest", "queue", "encode", "dispatch", "decode", "measure", "write", "link")
 
 #: From 1 ms (GPU decode of a small frame) to 2 min (ViT-B on a CPU).
 LATENCY_BUCKETS = (
@@ -58,6 +58,8 @@ METRIC_NAMES = (
     "cellsam_frames_in_flight",
     "cellsam_queue_depth",
     "cellsam_acquisitions_active",
+    "cellsam_track_events_total",
+    "cellsam_tracking_errors_total",
     "cellsam_model",
     "cellsam_auth_failures_total",
 )
@@ -141,6 +143,17 @@ class ServiceMetrics:
         )
         self.acquisitions_active = Gauge(
             "cellsam_acquisitions_active", "Acquisitions started and not yet ended.", registry=r
+        )
+        self.track_events = Counter(
+            "cellsam_track_events",
+            "Tracking events by kind (appeared, divided, lost, merged, recovered, disappeared).",
+            ["kind"],
+            registry=r,
+        )
+        self.tracking_errors = Counter(
+            "cellsam_tracking_errors",
+            "Frames whose linking or tracked write failed (their labels are stored; their tracks are not).",
+            registry=r,
         )
         self.model = Info("cellsam_model", "The model the service runs.", registry=r)
         self.auth_failures = Counter(

@@ -43,6 +43,7 @@ from serving.config import ServiceConfig
 from serving.ledger import AcquisitionLedger, Ledger
 from serving.metrics import ServiceMetrics
 from serving.segmenter import DecodedFrame, RetryableError, Segmenter
+from serving.tracking import LiveTracking
 
 __all__ = ["DrainReport", "StreamPipeline"]
 
@@ -124,6 +125,11 @@ class StreamPipeline:
         self._stopping = False  # the drain deadline passed: whatever has not ended fails as `shutdown`
         self._unfinished = 0
         self._drained: DrainReport | None = None
+        self.tracking = (
+            LiveTracking(labels=labels, results=results, settings=config.tracking, metrics=self.metrics)
+            if config.tracking.enabled
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -172,6 +178,8 @@ class StreamPipeline:
             self._fail_incomplete(frame_set, "the service stopped", reason="shutdown")
         while self._finishers:
             await asyncio.gather(*list(self._finishers), return_exceptions=True)
+        if self.tracking is not None:
+            await self.tracking.close()
         self.results.close()
         self._drained = DrainReport(self._unfinished, time.monotonic() - began, deadline_s)
         log.info("pipeline stopped: %s", self._drained.as_dict())
@@ -323,6 +331,8 @@ class StreamPipeline:
 
     async def _finish(self, entry: AcquisitionLedger) -> None:
         summary = entry.summary()
+        if self.tracking is not None:
+            await self.tracking.finish(entry.acquisition)
         if entry.acquisition in self._specs:
             try:
                 state = await asyncio.to_thread(self.labels.progress, entry.acquisition)
@@ -532,6 +542,12 @@ class StreamPipeline:
         self._active.discard(id(frame_set))
         if cancelled:
             raise asyncio.CancelledError
+        if self.tracking is not None:
+            try:
+                await self.tracking.stored(frame_set.frame_id, seg.labels, cells, stack=frame_set.stack)
+            except Exception:
+                self.metrics.tracking_errors.inc()
+                log.exception("tracking %s failed; its labels are stored", frame_set.frame_id)
 
     def _publish_ok(
         self, frame_set: FrameSet, labels: np.ndarray, cells: CellTable, latency: dict[str, float]
@@ -564,6 +580,8 @@ class StreamPipeline:
             self._unfinished += len(frame_set.frames)
         if frame_set.frame_id.acquisition in self._specs:
             self._in_background(self._record_failure(frame_set, reason, detail))
+        if self.tracking is not None:
+            self._in_background(self.tracking.failed(frame_set.frame_id))
         n = len(frame_set.frames)
         self.metrics.failed.labels(reason=reason).inc(n)
         entry.failed += n
