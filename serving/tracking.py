@@ -112,9 +112,12 @@ class LiveTracking:
                 await self._write_lineage(key, position)
 
     async def close(self) -> None:
-        """Finish every acquisition's tracking (the service stops)."""
-        for acquisition in sorted({k[0] for k in self._positions}):
-            await self.finish(acquisition)
+        """The service stops: write every position's lineage. Frames held for an earlier one stay
+        untracked in the store (their state is stored with the last tracked frame); a restarted service
+        offers them again when it resumes the position."""
+        for key, position in list(self._positions.items()):
+            async with position.lock:
+                await self._write_lineage(key, position)
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -129,30 +132,54 @@ class LiveTracking:
             return position
         lock = self._opening.setdefault(key, asyncio.Lock())
         async with lock:
-            position = self._positions.get(key)
-            if position is None:
-                position = await asyncio.to_thread(self._resume, key, stack)
-                self._positions[key] = position
-        return position
+            existing = self._positions.get(key)
+            if existing is not None:
+                return existing
+            opened, linked = await asyncio.to_thread(self._resume, key, stack, frame_id.t)
+            self._positions[key] = opened
+            async with opened.lock:
+                await self._emit(frame_id, opened, linked)
+        return opened
 
-    def _resume(self, key: _Key, stack: bool) -> _Position:
-        """A position's tracker: resumed from the state stored with its last tracked frame, if any."""
+    def _resume(self, key: _Key, stack: bool, offering: int) -> tuple[_Position, list[TrackedFrame]]:
+        """A position's tracker, resumed from the state stored with its last tracked frame (if any), and
+        the frames it links when offered the stored frames that are not tracked yet (held by a run of the
+        service that stopped or died before it could link them), except time point ``offering`` (the
+        caller offers that one)."""
         acquisition, p, z = key
         config = self.settings.linker
         state = self.labels.tracker_state(acquisition, p, z)
         if state is None:
-            return _Position(OnlineTracker(config), LineageBuilder(), stack)
-        tracker = OnlineTracker.resume(config, dict(state))
-        graph = self.labels.read_lineage(acquisition, p, z)
-        log.info(
-            "tracking %s p=%d z=%d resumed from its store at t=%d (next track id %d)",
-            acquisition,
-            p,
-            z,
-            tracker.next_t,
-            tracker.next_track_id,
+            tracker = OnlineTracker(config)
+            position = _Position(tracker, LineageBuilder(), stack)
+        else:
+            tracker = OnlineTracker.resume(config, dict(state))
+            position = _Position(tracker, LineageBuilder(self.labels.read_lineage(acquisition, p, z)), stack)
+        waiting = sorted(
+            f
+            for f in self.labels.progress(acquisition).done
+            if f.p == p
+            and f.z == z
+            and f.t >= tracker.next_t
+            and f.t != offering
+            and not self.labels.is_tracked(f)
         )
-        return _Position(tracker, LineageBuilder(graph), stack)
+        linked: list[TrackedFrame] = []
+        for stored in waiting:
+            cells = self.labels.read_cells(stored)
+            linked += tracker.offer(stored.t, self.labels.read_labels(stored), cells)
+        if state is not None or waiting:
+            log.info(
+                "tracking %s p=%d z=%d resumed from its store at t=%d (next track id %d; %d stored frames "
+                "offered again)",
+                acquisition,
+                p,
+                z,
+                tracker.next_t,
+                tracker.next_track_id,
+                len(waiting),
+            )
+        return position, linked
 
     def _skip_overdue(self, position: _Position) -> list[TrackedFrame]:
         """Skip the awaited time point while more frames than allowed wait behind it."""

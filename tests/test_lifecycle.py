@@ -27,7 +27,7 @@ from tests.test_pipeline import FakeSegmenter, _config, _frame_parts, _frames, r
 class Service:
     """One run of the service over in-process seams and a given label sink (the store survives it)."""
 
-    def __init__(self, labels: LabelSink, segmenter: FakeSegmenter | None = None, **ingest: Any) -> None:
+    def __init__(self, labels: LabelSink, segmenter: Any = None, **ingest: Any) -> None:
         self.config = _config(**ingest)
         self.labels = labels
         self.source = MemoryFrameSource(max_queued=self.config.ingest.max_queued, stored=labels.stored)
