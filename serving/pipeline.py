@@ -580,7 +580,9 @@ class StreamPipeline:
             self._unfinished += len(frame_set.frames)
         if frame_set.frame_id.acquisition in self._specs:
             self._in_background(self._record_failure(frame_set, reason, detail))
-        if self.tracking is not None:
+        if self.tracking is not None and reason != "shutdown":
+            # A frame that failed for good is linked across; one the service did not finish because it
+            # stopped is sent again after the restart, and its position's later frames wait for it.
             self._in_background(self.tracking.failed(frame_set.frame_id))
         n = len(frame_set.frames)
         self.metrics.failed.labels(reason=reason).inc(n)
