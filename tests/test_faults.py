@@ -5,7 +5,9 @@
 * a restart on the same output resumes the acquisition without a new ``start``: the frames that were not
   stored are sent again, and the acquisition completes with the whole of it in the summary;
 * SIGKILL of the whole service (every process) mid-acquisition: the store stays readable, its done map
-  consistent with its labels, and a restart completes the acquisition.
+  consistent with its labels, and a restart completes the acquisition;
+* tracking survives both: the movie's track ids after the restarts equal one uninterrupted offline run of
+  the same linker over the stored labels (no renumbering).
 
 Replica kills (Encoder and Decoder SIGKILLed mid-stream) are in ``tests/test_serving.py``.
 """
@@ -23,8 +25,9 @@ import pytest
 from acquisition.client import FrameSender, ResultSubscriber
 from acquisition.frames import FrameId
 from acquisition.protocol import AcquisitionSummary, FrameResult
+from acquisition.sim_tracks import TrackedMovie
 from acquisition.zarr_sink import ZarrLabelSink
-from cellsam_core.synthetic import synthetic_frame
+from cellsam_core.tracking import track_sequence
 from tests.serve_util import ServeProcess, collect_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -34,16 +37,27 @@ N_FRAMES = 40
 
 
 def _frames(n: int) -> list[np.ndarray]:
-    return [synthetic_frame(SHAPE, seed=t, n_cells=4)[0] for t in range(n)]
+    """A live-cell movie (cells move, grow, divide): what the service tracks."""
+    movie = TrackedMovie(SHAPE, n, seed=2, n_cells=8)
+    return [movie[t][0] for t in range(n)]
 
 
 def _serve(output: Path, tmp: Path, *extra: str) -> ServeProcess:
     config = tmp / "config.yaml"
     # Room for the whole backlog in the service: what the client sends is accepted, not left in ZeroMQ.
     config.write_text("ingest:\n  max_queued: 64\n  max_concurrent: 2\n")
-    return ServeProcess.start(
-        "--random-weights", "--model", "tiny", "--output", str(output), "--config", str(config), *extra
-    )
+    # The bundled model: real cells to track (fast enough at this size on a CPU).
+    return ServeProcess.start("--output", str(output), "--config", str(config), *extra)
+
+
+def _assert_tracked_as_one_run(labels: ZarrLabelSink, acquisition: str) -> None:
+    """Every frame is tracked, and the track ids equal one uninterrupted offline run of the same linker
+    over the stored labels: nothing renumbered across the restarts."""
+    frames = [FrameId(acquisition, 0, t, 0) for t in range(N_FRAMES)]
+    assert all(labels.is_tracked(f) for f in frames)
+    offline = track_sequence([labels.read_labels(f) for f in frames])
+    for f, expected in zip(frames, offline, strict=True):
+        np.testing.assert_array_equal(labels.read_tracks(f), expected.track_labels, err_msg=f"t={f.t}")
 
 
 @pytest.fixture
@@ -151,6 +165,7 @@ def test_sigterm_with_a_backlog_loses_nothing_and_a_restart_resumes(
     labels.open_acquisition(stored.spec)
     state = labels.progress("bk")
     assert len(state.done) == N_FRAMES and state.failed == ()
+    _assert_tracked_as_one_run(labels, "bk")
 
 
 def test_sigkill_of_the_whole_service_then_a_restart_completes_the_acquisition(
@@ -186,3 +201,8 @@ def test_sigkill_of_the_whole_service_then_a_restart_completes_the_acquisition(
     assert summary.frames_received == N_FRAMES - len(done) and summary.frames_failed == 0
     code, printed = second.stop(signal.SIGTERM)
     assert code == 0, printed
+    labels = ZarrLabelSink(output)
+    stored = labels.stored("kl")
+    assert stored is not None
+    labels.open_acquisition(stored.spec)
+    _assert_tracked_as_one_run(labels, "kl")
