@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,8 @@ class _Position:
     tracker: OnlineTracker
     lineage: LineageBuilder
     stack: bool  # a projection z policy: results are indexed per (t, p)
+    #: The tracker's state as of the last frame stored with the state after it (JSON).
+    committed: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     unwritten: int = 0  # linked frames since the lineage was last written
 
@@ -143,8 +146,8 @@ class LiveTracking:
 
     def _resume(self, key: _Key, stack: bool, offering: int) -> tuple[_Position, list[TrackedFrame]]:
         """A position's tracker, resumed from the state stored with its last tracked frame (if any), and
-        the frames it links when offered the stored frames that are not tracked yet (held by a run of the
-        service that stopped or died before it could link them), except time point ``offering`` (the
+        the frames it links when offered again the stored frames from the state's next time point on (held,
+        or linked but not all stored, by a run of the service that stopped or died), except time point ``offering`` (the
         caller offers that one)."""
         acquisition, p, z = key
         config = self.settings.linker
@@ -158,12 +161,9 @@ class LiveTracking:
         waiting = sorted(
             f
             for f in self.labels.progress(acquisition).done
-            if f.p == p
-            and f.z == z
-            and f.t >= tracker.next_t
-            and f.t != offering
-            and not self.labels.is_tracked(f)
+            if f.p == p and f.z == z and f.t >= tracker.next_t and f.t != offering
         )
+        position.committed = tracker.state().model_dump(mode="json")
         linked: list[TrackedFrame] = []
         for stored in waiting:
             cells = self.labels.read_cells(stored)
@@ -196,9 +196,14 @@ class LiveTracking:
             return
         key = self._key(frame_id)
         acquisition, p, z = key
-        state = position.tracker.state().model_dump(mode="json")
-        for frame in linked:
+        # Each frame but the last is stored with the state from before this batch (which still has to
+        # link it) and the last with the state after it: whatever point a crash stops this loop at, the
+        # state of the latest stored frame never claims a frame that is not stored, and a resumed tracker
+        # links again from there (the same links, as linking is deterministic).
+        after = position.tracker.state().model_dump(mode="json")
+        for i, frame in enumerate(linked):
             tracked_id = FrameId(acquisition, p, frame.t, z)
+            state = after if i == len(linked) - 1 else position.committed
             try:
                 await asyncio.to_thread(
                     self.labels.write_tracks, tracked_id, frame.track_labels, frame.cells, state
@@ -224,6 +229,7 @@ class LiveTracking:
                 )
             )
             position.unwritten += 1
+        position.committed = after
         if position.unwritten >= self.settings.lineage_every:
             await self._write_lineage(key, position)
 
