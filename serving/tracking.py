@@ -145,10 +145,10 @@ class LiveTracking:
         return opened
 
     def _resume(self, key: _Key, stack: bool, offering: int) -> tuple[_Position, list[TrackedFrame]]:
-        """A position's tracker, resumed from the state stored with its last tracked frame (if any), and
-        the frames it links when offered again the stored frames from the state's next time point on (held,
-        or linked but not all stored, by a run of the service that stopped or died), except time point ``offering`` (the
-        caller offers that one)."""
+        """A position's tracker, resumed from the state stored with its latest tracked frame (if any),
+        and the frames it links when the stored frames from that state's next time point on are offered
+        again (held, or linked but not all stored, by a run that stopped or died), except time point
+        ``offering`` (the caller offers that one)."""
         acquisition, p, z = key
         config = self.settings.linker
         state = self.labels.tracker_state(acquisition, p, z)
