@@ -23,7 +23,8 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from acquisition.errors import ListenerClosedError, ProtocolError
 from acquisition.frames import Frame
-from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout
+from acquisition.layout import Layout
+from acquisition.limits import Limits
 from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
 from acquisition.wire import FrameMessage, decode_message
 
@@ -32,6 +33,7 @@ __all__ = [
     "Ended",
     "EventQueue",
     "FrameSource",
+    "IdleTimer",
     "Intake",
     "MemoryFrameSource",
     "Rejected",
@@ -56,9 +58,16 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """An ``end`` message. Every frame of the acquisition the source accepted came before it."""
+    """An ``end`` message, or an acquisition closed for idleness (``idle``; ``message`` then carries
+    only the id). Every frame of the acquisition the source accepted came before it.
+
+    After an idle close the acquisition is not ended for the sender: its next frame re-opens it (a
+    :class:`~acquisition.frames.Frame` with the same declaration and layout), while after an ``end``
+    its frames are rejected until a new ``start``.
+    """
 
     message: EndMessage
+    idle: bool = False
 
     @property
     def acquisition(self) -> str:
@@ -97,7 +106,8 @@ SourceEvent = Frame | Started | Ended | Rejected | Dropped
 class SourceStats:
     """Counters of one source over all acquisitions (per-acquisition books belong to the consumer).
 
-    ``rejected`` and ``dropped`` count by reason code.
+    ``rejected`` and ``dropped`` count by reason code; ``idle_closed`` counts acquisitions closed for
+    idleness; ``open_acquisitions`` is how many are open now.
     """
 
     received: int = 0
@@ -105,6 +115,8 @@ class SourceStats:
     bytes_accepted: int = 0
     started: int = 0
     ended: int = 0
+    idle_closed: int = 0
+    open_acquisitions: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     queue_depth: int = 0
@@ -117,6 +129,8 @@ class SourceStats:
             "bytes_accepted": self.bytes_accepted,
             "started": self.started,
             "ended": self.ended,
+            "idle_closed": self.idle_closed,
+            "open_acquisitions": self.open_acquisitions,
             "rejected": dict(self.rejected),
             "dropped": dict(self.dropped),
             "queue_depth": self.queue_depth,
@@ -136,6 +150,10 @@ class FrameSource(Protocol):
       protocol's reason code, and the source keeps serving.
     - Frames of an acquisition after its ``end`` are rejected (``acquisition_ended``) until a new
       ``start`` re-opens it.
+    - At most ``limits.max_open_acquisitions`` acquisitions are open at once: a ``start`` or frame that
+      would open another is rejected (``too_many_acquisitions``); ``end`` and idleness free a slot.
+    - With ``limits.idle_timeout_s`` set, an open acquisition that received nothing for that long is
+      reported ended (:class:`Ended` with ``idle=True``); its next frame is accepted and re-opens it.
     - At most ``max_queued`` accepted frames wait for consumers. Beyond that the source stops taking
       messages (backpressure on the sender) or, when ``live``, drops the oldest waiting frame and puts a
       :class:`Dropped` notice in its place. Notices are bounded too (``max_notices``).
@@ -185,7 +203,8 @@ class Intake:
 
     Keeps, per acquisition, only what validation needs: the latest declaration, the :class:`Layout`
     its frames must fit (fixed by the declaration and the first frame) and whether it ended (the
-    ``max_acquisitions`` most recently seen).
+    ``max_acquisitions`` most recently seen, never forgetting an open one), and which acquisitions are
+    open, with the time of their last message (for ``limits``: open acquisitions and idleness).
     """
 
     def __init__(
@@ -193,25 +212,50 @@ class Intake:
         *,
         max_frame_bytes: int,
         stats: SourceStats,
+        limits: Limits | None = None,
         max_acquisitions: int = 1024,
-        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
     ) -> None:
         self.max_frame_bytes = max_frame_bytes
-        self.max_time_points = max_time_points
+        self.limits = limits or Limits()
+        if max_acquisitions < self.limits.max_open_acquisitions:
+            raise ValueError(
+                f"max_acquisitions ({max_acquisitions}) must be at least limits.max_open_acquisitions "
+                f"({self.limits.max_open_acquisitions}): open acquisitions are never forgotten"
+            )
         self.stats = stats
         self._max_acquisitions = max_acquisitions
         self._acquisitions: OrderedDict[str, _Known] = OrderedDict()
+        self._open: dict[str, float] = {}  # open acquisition -> when its last message arrived
 
     def declaration(self, acquisition: str) -> StartMessage | None:
         """The latest ``start`` of ``acquisition``, if one came (and it is still remembered)."""
         known = self._acquisitions.get(acquisition)
         return known.start if known is not None else None
 
+    def is_open(self, acquisition: str) -> bool:
+        """Whether ``acquisition`` is open (started or sent a frame; not ended or closed for idleness)."""
+        return acquisition in self._open
+
     def _remember(self, acquisition: str, known: _Known) -> None:
         self._acquisitions[acquisition] = known
         self._acquisitions.move_to_end(acquisition)
-        while len(self._acquisitions) > self._max_acquisitions:
-            self._acquisitions.popitem(last=False)
+        if len(self._acquisitions) > self._max_acquisitions:
+            # The least recently declared that is not open (there is one: open ones are fewer).
+            oldest = next(a for a in self._acquisitions if a not in self._open)
+            del self._acquisitions[oldest]
+
+    def _open_now(self, acquisition: str, received_at: float, index: Index | None = None) -> None:
+        """Mark ``acquisition`` open (it just received a message), or refuse when it would be one too many."""
+        if acquisition not in self._open and len(self._open) >= self.limits.max_open_acquisitions:
+            raise ProtocolError(
+                Reason.TOO_MANY_ACQUISITIONS,
+                f"{len(self._open)} acquisitions are open, the most allowed (ingest.max_open_acquisitions): "
+                "end one (or let it go idle) before opening another",
+                acquisition=acquisition,
+                index=None if index is None else index.model_dump(),
+            )
+        self._open[acquisition] = received_at
+        self.stats.open_acquisitions = len(self._open)
 
     def take(self, parts: Sequence[Any], received_at: float) -> SourceEvent:
         """The event for one received multipart message.
@@ -230,35 +274,92 @@ class Intake:
             return self.rejected(ProtocolError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     def _take(self, parts: Sequence[Any], received_at: float) -> SourceEvent:
-        stats = self.stats
-        message = decode_message(parts, max_frame_bytes=self.max_frame_bytes)
+        message = decode_message(
+            parts, max_frame_bytes=self.max_frame_bytes, max_frame_pixels=self.limits.max_frame_pixels
+        )
         if isinstance(message, FrameMessage):
-            known = self._acquisitions.get(message.acquisition)
-            if known is not None and known.ended:
-                header = message.header
-                raise ProtocolError(
-                    Reason.ACQUISITION_ENDED,
-                    f"acquisition {header.acquisition!r} has ended; send 'start' to re-open it",
-                    acquisition=header.acquisition,
-                    index=header.index.model_dump(),
-                )
-            start = known.start if known is not None else None
-            layout = known.layout if known is not None else None
-            if layout is None:
-                layout = Layout.of(start, message, max_t=self.max_time_points)
-                self._remember(message.acquisition, _Known(start, layout))
-            layout.check(message)
-            stats.accepted += 1
-            stats.bytes_accepted += message.data.nbytes
-            return Frame(message, received_at=received_at, declaration=start, layout=layout)
+            return self._frame(message, received_at)
         if isinstance(message, StartMessage):
-            stats.started += 1
-            self._remember(message.acquisition, _Known(message))
-            return Started(message)
-        stats.ended += 1
-        known = self._acquisitions.get(message.acquisition) or _Known(None)
-        self._remember(message.acquisition, _Known(known.start, known.layout, ended=True))
+            return self._start(message, received_at)
+        return self._end(message)
+
+    def _frame(self, message: FrameMessage, received_at: float) -> Frame:
+        acquisition = message.acquisition
+        known = self._acquisitions.get(acquisition)
+        if known is not None and known.ended:
+            header = message.header
+            raise ProtocolError(
+                Reason.ACQUISITION_ENDED,
+                f"acquisition {acquisition!r} has ended; send 'start' to re-open it",
+                acquisition=acquisition,
+                index=header.index.model_dump(),
+            )
+        start = known.start if known is not None else None
+        layout = known.layout if known is not None else None
+        fixed = layout is not None
+        if layout is None:
+            layout = Layout.of(start, message, self.limits)
+        layout.check(message)
+        if acquisition not in self._open:
+            self._open_now(acquisition, received_at, message.header.index)
+        else:
+            self._open[acquisition] = received_at
+        if not fixed:  # its first accepted frame fixes the layout
+            self._remember(acquisition, _Known(start, layout))
+        self.stats.accepted += 1
+        self.stats.bytes_accepted += message.data.nbytes
+        return Frame(message, received_at=received_at, declaration=start, layout=layout)
+
+    def _start(self, message: StartMessage, received_at: float) -> Started:
+        acquisition = message.acquisition
+        self.limits.check_declaration(message)
+        known = self._acquisitions.get(acquisition)
+        layout = known.layout if known is not None else None
+        if layout is not None:
+            # Its frames fixed a store: a new declaration must lay out the same one.
+            redeclared = layout.redeclared(message)
+            if not layout.same_store(redeclared):
+                raise ProtocolError(
+                    Reason.LAYOUT_CONFLICT,
+                    f"this 'start' lays acquisition {acquisition!r} out as {redeclared.describe()}; its "
+                    f"frames already fixed {layout.describe()}: keep that, or use a new acquisition id",
+                    acquisition=acquisition,
+                )
+            layout = redeclared
+        self._open_now(acquisition, received_at)
+        self._remember(acquisition, _Known(message, layout))
+        self.stats.started += 1
+        return Started(message)
+
+    def _end(self, message: EndMessage) -> Ended:
+        acquisition = message.acquisition
+        known = self._acquisitions.get(acquisition) or _Known(None)
+        self._remember(acquisition, _Known(known.start, known.layout, ended=True))
+        self._open.pop(acquisition, None)
+        self.stats.open_acquisitions = len(self._open)
+        self.stats.ended += 1
         return Ended(message)
+
+    def expire(self, now: float) -> list[Ended]:
+        """Close the open acquisitions idle at ``now`` (``time.monotonic()``): their :class:`Ended` notices.
+
+        An acquisition is idle when its last message arrived at least ``limits.idle_timeout_s`` ago (or
+        twice its declared ``time_interval_s``, when that is longer). Its declaration and layout are kept,
+        so its next frame re-opens it as it was.
+        """
+        idle = []
+        for acquisition, last in list(self._open.items()):
+            known = self._acquisitions.get(acquisition)
+            timeout = self.limits.idle_timeout_of(known.start if known is not None else None)
+            if timeout is not None and now - last >= timeout:
+                del self._open[acquisition]
+                idle.append(Ended(EndMessage(acquisition=acquisition), idle=True))
+        if idle:
+            self.stats.idle_closed += len(idle)
+            self.stats.open_acquisitions = len(self._open)
+            for event in idle:
+                log.info("acquisition %s closed: nothing received for a while", event.acquisition)
+        return idle
 
     def rejected(self, exc: ProtocolError) -> Rejected:
         """Count a rejection and make its notice."""
@@ -268,6 +369,42 @@ class Intake:
             with contextlib.suppress(ValueError):
                 index = Index.model_validate(exc.index)
         return Rejected(exc.reason, exc.detail, exc.acquisition, index)
+
+
+class IdleTimer:
+    """Closes idle acquisitions: every so often, queues the :meth:`Intake.expire` notices.
+
+    Used by every source (with the same :class:`Intake` and :class:`EventQueue`); does nothing when
+    ``limits.idle_timeout_s`` is None.
+    """
+
+    def __init__(self, intake: Intake, queue: EventQueue) -> None:
+        self._intake = intake
+        self._queue = queue
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        timeout = intake.limits.idle_timeout_s
+        # A quarter of the timeout (closing up to 25 % late), at most a second.
+        self._period = None if timeout is None else min(1.0, timeout / 4)
+
+    def start(self) -> None:
+        """Start checking (from within the running event loop)."""
+        if self._period is None or self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        if self._queue.closed or self._loop is None or self._period is None:
+            return
+        for event in self._intake.expire(time.monotonic()):
+            self._queue.put(event)
+        self._handle = self._loop.call_later(self._period, self._tick)
 
 
 class EventQueue:
@@ -376,13 +513,12 @@ class MemoryFrameSource:
         live: bool = False,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_notices: int = 4096,
-        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+        limits: Limits | None = None,
     ) -> None:
         self._stats = SourceStats()
-        self._intake = Intake(
-            max_frame_bytes=max_frame_bytes, stats=self._stats, max_time_points=max_time_points
-        )
+        self._intake = Intake(max_frame_bytes=max_frame_bytes, stats=self._stats, limits=limits)
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
+        self._idle = IdleTimer(self._intake, self._queue)
         self._room: asyncio.Event | None = None
         self._started = False
 
@@ -401,8 +537,10 @@ class MemoryFrameSource:
     async def start(self) -> None:
         self._room = asyncio.Event()
         self._started = True
+        self._idle.start()
 
     async def stop(self) -> None:
+        self._idle.stop()
         self._queue.close()
         if self._room is not None:
             self._room.set()

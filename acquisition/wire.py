@@ -24,8 +24,8 @@ from acquisition.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_CHANNELS,
     MAX_HEADER_BYTES,
+    MAX_NESTING,
     PROTOCOL_VERSION,
-    SUPPORTED_DTYPES,
     WIRE_DTYPES,
     Channels,
     DtypeName,
@@ -36,6 +36,7 @@ from acquisition.protocol import (
     StartMessage,
     dump_json,
 )
+from cellsam_core.pixels import pixel_dtype_problem
 
 __all__ = [
     "FrameMessage",
@@ -106,8 +107,29 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed in headers")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON has no infinity, and msgspec refuses it too
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 # One decoder for every header: ``json.loads`` with keyword arguments builds a new one per call.
-_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _too_deep(raw: bytes, obj: Any, level: int = 1) -> bool:
+    """Whether ``obj`` (parsed from ``raw``, at nesting ``level`` of it) goes deeper than ``MAX_NESTING``."""
+    if raw.count(b"{") + raw.count(b"[") <= MAX_NESTING:  # cannot be deeper than its brackets
+        return False
+    stack: list[tuple[Any, int]] = [(obj, level)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
+    return False
 
 
 def _parse_header(part: Any) -> dict[str, Any]:
@@ -116,13 +138,36 @@ def _parse_header(part: Any) -> dict[str, Any]:
         raise ProtocolError(
             Reason.HEADER_TOO_LARGE, f"header is {view.nbytes} bytes; the limit is {MAX_HEADER_BYTES}"
         )
+    raw = view.tobytes()
     try:
-        obj = _HEADER_DECODER.decode(view.tobytes().decode("utf-8"))
+        obj = _HEADER_DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(Reason.BAD_JSON, f"header is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(
+            Reason.BAD_JSON, f"header nests arrays or objects deeper than {MAX_NESTING} levels"
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolError(Reason.BAD_JSON, f"header must be a JSON object, got {type(obj).__name__}")
+    if _too_deep(raw, obj):
+        raise ProtocolError(
+            Reason.BAD_JSON,
+            f"header nests arrays or objects deeper than {MAX_NESTING} levels",
+            acquisition=_readable_id(obj),
+        )
     return obj
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters (it comes from the sender)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _readable_id(obj: dict[str, Any]) -> str | None:
+    """The header's acquisition id when it is a valid one (so a rejection can be published to it)."""
+    value = obj.get("acquisition")
+    return value if is_acquisition_id(value) else None
 
 
 _LOC_REASON = {"index": Reason.BAD_INDEX, "shape": Reason.BAD_SHAPE, "dtype": Reason.BAD_DTYPE}
@@ -149,10 +194,9 @@ def _frame_error(header: FrameHeader | _FrameHeaderWire, reason: Reason, detail:
 
 
 def _check_layout(header: FrameHeader) -> None:
-    if header.dtype not in SUPPORTED_DTYPES:
-        raise _frame_error(
-            header, Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}"
-        )
+    problem = pixel_dtype_problem(header.dtype)
+    if problem is not None:
+        raise _frame_error(header, Reason.BAD_DTYPE, problem)
     shape = header.shape
     if len(shape) not in (2, 3) or any(n < 1 for n in shape):
         raise _frame_error(
@@ -163,7 +207,10 @@ def _check_layout(header: FrameHeader) -> None:
 
 
 def decode_message(
-    parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    parts: Sequence[Any],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_frame_pixels: int | None = None,
 ) -> FrameMessage | StartMessage | EndMessage:
     """Decode and validate one multipart message.
 
@@ -174,6 +221,8 @@ def decode_message(
         protocol). Part 1 of a frame is wrapped, not copied.
     max_frame_bytes : int
         Largest accepted pixel buffer; larger frames are rejected with ``too_large``.
+    max_frame_pixels : int, optional
+        Most pixels of one frame plane (``H * W``); larger frames are rejected with ``too_large``.
 
     Returns
     -------
@@ -187,24 +236,39 @@ def decode_message(
     if len(parts) == 2:
         header = _frame_header_fast(parts[0])
         if header is not None:  # its layout is checked already
-            return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
-    return _decode_full(parts, max_frame_bytes)
+            return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes, max_frame_pixels))
+    return _decode_full(parts, max_frame_bytes, max_frame_pixels)
 
 
-def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | StartMessage | EndMessage:
-    """Every check in order, so a rejection names its first reason: control messages and bad input."""
+def _decode_full(
+    parts: Sequence[Any], max_frame_bytes: int, max_frame_pixels: int | None
+) -> FrameMessage | StartMessage | EndMessage:
+    """Every check in order, so a rejection names its first reason: control messages and bad input.
+
+    Rejections found before the acquisition id is checked (version, type) still name the id when it is a
+    valid one, so that they can be published to its subscribers.
+    """
     if len(parts) == 0:
         raise ProtocolError(Reason.BAD_MULTIPART, "empty message")
     obj = _parse_header(parts[0])
+    readable = _readable_id(obj)
     if "v" not in obj:
-        raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing")
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing", acquisition=readable)
     if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(Reason.BAD_VERSION, f"version {obj['v']!r} is not supported; this is v1")
+        raise ProtocolError(
+            Reason.BAD_VERSION,
+            f"version {_short(obj['v'])} is not supported; this is v1",
+            acquisition=readable,
+        )
     if "type" not in obj:
-        raise ProtocolError(Reason.MISSING_FIELD, "required field 'type' is missing")
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'type' is missing", acquisition=readable)
     kind = obj["type"]
     if kind not in ("frame", "start", "end"):
-        raise ProtocolError(Reason.UNKNOWN_TYPE, f"type {kind!r} is not one of 'frame', 'start', 'end'")
+        raise ProtocolError(
+            Reason.UNKNOWN_TYPE,
+            f"type {_short(kind)} is not one of 'frame', 'start', 'end'",
+            acquisition=readable,
+        )
     if "acquisition" not in obj:
         raise ProtocolError(Reason.MISSING_FIELD, "required field 'acquisition' is missing")
     acquisition = validate_acquisition_id(obj["acquisition"])
@@ -235,7 +299,7 @@ def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | S
     except ValidationError as exc:
         raise _model_error(exc, acquisition) from None
     _check_layout(header)
-    return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
+    return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes, max_frame_pixels))
 
 
 _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
@@ -322,11 +386,23 @@ def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
         return None
     if not is_acquisition_id(wire.acquisition) or (len(wire.shape) == 3 and wire.shape[2] > MAX_CHANNELS):
         return None
+    if wire.metadata and _too_deep(bytes(raw), wire.metadata, 2):  # the full path names the reason
+        return None
     return wire
 
 
-def _wrap_buffer(header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int) -> np.ndarray:
+def _wrap_buffer(
+    header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int, max_frame_pixels: int | None
+) -> np.ndarray:
     """The pixels of ``part`` as a read-only array view, for a header whose layout is checked."""
+    shape = header.shape
+    if max_frame_pixels is not None and shape[0] * shape[1] > max_frame_pixels:
+        raise _frame_error(
+            header,
+            Reason.TOO_LARGE,
+            f"frame of {shape[0]}x{shape[1]} = {shape[0] * shape[1]} pixels exceeds the limit of "
+            f"{max_frame_pixels} pixels (ingest.max_frame_pixels)",
+        )
     view = memoryview(part)
     declared = header.nbytes
     if declared > max_frame_bytes or view.nbytes > max_frame_bytes:

@@ -169,7 +169,7 @@ def test_start_declares_channels_and_end_closes() -> None:
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=0)
                 tx.end()
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=1)  # after end: rejected
-                tx.start()  # re-opens
+                tx.start(sizes={"t": 2})  # re-opens, laid out as before (its store exists)
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=1)
             # The first `end`, then the `end` sent on leaving the block.
             events = await events_until_end(listener, "exp")
