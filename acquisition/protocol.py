@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from acquisition.errors import ProtocolError
 from acquisition.ids import AcquisitionId
-from cellsam_core.pixels import PIXEL_DTYPES, PixelDtypeName, pixel_dtype_problem
+from cellsam_core.pixels import MIN_IMAGE_SIDE, PIXEL_DTYPES, PixelDtypeName, pixel_dtype_problem
 
 if TYPE_CHECKING:
     from cellsam_core.cells import CellTable
@@ -30,6 +30,7 @@ __all__ = [
     "MAX_CHANNELS",
     "MAX_HEADER_BYTES",
     "MAX_NESTING",
+    "MIN_FRAME_SIDE",
     "PROTOCOL_VERSION",
     "SUPPORTED_DTYPES",
     "AcquisitionSizes",
@@ -48,6 +49,7 @@ __all__ = [
     "StartMessage",
     "default_channels",
     "dump_json",
+    "shape_problem",
 ]
 
 PROTOCOL_VERSION = 1
@@ -55,6 +57,8 @@ DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CHANNELS = 16
+#: Fewest pixels along y and along x of a frame (see ``cellsam_core.pixels.MIN_IMAGE_SIDE``).
+MIN_FRAME_SIDE = MIN_IMAGE_SIDE
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
 
 #: Nesting depth of JSON arrays and objects a header may have (the header object itself is level 1).
@@ -64,6 +68,22 @@ MAX_NESTING = 64
 DtypeName = PixelDtypeName
 SUPPORTED_DTYPES: frozenset[str] = PIXEL_DTYPES
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
+
+
+def shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why ``shape`` cannot be a frame's, or None: ``(H, W)`` or ``(H, W, C)``, H and W at least
+    ``MIN_FRAME_SIDE``, C from 1 to ``MAX_CHANNELS``."""
+    if (
+        len(shape) in (2, 3)
+        and min(shape[:2]) >= MIN_FRAME_SIDE
+        and shape[-1] >= 1
+        and (len(shape) == 2 or shape[2] <= MAX_CHANNELS)
+    ):
+        return None
+    return (
+        f"shape {list(shape)[:8]} must be [H, W] or [H, W, C] with H, W ≥ {MIN_FRAME_SIDE} and "
+        f"1 ≤ C ≤ {MAX_CHANNELS}"
+    )
 
 
 class Reason(str, Enum):
@@ -251,12 +271,9 @@ class StartMessage(BaseModel):
     @field_validator("shape")
     @classmethod
     def _frame_shape(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if value is not None and (
-            len(value) not in (2, 3) or min(value) < 1 or (len(value) == 3 and value[2] > MAX_CHANNELS)
-        ):
-            raise ValueError(
-                f"shape {list(value)} must be [H, W] or [H, W, C] of ints ≥ 1 with C ≤ {MAX_CHANNELS}"
-            )
+        problem = None if value is None else shape_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("dtype")

@@ -25,6 +25,7 @@ from acquisition.protocol import (
     MAX_CHANNELS,
     MAX_HEADER_BYTES,
     MAX_NESTING,
+    MIN_FRAME_SIDE,
     PROTOCOL_VERSION,
     WIRE_DTYPES,
     Channels,
@@ -35,6 +36,7 @@ from acquisition.protocol import (
     Reason,
     StartMessage,
     dump_json,
+    shape_problem,
 )
 from cellsam_core.pixels import pixel_dtype_problem
 
@@ -197,13 +199,9 @@ def _check_layout(header: FrameHeader) -> None:
     problem = pixel_dtype_problem(header.dtype)
     if problem is not None:
         raise _frame_error(header, Reason.BAD_DTYPE, problem)
-    shape = header.shape
-    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-        raise _frame_error(
-            header, Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1"
-        )
-    if len(shape) == 3 and shape[2] > MAX_CHANNELS:
-        raise _frame_error(header, Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed")
+    problem = shape_problem(header.shape)
+    if problem is not None:
+        raise _frame_error(header, Reason.BAD_SHAPE, problem)
 
 
 def decode_message(
@@ -335,7 +333,7 @@ class _FrameHeaderWire(msgspec.Struct, frozen=True):  # unknown fields are ignor
     v: Literal[1]
     acquisition: str
     index: _IndexWire
-    shape: _Shape  # with dtype: what _check_layout checks, but for the channel limit
+    shape: _Shape  # with dtype: what _check_layout checks, but for the side and channel limits
     dtype: DtypeName
     timestamp: float | msgspec.UnsetType | None = msgspec.UNSET
     channels: _ChannelsWire | msgspec.UnsetType | None = msgspec.UNSET
@@ -384,7 +382,13 @@ def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
         wire = _FRAME_HEADER_WIRE.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
-    if not is_acquisition_id(wire.acquisition) or (len(wire.shape) == 3 and wire.shape[2] > MAX_CHANNELS):
+    shape = wire.shape
+    if (
+        not is_acquisition_id(wire.acquisition)
+        or shape[0] < MIN_FRAME_SIDE
+        or shape[1] < MIN_FRAME_SIDE
+        or (len(shape) == 3 and shape[2] > MAX_CHANNELS)
+    ):
         return None
     if wire.metadata and _too_deep(bytes(raw), wire.metadata, 2):  # the full path names the reason
         return None

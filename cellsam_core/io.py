@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 
 from cellsam_core.errors import ImageFormatError, ImageTooLargeError
-from cellsam_core.pixels import pixel_dtype_problem
+from cellsam_core.pixels import MIN_IMAGE_SIDE, pixel_dtype_problem
 
 __all__ = ["decode_image_bytes", "encode_labels_bytes", "read_image", "write_labels"]
 
@@ -56,7 +56,8 @@ def decode_image_bytes(data: bytes, *, name: str = "", max_pixels: int | None = 
     Returns
     -------
     np.ndarray
-        ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with ``C`` at most 16, of a dtype
+        ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with ``C`` at most 16 and ``H``, ``W`` at least
+        :data:`~cellsam_core.pixels.MIN_IMAGE_SIDE`, of a dtype
         :func:`cellsam_core.pixels.pixel_dtype_problem` accepts (the wire protocol's dtypes).
 
     Raises
@@ -65,7 +66,8 @@ def decode_image_bytes(data: bytes, *, name: str = "", max_pixels: int | None = 
         More pixels than ``max_pixels``.
     ImageFormatError
         Unknown format, undecodable content, an unsupported dtype (``bool``, ``float16``, 64-bit
-        integers, complex, big-endian NPY), or not 2-D or 3-D with at most 16 channels.
+        integers, complex, big-endian NPY), or not 2-D or 3-D with at most 16 channels and at least
+        4 pixels along y and x.
     """
     label = name or "(bytes)"
     try:
@@ -114,6 +116,14 @@ def _check_header(
         raise ImageFormatError(
             f"image {label} has shape {tuple(shape)}: {channels} channels on its shortest axis; "
             f"at most {_MAX_CHANNELS} are taken"
+        )
+    sides = list(shape)
+    if len(shape) == 3:
+        sides.pop(int(np.argmin(shape)))  # the channel axis, as the model reads it
+    if min(sides) < MIN_IMAGE_SIDE:
+        raise ImageFormatError(
+            f"image {label} has shape {tuple(shape)}; images need at least {MIN_IMAGE_SIDE} pixels along "
+            "y and x"
         )
     pixels = math.prod(shape) // channels
     if max_pixels is not None and pixels > max_pixels:

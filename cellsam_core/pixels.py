@@ -1,4 +1,4 @@
-"""Which pixel dtypes cellsam-stream takes: the one rule for every input path.
+"""Which pixel dtypes (and frame sizes) cellsam-stream takes: the one rule for every input path.
 
 Frames on the wire (``acquisition.protocol``), images posted to ``POST /segment`` and files read by the
 CLI (:mod:`cellsam_core.io`) all go through :func:`pixel_dtype_problem`, so an array one path accepts the
@@ -13,11 +13,16 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-__all__ = ["PIXEL_DTYPES", "PixelDtypeName", "pixel_dtype_problem"]
+__all__ = ["MIN_IMAGE_SIDE", "PIXEL_DTYPES", "PixelDtypeName", "pixel_dtype_problem"]
 
 #: Names of the supported pixel dtypes (numpy names; the data is little-endian).
 PixelDtypeName = Literal["uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"]
 PIXEL_DTYPES: frozenset[str] = frozenset(get_args(PixelDtypeName))
+
+#: Fewest pixels along y and along x. The model reads the shortest axis of a 3-D image as its channel
+#: axis (:func:`cellsam_core.preprocess.format_image_shape`), so with at most 3 channels a side of 4 or
+#: more keeps ``(H, W, C)`` unambiguous; a smaller frame would come back with labels of another shape.
+MIN_IMAGE_SIDE = 4
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 

@@ -146,8 +146,8 @@ def test_frames_of_an_unstarted_acquisition_use_defaults() -> None:
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:
             sock = push_socket(listener.endpoint)
-            sock.send_multipart(frame_parts("never-started", shape=(3, 3)))
-            sock.send_multipart(frame_parts("two-channel", shape=(3, 3, 2)))
+            sock.send_multipart(frame_parts("never-started", shape=(4, 4)))
+            sock.send_multipart(frame_parts("two-channel", shape=(4, 4, 2)))
             one, two = await listener.get(), await listener.get()
             sock.close()
             assert isinstance(one, Frame) and isinstance(two, Frame)

@@ -169,6 +169,9 @@ CASES = [
     Case("shape_rank_1", [header(shape=[24]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_rank_4", [header(shape=[1, 4, 6, 1]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_zero", [header(shape=[0, 6]), b""], Reason.BAD_SHAPE),
+    Case("shape_one_by_one", [header(shape=[1, 1]), PIXELS[:2]], Reason.BAD_SHAPE),
+    Case("shape_three_rows", [header(shape=[3, 8]), PIXELS], Reason.BAD_SHAPE),
+    Case("shape_smallest", [header(shape=[4, 4]), PIXELS[:32]], "frame"),
     Case("shape_string_dims", [header(shape=["4", 6]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_too_many_channels", [header(shape=[1, 1, 17], dtype="uint8"), bytes(17)], Reason.BAD_SHAPE),
     Case("dtype_complex", [header(dtype="complex64"), PIXELS], Reason.BAD_DTYPE),
@@ -182,6 +185,7 @@ CASES = [
     Case("start_pixel_size_text", [control("start", pixel_size_um="abc")], Reason.BAD_FIELD),
     Case("start_shape_rank_1", [control("start", shape=[64])], Reason.BAD_SHAPE),
     Case("start_shape_negative", [control("start", shape=[64, -1])], Reason.BAD_SHAPE),
+    Case("start_shape_too_small", [control("start", shape=[2, 64])], Reason.BAD_SHAPE),
     Case("start_dtype_bool", [control("start", dtype="bool")], Reason.BAD_DTYPE),
     Case("start_dtype_big_endian", [control("start", dtype=">u2")], Reason.BAD_DTYPE),
     Case("start_channels_disagree", [control("start", shape=[8, 8, 3], sizes={"c": 2})], Reason.BAD_FIELD),
@@ -280,7 +284,7 @@ def test_decode_wraps_buffer_without_copy() -> None:
 
 
 def test_encode_decode_roundtrip() -> None:
-    image = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    image = np.arange(4 * 5 * 2, dtype=np.float32).reshape(4, 5, 2)
     h = frame_header(
         image.shape, image.dtype, acquisition="a.b_c-1", index={"t": 5, "c": 1}, metadata={"k": [1, 2]}
     )
@@ -293,12 +297,12 @@ def test_encode_decode_roundtrip() -> None:
 
 
 def test_encode_converts_big_endian_and_non_contiguous() -> None:
-    big = np.arange(12, dtype=">u2").reshape(3, 4)
+    big = np.arange(20, dtype=">u2").reshape(4, 5)
     h = frame_header(big.shape, big.dtype, acquisition="x")
     message = decode_message([encode_frame(h, big)[0], encode_frame(h, big)[1].tobytes()])
     assert isinstance(message, FrameMessage)
     np.testing.assert_array_equal(message.data, big)
-    strided = np.arange(24, dtype=np.uint8).reshape(4, 6)[:, ::2]
+    strided = np.arange(48, dtype=np.uint8).reshape(4, 12)[:, ::2]
     h2 = frame_header(strided.shape, strided.dtype, acquisition="x")
     assert encode_frame(h2, strided)[1].flags.c_contiguous
 

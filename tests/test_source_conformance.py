@@ -58,12 +58,12 @@ def end(acq: str = "a", **fields: Any) -> list[Any]:
 
 
 def raw_header(**fields: Any) -> bytes:
-    """A frame header as JSON, ``fields`` over a valid (2, 2) uint16 one of acquisition ``a``, t=3."""
+    """A frame header as JSON, ``fields`` over a valid (4, 4) uint16 one of acquisition ``a``, t=3."""
     base: dict[str, Any] = {"type": "frame", "v": 1, "acquisition": "a", "index": {"t": 3}}
-    return json.dumps(base | {"shape": [2, 2], "dtype": "uint16"} | fields).encode()
+    return json.dumps(base | {"shape": [4, 4], "dtype": "uint16"} | fields).encode()
 
 
-PIXELS = np.arange(4, dtype="<u2").tobytes()  # a valid (2, 2) uint16 buffer
+PIXELS = np.arange(16, dtype="<u2").tobytes()  # a valid (4, 4) uint16 buffer
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,10 @@ REJECTIONS = [
     Rejection("size_mismatch", [raw_header(), PIXELS[:-1]], "size_mismatch", "a", Index(t=3)),
     Rejection("bad_dtype", [raw_header(dtype="complex64"), PIXELS * 2], "bad_dtype", "a", Index(t=3)),
     Rejection("bad_shape", [raw_header(shape=[4]), PIXELS], "bad_shape", "a", Index(t=3)),
+    Rejection("frame_too_small", [raw_header(shape=[1, 16]), PIXELS[:32]], "bad_shape", "a", Index(t=3)),
     Rejection(
         "nan_in_float_frame",
-        [raw_header(dtype="float32"), np.array([[0.0, np.nan], [1.0, 2.0]], "<f4").tobytes()],
+        [raw_header(dtype="float32"), np.array([0.0, np.nan] + [1.0] * 14, "<f4").tobytes()],
         "non_finite",
         "a",
         Index(t=3),
@@ -243,7 +244,7 @@ LAYOUT_CASES = [
     LayoutCase(
         "shape conflicting with the first frame",
         None,
-        [chan("L", None), chan("L", None, shape=(5, 4)), chan("L", None, shape=(1, 1))],
+        [chan("L", None), chan("L", None, shape=(5, 4)), chan("L", None, shape=(4, 4))],
         ["ok", "layout_conflict", "layout_conflict"],
     ),
     LayoutCase(
@@ -810,7 +811,7 @@ class SourceConformance:
             async with self.opened(max_queued=8) as (source, feed):
                 assert source.stats == SourceStats()
                 messages = [start("st"), frame("st", 0), frame("st", 1), [b"x"], end("st")]
-                messages += [frame("st", 2), [raw_header(v=3), PIXELS], frame("st", 3, shape=(2, 3))]
+                messages += [frame("st", 2), [raw_header(v=3), PIXELS], frame("st", 3, shape=(4, 6))]
                 await self.fed(source, feed, messages)
                 assert source.queue_depth == 2
                 assert source.stats.as_dict() == {
