@@ -207,7 +207,7 @@ class Ingress:
         try:
             image = decode_image_bytes(body, name="request body", max_pixels=ingest.max_frame_pixels)
         except ImageTooLargeError as exc:
-            raise HTTPException(status_code=413, detail=str(exc)) from exc
+            raise HTTPException(status_code=413, detail=f"{exc} (ingest.max_frame_pixels)") from exc
         except ImageFormatError as exc:
             raise HTTPException(status_code=415, detail=str(exc)) from exc
         try:
