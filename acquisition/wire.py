@@ -9,7 +9,6 @@ the v1 header; anything it does not take goes to the full decoder, which names t
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -19,12 +18,12 @@ import numpy as np
 from pydantic import ValidationError
 
 from acquisition.errors import ProtocolError
+from acquisition.header_json import parse_header, readable_id, short, too_deep
 from acquisition.ids import is_acquisition_id, validate_acquisition_id
 from acquisition.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_CHANNELS,
     MAX_HEADER_BYTES,
-    MAX_NESTING,
     MIN_FRAME_SIDE,
     PROTOCOL_VERSION,
     WIRE_DTYPES,
@@ -105,73 +104,6 @@ class FrameMessage:
         return f"FrameMessage({self.header!r}, data={self.data.shape} {self.data.dtype})"
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in headers")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400: JSON has no infinity, and msgspec refuses it too
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-# One decoder for every header: ``json.loads`` with keyword arguments builds a new one per call.
-_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def _too_deep(raw: bytes, obj: Any, level: int = 1) -> bool:
-    """Whether ``obj`` (parsed from ``raw``, at nesting ``level`` of it) goes deeper than ``MAX_NESTING``."""
-    if raw.count(b"{") + raw.count(b"[") <= MAX_NESTING:  # cannot be deeper than its brackets
-        return False
-    stack: list[tuple[Any, int]] = [(obj, level)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_NESTING:
-            return True
-        items = value.values() if isinstance(value, dict) else value
-        stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
-    return False
-
-
-def _parse_header(part: Any) -> dict[str, Any]:
-    view = memoryview(part)
-    if view.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(
-            Reason.HEADER_TOO_LARGE, f"header is {view.nbytes} bytes; the limit is {MAX_HEADER_BYTES}"
-        )
-    raw = view.tobytes()
-    try:
-        obj = _HEADER_DECODER.decode(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(Reason.BAD_JSON, f"header is not valid UTF-8 JSON: {exc}") from None
-    except RecursionError:
-        raise ProtocolError(
-            Reason.BAD_JSON, f"header nests arrays or objects deeper than {MAX_NESTING} levels"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ProtocolError(Reason.BAD_JSON, f"header must be a JSON object, got {type(obj).__name__}")
-    if _too_deep(raw, obj):
-        raise ProtocolError(
-            Reason.BAD_JSON,
-            f"header nests arrays or objects deeper than {MAX_NESTING} levels",
-            acquisition=_readable_id(obj),
-        )
-    return obj
-
-
-def _short(value: Any) -> str:
-    """``repr(value)``, cut to 40 characters (it comes from the sender)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _readable_id(obj: dict[str, Any]) -> str | None:
-    """The header's acquisition id when it is a valid one (so a rejection can be published to it)."""
-    value = obj.get("acquisition")
-    return value if is_acquisition_id(value) else None
-
-
 _LOC_REASON = {"index": Reason.BAD_INDEX, "shape": Reason.BAD_SHAPE, "dtype": Reason.BAD_DTYPE}
 
 
@@ -248,14 +180,14 @@ def _decode_full(
     """
     if len(parts) == 0:
         raise ProtocolError(Reason.BAD_MULTIPART, "empty message")
-    obj = _parse_header(parts[0])
-    readable = _readable_id(obj)
+    obj = parse_header(parts[0])
+    readable = readable_id(obj)
     if "v" not in obj:
         raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing", acquisition=readable)
     if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
         raise ProtocolError(
             Reason.BAD_VERSION,
-            f"version {_short(obj['v'])} is not supported; this is v1",
+            f"version {short(obj['v'])} is not supported; this is v1",
             acquisition=readable,
         )
     if "type" not in obj:
@@ -264,7 +196,7 @@ def _decode_full(
     if kind not in ("frame", "start", "end"):
         raise ProtocolError(
             Reason.UNKNOWN_TYPE,
-            f"type {_short(kind)} is not one of 'frame', 'start', 'end'",
+            f"type {short(kind)} is not one of 'frame', 'start', 'end'",
             acquisition=readable,
         )
     if "acquisition" not in obj:
@@ -390,7 +322,7 @@ def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
         or (len(shape) == 3 and shape[2] > MAX_CHANNELS)
     ):
         return None
-    if wire.metadata and _too_deep(bytes(raw), wire.metadata, 2):  # the full path names the reason
+    if wire.metadata and too_deep(bytes(raw), wire.metadata, 2):  # the full path names the reason
         return None
     return wire
 

@@ -116,16 +116,16 @@ def test_garbage_never_kills_the_listener() -> None:
 def test_an_internal_error_on_one_message_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     # The listener's own guarantee that replaced "callback errors are contained": whatever goes wrong
     # while handling one message becomes a rejection (reason `internal`), and the next message is read.
-    import acquisition.source
+    import acquisition.intake
 
-    real_decode = acquisition.source.decode_message
+    real_decode = acquisition.intake.decode_message
 
     def flaky_decode(parts: Any, **kwargs: Any) -> Any:
         if bytes(parts[0]) == b"boom":
             raise RuntimeError("decoder bug")
         return real_decode(parts, **kwargs)
 
-    monkeypatch.setattr(acquisition.source, "decode_message", flaky_decode)
+    monkeypatch.setattr(acquisition.intake, "decode_message", flaky_decode)
 
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:

@@ -458,16 +458,16 @@ class SourceConformance:
         run(main())
 
     def test_an_internal_error_on_one_message_is_a_rejection(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import acquisition.source
+        import acquisition.intake
 
-        real_decode = acquisition.source.decode_message
+        real_decode = acquisition.intake.decode_message
 
         def flaky_decode(parts: Any, **kwargs: Any) -> Any:
             if bytes(parts[0]) == b"boom":
                 raise RuntimeError("decoder bug")
             return real_decode(parts, **kwargs)
 
-        monkeypatch.setattr(acquisition.source, "decode_message", flaky_decode)
+        monkeypatch.setattr(acquisition.intake, "decode_message", flaky_decode)
 
         async def main() -> None:
             async with self.opened() as (source, feed):
