@@ -170,6 +170,27 @@ def test_an_idle_acquisition_is_closed_like_after_end(tmp_path: Path) -> None:
     assert pipeline.metrics.acquisitions_active._value.get() == 0
 
 
+def test_a_frame_after_an_idle_close_reopens_the_store(tmp_path: Path) -> None:
+    pipeline, source, labels = _pipeline(tmp_path, Limits(idle_timeout_s=0.05))
+    results = pipeline.results
+    assert isinstance(results, MemoryResultSink)
+
+    async def main() -> None:
+        await pipeline.start()
+        await source.push(start("again", sizes={"t": 4}))
+        await source.push(frame("again", 0))
+        await until(lambda: len(results.summaries) == 1, timeout=60)
+        await source.push(frame("again", 1))  # re-opens it; it goes idle again afterwards
+        await until(lambda: len(results.summaries) == 2, timeout=60)
+        await pipeline.stop()
+
+    run(main(), timeout=90)
+    assert [(r.index.t, r.status) for r in results.results if r.index is not None] == [(0, "ok"), (1, "ok")]
+    assert [(s.frames_received, s.frames_ok) for s in results.summaries] == [(1, 1), (1, 1)]
+    assert labels.progress("again").closed
+    assert [f.t for f in labels.progress("again").done] == [0, 1]
+
+
 def test_acquisitions_beyond_the_cap_are_refused_published_and_not_counted_active(tmp_path: Path) -> None:
     pipeline, source, _ = _pipeline(tmp_path, Limits(max_open_acquisitions=2))
     results = pipeline.results
