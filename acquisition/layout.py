@@ -1,25 +1,62 @@
 """An acquisition's frame layout, fixed by its declaration and first frame, and the check of every frame.
 
 What a frame may be is decided when it arrives, before anything is segmented or stored: a frame whose
-index lies outside the acquisition, whose shape or dtype differs from the acquisition's, or which carries a
-channel the acquisition never declared is rejected with its reason, so an accepted frame can always be
-stored (no ``ok`` result for a frame that is never written). The same :class:`Layout` then lays out the
-acquisition's store.
+index lies outside the acquisition (or beyond the service's :class:`~acquisition.limits.Limits`), whose
+shape or dtype differs from the acquisition's, or which carries a channel the acquisition never declared
+is rejected with its reason, so an accepted frame can always be stored (no ``ok`` result for a frame that
+is never written). The same :class:`Layout` then lays out the acquisition's store.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from acquisition.errors import ProtocolError
+from acquisition.limits import DEFAULT_MAX_TIME_POINTS, Limits
 from acquisition.protocol import Reason, StartMessage
 from acquisition.wire import FrameMessage
 
-__all__ = ["DEFAULT_MAX_TIME_POINTS", "METADATA", "Layout", "declared_metadata", "redeclare"]
+__all__ = ["DEFAULT_MAX_TIME_POINTS", "METADATA", "FirstFrame", "Layout", "declared_metadata", "redeclare"]
 
-#: Default ceiling on any frame's time index (a day at 10 frames/s is 864,000).
-DEFAULT_MAX_TIME_POINTS = 10_000_000
+
+@dataclass(frozen=True, slots=True)
+class FirstFrame:
+    """What a layout takes from an acquisition's first accepted frame (no pixels are kept).
+
+    Attributes
+    ----------
+    p, z : int
+        Its position and z plane.
+    channel : int or None
+        Its ``index.c`` (None: every channel in one buffer).
+    shape : (int, int)
+        ``(H, W)``.
+    channels : int
+        ``C`` of an ``(H, W, C)`` buffer, 1 for ``(H, W)``.
+    dtype : str
+        numpy dtype name.
+    """
+
+    p: int
+    z: int
+    channel: int | None
+    shape: tuple[int, int]
+    channels: int
+    dtype: str
+
+    @classmethod
+    def of(cls, message: FrameMessage) -> FirstFrame:
+        _, p, z = message.position
+        data = message.data
+        return cls(
+            p=p,
+            z=z,
+            channel=message.channel,
+            shape=(int(data.shape[0]), int(data.shape[1])),
+            channels=int(data.shape[2]) if data.ndim == 3 else 1,
+            dtype=data.dtype.name,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,17 +70,19 @@ class Layout:
     p, z : int
         Positions and z planes: declared, else fixed by the first frame (``index + 1``).
     c : int
-        Channels of the stored image: declared ``sizes.c``, else the first frame's (``C`` of an
-        ``(H, W, C)`` buffer, 1 for ``(H, W)``).
+        Channels of the stored image: declared ``sizes.c``, else the channel count of a declared
+        ``(H, W, C)`` shape, else the first frame's (``C`` of an ``(H, W, C)`` buffer, 1 for ``(H, W)``).
     shape : (int, int)
         ``(H, W)`` of every frame (declared ``shape``, else the first frame's).
     dtype : str
         Pixel dtype of every frame (declared, else the first frame's).
     declared_channels : bool
         Whether ``sizes.c`` was declared (only then may frames carry single channels beyond ``c=0``).
-    max_t : int
-        No frame may have ``t`` at or beyond this, declared or not: a time index is a store extent, and
-        one frame at ``t = 2**63`` must not grow an acquisition's arrays to that length.
+    first : FirstFrame
+        The first frame the layout was fixed with (a re-declaration is laid out with it again).
+    limits : Limits
+        The service's ceilings: no frame may have ``t``, ``p`` or ``z`` at or beyond them, declared or
+        not (a time index is a store extent: one frame at ``t = 2**63`` must not grow a store).
     """
 
     t: int | None
@@ -53,50 +92,79 @@ class Layout:
     shape: tuple[int, int]
     dtype: str
     declared_channels: bool
-    max_t: int = DEFAULT_MAX_TIME_POINTS
+    first: FirstFrame = field(compare=False)
+    limits: Limits = field(default_factory=Limits, compare=False)
 
     @classmethod
     def of(
-        cls, start: StartMessage | None, first: FrameMessage, *, max_t: int = DEFAULT_MAX_TIME_POINTS
+        cls, start: StartMessage | None, first: FrameMessage | FirstFrame, limits: Limits | None = None
     ) -> Layout:
         """The layout of an acquisition from its ``start`` (if any) and its first accepted frame."""
+        seed = first if isinstance(first, FirstFrame) else FirstFrame.of(first)
         sizes = start.sizes if start is not None else None
-        _, p, z = first.position
-        data = first.data
+        declared_shape = start.shape if start is not None else None
         declared_c = sizes.c if sizes is not None else None
         if declared_c is not None:
             c = declared_c
-        elif first.channel is not None:
+        elif declared_shape is not None and len(declared_shape) == 3:
+            c = int(declared_shape[2])
+        elif seed.channel is not None:
             c = 1
         else:
-            c = int(data.shape[2]) if data.ndim == 3 else 1
-        declared_shape = start.shape if start is not None else None
+            c = seed.channels
         return cls(
             t=sizes.t if sizes is not None else None,
-            p=(sizes.p if sizes is not None and sizes.p else p + 1),
-            z=(sizes.z if sizes is not None and sizes.z else z + 1),
+            p=(sizes.p if sizes is not None and sizes.p else seed.p + 1),
+            z=(sizes.z if sizes is not None and sizes.z else seed.z + 1),
             c=c,
             shape=(
-                (int(declared_shape[0]), int(declared_shape[1]))
-                if declared_shape is not None and len(declared_shape) >= 2
-                else (int(data.shape[0]), int(data.shape[1]))
+                (int(declared_shape[0]), int(declared_shape[1])) if declared_shape is not None else seed.shape
             ),
-            dtype=(start.dtype if start is not None and start.dtype else data.dtype.name),
+            dtype=(start.dtype if start is not None and start.dtype else seed.dtype),
             declared_channels=declared_c is not None,
-            max_t=max_t,
+            first=seed,
+            limits=limits or Limits(),
+        )
+
+    def redeclared(self, start: StartMessage) -> Layout:
+        """The layout a new ``start`` would give this acquisition (same first frame, same limits)."""
+        return Layout.of(start, self.first, self.limits)
+
+    def same_store(self, other: Layout) -> bool:
+        """Whether ``other`` lays out the same store (extent, frame shape and dtype)."""
+        return (self.t, self.p, self.z, self.c, self.shape, self.dtype) == (
+            other.t,
+            other.p,
+            other.z,
+            other.c,
+            other.shape,
+            other.dtype,
+        )
+
+    def describe(self) -> str:
+        """The store layout in words, for rejection details."""
+        t = "open-ended" if self.t is None else str(self.t)
+        return (
+            f"t={t}, p={self.p}, z={self.z}, c={self.c}, frames {self.shape[0]}x{self.shape[1]} {self.dtype}"
         )
 
     def check(self, message: FrameMessage) -> None:
         """Raise :class:`ProtocolError` when ``message`` does not fit this acquisition."""
         t, p, z = message.position
         data = message.data
-        if t >= self.max_t:
-            self._fail(
-                message,
-                Reason.OUT_OF_RANGE,
-                f"index t={t} is at or beyond the service's limit of {self.max_t} time points "
-                "(ingest.max_time_points)",
-            )
+        limits = self.limits
+        for axis, value, limit in (
+            ("t", t, limits.max_time_points),
+            ("p", p, limits.max_positions),
+            ("z", z, limits.max_z_planes),
+        ):
+            if value >= limit:
+                self._fail(
+                    message,
+                    Reason.OUT_OF_RANGE,
+                    f"index {axis}={value} is at or beyond the service's limit of {limit} "
+                    f"({limits.axis_limit(axis)[1]})",
+                )
         for axis, value, size in (("t", t, self.t), ("p", p, self.p), ("z", z, self.z)):
             if size is not None and value >= size:
                 self._fail(

@@ -28,10 +28,10 @@ import zmq
 
 from acquisition.allocator import retain_frame_buffers
 from acquisition.errors import ListenerClosedError
-from acquisition.layout import DEFAULT_MAX_TIME_POINTS
+from acquisition.limits import Limits
 from acquisition.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_MAX_FRAME_BYTES, MAX_HEADER_BYTES
 from acquisition.sockets import bind_socket
-from acquisition.source import EventQueue, Intake, SourceEvent, SourceStats
+from acquisition.source import EventQueue, IdleTimer, Intake, SourceEvent, SourceStats
 from acquisition.spec import StoredAcquisition
 
 __all__ = ["FrameListener"]
@@ -59,10 +59,13 @@ class FrameListener:
         Largest accepted pixel buffer; larger frames are rejected (``too_large``).
     rcvhwm : int
         ZeroMQ receive high-water mark (messages). Small values make backpressure reach the sender sooner.
-    max_time_points : int
-        Frames with ``t`` at or beyond this are rejected (``out_of_range``), declared or not.
+    limits : Limits, optional
+        Ceilings on every acquisition (extent along t, p, z, c; pixels per frame), on how many are open
+        at once, and the idle timeout after which an open one is closed (:class:`~acquisition.limits.Limits`;
+        its defaults when not given: no idle timeout).
     max_acquisitions : int
-        Acquisitions whose declaration is remembered at once; the least recently seen is forgotten.
+        Acquisitions whose declaration is remembered at once (at least ``limits.max_open_acquisitions``);
+        the least recently declared that is not open is forgotten.
     max_notices : int
         Notices (rejections, start/end, drops) that may wait for a consumer before reading pauses.
     socket_options : callable, optional
@@ -98,7 +101,7 @@ class FrameListener:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         rcvhwm: int = 4,
         max_acquisitions: int = 1024,
-        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+        limits: Limits | None = None,
         max_notices: int = 4096,
         socket_options: Callable[[zmq.Socket[Any]], None] | None = None,
         retain_buffers: bool = True,
@@ -118,10 +121,11 @@ class FrameListener:
             max_frame_bytes=max_frame_bytes,
             stats=self._stats,
             max_acquisitions=max_acquisitions,
-            max_time_points=max_time_points,
+            limits=limits,
             stored=stored,
         )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
+        self._idle = IdleTimer(self._intake, self._queue)
         self._socket: zmq.Socket[Any] | None = None
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +145,11 @@ class FrameListener:
     def stats(self) -> SourceStats:
         """Counters over all acquisitions."""
         return self._stats
+
+    @property
+    def limits(self) -> Limits:
+        """The ceilings this listener holds senders to."""
+        return self._intake.limits
 
     @property
     def live(self) -> bool:
@@ -170,6 +179,7 @@ class FrameListener:
         self._fd = int(sock.getsockopt(zmq.FD))
         self._loop = asyncio.get_running_loop()
         self._resume()
+        self._idle.start()
         log.info(
             "frame listener bound to %s (live=%s, max_queued=%d)", self._endpoint, self.live, self.max_queued
         )
@@ -184,6 +194,7 @@ class FrameListener:
             return
         self._closing = True
         self._pause()
+        self._idle.stop()
         if self._retry is not None:
             self._retry.cancel()
         if self._socket is not None:

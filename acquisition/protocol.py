@@ -11,13 +11,14 @@ import functools
 import json
 import math
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from acquisition.errors import ProtocolError
 from acquisition.ids import AcquisitionId
+from cellsam_core.pixels import MIN_IMAGE_SIDE, PIXEL_DTYPES, PixelDtypeName, pixel_dtype_problem
 
 if TYPE_CHECKING:
     from cellsam_core.cells import CellTable
@@ -28,6 +29,8 @@ __all__ = [
     "DEFAULT_RESULT_ENDPOINT",
     "MAX_CHANNELS",
     "MAX_HEADER_BYTES",
+    "MAX_NESTING",
+    "MIN_FRAME_SIDE",
     "PROTOCOL_VERSION",
     "SUPPORTED_DTYPES",
     "AcquisitionSizes",
@@ -48,6 +51,7 @@ __all__ = [
     "TrackResult",
     "default_channels",
     "dump_json",
+    "shape_problem",
 ]
 
 PROTOCOL_VERSION = 1
@@ -55,11 +59,33 @@ DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CHANNELS = 16
+#: Fewest pixels along y and along x of a frame (see ``cellsam_core.pixels.MIN_IMAGE_SIDE``).
+MIN_FRAME_SIDE = MIN_IMAGE_SIDE
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
 
-DtypeName = Literal["uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64"]
-SUPPORTED_DTYPES: frozenset[str] = frozenset(get_args(DtypeName))
+#: Nesting depth of JSON arrays and objects a header may have (the header object itself is level 1).
+MAX_NESTING = 64
+
+#: Pixel dtype names: one rule for the wire, ``POST /segment`` and the CLI (``cellsam_core.pixels``).
+DtypeName = PixelDtypeName
+SUPPORTED_DTYPES: frozenset[str] = PIXEL_DTYPES
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
+
+
+def shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why ``shape`` cannot be a frame's, or None: ``(H, W)`` or ``(H, W, C)``, H and W at least
+    ``MIN_FRAME_SIDE``, C from 1 to ``MAX_CHANNELS``."""
+    if (
+        len(shape) in (2, 3)
+        and min(shape[:2]) >= MIN_FRAME_SIDE
+        and shape[-1] >= 1
+        and (len(shape) == 2 or shape[2] <= MAX_CHANNELS)
+    ):
+        return None
+    return (
+        f"shape {list(shape)[:8]} must be [H, W] or [H, W, C] with H, W ≥ {MIN_FRAME_SIDE} and "
+        f"1 ≤ C ≤ {MAX_CHANNELS}"
+    )
 
 
 class Reason(str, Enum):
@@ -83,6 +109,7 @@ class Reason(str, Enum):
     OUT_OF_RANGE = "out_of_range"
     UNDECLARED_CHANNEL = "undeclared_channel"
     LAYOUT_CONFLICT = "layout_conflict"
+    TOO_MANY_ACQUISITIONS = "too_many_acquisitions"
     INTERNAL = "internal"
 
     def __str__(self) -> str:
@@ -256,6 +283,29 @@ class StartMessage(BaseModel):
         default=(), description="Stage positions, in index p order (names and stage coordinates)."
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON metadata.")
+
+    @field_validator("shape")
+    @classmethod
+    def _frame_shape(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        problem = None if value is None else shape_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _pixel_dtype(cls, value: str | None) -> str | None:
+        problem = None if value is None else pixel_dtype_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _channel_counts_agree(self) -> StartMessage:
+        c = self.sizes.c
+        if self.shape is not None and len(self.shape) == 3 and c is not None and c != self.shape[2]:
+            raise ValueError(f"shape {list(self.shape)} has {self.shape[2]} channels but sizes.c is {c}")
+        return self
 
     @property
     def pixel_size(self) -> float | None:

@@ -16,23 +16,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
-from acquisition.errors import ListenerClosedError, ProtocolError
+from acquisition.errors import ListenerClosedError
+from acquisition.events import Dropped, Ended, Rejected, SourceEvent, SourceStats, Started
 from acquisition.frames import Frame
-from acquisition.layout import DEFAULT_MAX_TIME_POINTS, Layout, declared_metadata, redeclare
-from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES, EndMessage, Index, Reason, StartMessage
-from acquisition.spec import AcquisitionSpec, StoredAcquisition
-from acquisition.wire import FrameMessage, decode_message
+from acquisition.intake import Intake
+from acquisition.limits import Limits
+from acquisition.protocol import DEFAULT_MAX_FRAME_BYTES
+from acquisition.spec import StoredAcquisition
 
 __all__ = [
     "Dropped",
     "Ended",
     "EventQueue",
     "FrameSource",
+    "IdleTimer",
     "Intake",
     "MemoryFrameSource",
     "Rejected",
@@ -42,86 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """A ``start`` message: the acquisition's declaration (sizes, channels, metadata)."""
-
-    message: StartMessage
-
-    @property
-    def acquisition(self) -> str:
-        return self.message.acquisition
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """An ``end`` message. Every frame of the acquisition the source accepted came before it."""
-
-    message: EndMessage
-
-    @property
-    def acquisition(self) -> str:
-        return self.message.acquisition
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A message refused by validation: ``reason`` is a :class:`~acquisition.protocol.Reason` value.
-
-    ``acquisition`` and ``index`` are set when they could be read (so the rejection can be published).
-    """
-
-    reason: str
-    detail: str
-    acquisition: str | None = None
-    index: Index | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """``count`` accepted frames of ``acquisition`` dropped unsegmented (live mode: the oldest waiting
-    frames, when newer ones arrived and the queue was full). ``index`` is the last one dropped."""
-
-    acquisition: str
-    index: Index
-    count: int = 1
-    reason: str = "live_overflow"
-
-
-#: What :meth:`FrameSource.get` returns.
-SourceEvent = Frame | Started | Ended | Rejected | Dropped
-
-
-@dataclass(slots=True)
-class SourceStats:
-    """Counters of one source over all acquisitions (per-acquisition books belong to the consumer).
-
-    ``rejected`` and ``dropped`` count by reason code.
-    """
-
-    received: int = 0
-    accepted: int = 0
-    bytes_accepted: int = 0
-    started: int = 0
-    ended: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
-    queue_depth: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-dict copy (JSON-serialisable)."""
-        return {
-            "received": self.received,
-            "accepted": self.accepted,
-            "bytes_accepted": self.bytes_accepted,
-            "started": self.started,
-            "ended": self.ended,
-            "rejected": dict(self.rejected),
-            "dropped": dict(self.dropped),
-            "queue_depth": self.queue_depth,
-        }
 
 
 @runtime_checkable
@@ -137,6 +58,10 @@ class FrameSource(Protocol):
       protocol's reason code, and the source keeps serving.
     - Frames of an acquisition after its ``end`` are rejected (``acquisition_ended``) until a new
       ``start`` re-opens it.
+    - At most ``limits.max_open_acquisitions`` acquisitions are open at once: a ``start`` or frame that
+      would open another is rejected (``too_many_acquisitions``); ``end`` and idleness free a slot.
+    - With ``limits.idle_timeout_s`` set, an open acquisition that received nothing for that long is
+      reported ended (:class:`Ended` with ``idle=True``); its next frame is accepted and re-opens it.
     - At most ``max_queued`` accepted frames wait for consumers. Beyond that the source stops taking
       messages (backpressure on the sender) or, when ``live``, drops the oldest waiting frame and puts a
       :class:`Dropped` notice in its place. Notices are bounded too (``max_notices``).
@@ -172,175 +97,40 @@ class FrameSource(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Known:
-    """What an :class:`Intake` remembers of one acquisition."""
+class IdleTimer:
+    """Closes idle acquisitions: every so often, queues the :meth:`Intake.expire` notices.
 
-    start: StartMessage | None
-    layout: Layout | None = None
-    ended: bool = False
-    #: Physical metadata fixed so far (`declared_metadata`), which a later ``start`` must not change.
-    reference: dict[str, Any] = field(default_factory=dict)
-
-
-class Intake:
-    """What a message is: decode, validate, and apply ``start``/``end`` (shared by every source).
-
-    Keeps, per acquisition, only what validation needs: the latest declaration, the :class:`Layout`
-    its frames must fit (fixed by the declaration and the first frame) and whether it ended (the
-    ``max_acquisitions`` most recently seen).
+    Used by every source (with the same :class:`Intake` and :class:`EventQueue`); does nothing when
+    ``limits.idle_timeout_s`` is None.
     """
 
-    def __init__(
-        self,
-        *,
-        max_frame_bytes: int,
-        stats: SourceStats,
-        max_acquisitions: int = 1024,
-        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
-        stored: Callable[[str], StoredAcquisition | None] | None = None,
-    ) -> None:
-        self.max_frame_bytes = max_frame_bytes
-        self.max_time_points = max_time_points
-        self.stored = stored
-        self.stats = stats
-        self._max_acquisitions = max_acquisitions
-        self._acquisitions: OrderedDict[str, _Known] = OrderedDict()
+    def __init__(self, intake: Intake, queue: EventQueue) -> None:
+        self._intake = intake
+        self._queue = queue
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        timeout = intake.limits.idle_timeout_s
+        # A quarter of the timeout (closing up to 25 % late), at most a second.
+        self._period = None if timeout is None else min(1.0, timeout / 4)
 
-    def declaration(self, acquisition: str) -> StartMessage | None:
-        """The latest ``start`` of ``acquisition``, if one came (and it is still remembered)."""
-        known = self._acquisitions.get(acquisition)
-        return known.start if known is not None else None
+    def start(self) -> None:
+        """Start checking (from within the running event loop)."""
+        if self._period is None or self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(self._period, self._tick)
 
-    def _known(self, acquisition: str) -> _Known | None:
-        """What is known of an acquisition: seen in this run, else what the label sink holds of it."""
-        known = self._acquisitions.get(acquisition)
-        if known is not None or self.stored is None:
-            return known
-        try:
-            stored = self.stored(acquisition)
-        except Exception as exc:  # something that is not its store is in the way, or unreadable
-            raise ProtocolError(
-                Reason.LAYOUT_CONFLICT,
-                f"acquisition {acquisition!r} cannot be resumed from the label store: {exc}",
-                acquisition=acquisition,
-            ) from exc
-        if stored is None:
-            return None
-        spec = stored.spec
-        start = None
-        if spec.declaration is not None:
-            with contextlib.suppress(ValueError):
-                start = StartMessage.model_validate(spec.declaration)
-        known = _Known(
-            start,
-            _layout_of_spec(spec, max_t=self.max_time_points),
-            ended=stored.closed,
-            reference=_metadata_of_spec(spec),
-        )
-        self._remember(acquisition, known)
-        log.info("acquisition %s resumed from the label store (sizes %s)", acquisition, spec.sizes)
-        return known
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
-    def _remember(self, acquisition: str, known: _Known) -> None:
-        self._acquisitions[acquisition] = known
-        self._acquisitions.move_to_end(acquisition)
-        while len(self._acquisitions) > self._max_acquisitions:
-            self._acquisitions.popitem(last=False)
-
-    def take(self, parts: Sequence[Any], received_at: float) -> SourceEvent:
-        """The event for one received multipart message.
-
-        Never raises: a message that breaks the protocol becomes a :class:`Rejected` with its reason, and
-        an unexpected error while handling one becomes a :class:`Rejected` with reason ``internal`` (and
-        a logged traceback), so no message can stop a source.
-        """
-        self.stats.received += 1
-        try:
-            return self._take(parts, received_at)
-        except ProtocolError as exc:
-            return self.rejected(exc)
-        except Exception as exc:
-            log.exception("internal error while handling a message")
-            return self.rejected(ProtocolError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"))
-
-    def _take(self, parts: Sequence[Any], received_at: float) -> SourceEvent:
-        stats = self.stats
-        message = decode_message(parts, max_frame_bytes=self.max_frame_bytes)
-        if isinstance(message, FrameMessage):
-            known = self._known(message.acquisition)
-            if known is not None and known.ended:
-                header = message.header
-                raise ProtocolError(
-                    Reason.ACQUISITION_ENDED,
-                    f"acquisition {header.acquisition!r} has ended; send 'start' to re-open it",
-                    acquisition=header.acquisition,
-                    index=header.index.model_dump(),
-                )
-            start = known.start if known is not None else None
-            layout = known.layout if known is not None else None
-            if layout is None:
-                layout = Layout.of(start, message, max_t=self.max_time_points)
-                reference = known.reference if known is not None else declared_metadata(None)
-                self._remember(message.acquisition, _Known(start, layout, reference=reference))
-            layout.check(message)
-            stats.accepted += 1
-            stats.bytes_accepted += message.data.nbytes
-            return Frame(message, received_at=received_at, declaration=start, layout=layout)
-        if isinstance(message, StartMessage):
-            known = self._known(message.acquisition)
-            if known is None:
-                self._remember(message.acquisition, _Known(message, reference=declared_metadata(message)))
-            else:
-                # A further start: the same acquisition (a no-op, or more time points) and never a
-                # different one; it re-opens an ended acquisition.
-                layout = redeclare(known.layout, known.reference, message)
-                reference = known.reference if known.layout is not None else declared_metadata(message)
-                self._remember(message.acquisition, _Known(message, layout, reference=reference))
-            stats.started += 1
-            return Started(message)
-        stats.ended += 1
-        known = self._known(message.acquisition) or _Known(None)
-        self._remember(
-            message.acquisition, _Known(known.start, known.layout, ended=True, reference=known.reference)
-        )
-        return Ended(message)
-
-    def rejected(self, exc: ProtocolError) -> Rejected:
-        """Count a rejection and make its notice."""
-        self.stats.rejected[exc.reason] += 1
-        index = None
-        if exc.index is not None:
-            with contextlib.suppress(ValueError):
-                index = Index.model_validate(exc.index)
-        return Rejected(exc.reason, exc.detail, exc.acquisition, index)
-
-
-def _layout_of_spec(spec: AcquisitionSpec, *, max_t: int) -> Layout:
-    """The layout of an acquisition a label sink already holds (a service restarted on its store)."""
-    sizes = (spec.declaration or {}).get("sizes") or {}
-    return Layout(
-        t=spec.sizes.t,
-        p=spec.sizes.p,
-        z=spec.sizes.z,
-        c=spec.sizes.c,
-        shape=spec.frame_shape,
-        dtype=spec.image_dtype,
-        declared_channels=isinstance(sizes, dict) and sizes.get("c") is not None,
-        max_t=max_t,
-    )
-
-
-def _metadata_of_spec(spec: AcquisitionSpec) -> dict[str, Any]:
-    """`declared_metadata` of a stored acquisition, from its spec."""
-    return {
-        "pixel_size_um": spec.pixel_size_um,
-        "time_interval_s": spec.time_interval_s,
-        "z_step_um": spec.z_step_um,
-        "channels.names": spec.channel_names,
-        "channels.colors": spec.channel_colors,
-        "positions": spec.positions or None,
-    }
+    def _tick(self) -> None:
+        if self._queue.closed or self._loop is None or self._period is None:
+            return
+        for event in self._intake.expire(time.monotonic()):
+            self._queue.put(event)
+        self._handle = self._loop.call_later(self._period, self._tick)
 
 
 class EventQueue:
@@ -450,14 +240,15 @@ class MemoryFrameSource:
         live: bool = False,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_notices: int = 4096,
-        max_time_points: int = DEFAULT_MAX_TIME_POINTS,
+        limits: Limits | None = None,
         stored: Callable[[str], StoredAcquisition | None] | None = None,
     ) -> None:
         self._stats = SourceStats()
         self._intake = Intake(
-            max_frame_bytes=max_frame_bytes, stats=self._stats, max_time_points=max_time_points, stored=stored
+            max_frame_bytes=max_frame_bytes, stats=self._stats, limits=limits, stored=stored
         )
         self._queue = EventQueue(max_queued=max_queued, live=live, stats=self._stats, max_notices=max_notices)
+        self._idle = IdleTimer(self._intake, self._queue)
         self._room: asyncio.Event | None = None
         self._started = False
 
@@ -476,8 +267,10 @@ class MemoryFrameSource:
     async def start(self) -> None:
         self._room = asyncio.Event()
         self._started = True
+        self._idle.start()
 
     async def stop(self) -> None:
+        self._idle.stop()
         self._queue.close()
         if self._room is not None:
             self._room.set()

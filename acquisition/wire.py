@@ -9,7 +9,6 @@ the v1 header; anything it does not take goes to the full decoder, which names t
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -19,13 +18,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from acquisition.errors import ProtocolError
+from acquisition.header_json import parse_header, readable_id, short, too_deep
 from acquisition.ids import is_acquisition_id, validate_acquisition_id
 from acquisition.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_CHANNELS,
     MAX_HEADER_BYTES,
+    MIN_FRAME_SIDE,
     PROTOCOL_VERSION,
-    SUPPORTED_DTYPES,
     WIRE_DTYPES,
     Channels,
     DtypeName,
@@ -35,7 +35,9 @@ from acquisition.protocol import (
     Reason,
     StartMessage,
     dump_json,
+    shape_problem,
 )
+from cellsam_core.pixels import pixel_dtype_problem
 
 __all__ = [
     "FrameMessage",
@@ -102,29 +104,6 @@ class FrameMessage:
         return f"FrameMessage({self.header!r}, data={self.data.shape} {self.data.dtype})"
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in headers")
-
-
-# One decoder for every header: ``json.loads`` with keyword arguments builds a new one per call.
-_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def _parse_header(part: Any) -> dict[str, Any]:
-    view = memoryview(part)
-    if view.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(
-            Reason.HEADER_TOO_LARGE, f"header is {view.nbytes} bytes; the limit is {MAX_HEADER_BYTES}"
-        )
-    try:
-        obj = _HEADER_DECODER.decode(view.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(Reason.BAD_JSON, f"header is not valid UTF-8 JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError(Reason.BAD_JSON, f"header must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 _LOC_REASON = {"index": Reason.BAD_INDEX, "shape": Reason.BAD_SHAPE, "dtype": Reason.BAD_DTYPE}
 
 
@@ -149,21 +128,19 @@ def _frame_error(header: FrameHeader | _FrameHeaderWire, reason: Reason, detail:
 
 
 def _check_layout(header: FrameHeader) -> None:
-    if header.dtype not in SUPPORTED_DTYPES:
-        raise _frame_error(
-            header, Reason.BAD_DTYPE, f"dtype {header.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}"
-        )
-    shape = header.shape
-    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-        raise _frame_error(
-            header, Reason.BAD_SHAPE, f"shape {list(shape)} must be [H, W] or [H, W, C] of ints ≥ 1"
-        )
-    if len(shape) == 3 and shape[2] > MAX_CHANNELS:
-        raise _frame_error(header, Reason.BAD_SHAPE, f"{shape[2]} channels; at most {MAX_CHANNELS} allowed")
+    problem = pixel_dtype_problem(header.dtype)
+    if problem is not None:
+        raise _frame_error(header, Reason.BAD_DTYPE, problem)
+    problem = shape_problem(header.shape)
+    if problem is not None:
+        raise _frame_error(header, Reason.BAD_SHAPE, problem)
 
 
 def decode_message(
-    parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    parts: Sequence[Any],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_frame_pixels: int | None = None,
 ) -> FrameMessage | StartMessage | EndMessage:
     """Decode and validate one multipart message.
 
@@ -174,6 +151,8 @@ def decode_message(
         protocol). Part 1 of a frame is wrapped, not copied.
     max_frame_bytes : int
         Largest accepted pixel buffer; larger frames are rejected with ``too_large``.
+    max_frame_pixels : int, optional
+        Most pixels of one frame plane (``H * W``); larger frames are rejected with ``too_large``.
 
     Returns
     -------
@@ -187,24 +166,39 @@ def decode_message(
     if len(parts) == 2:
         header = _frame_header_fast(parts[0])
         if header is not None:  # its layout is checked already
-            return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
-    return _decode_full(parts, max_frame_bytes)
+            return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes, max_frame_pixels))
+    return _decode_full(parts, max_frame_bytes, max_frame_pixels)
 
 
-def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | StartMessage | EndMessage:
-    """Every check in order, so a rejection names its first reason: control messages and bad input."""
+def _decode_full(
+    parts: Sequence[Any], max_frame_bytes: int, max_frame_pixels: int | None
+) -> FrameMessage | StartMessage | EndMessage:
+    """Every check in order, so a rejection names its first reason: control messages and bad input.
+
+    Rejections found before the acquisition id is checked (version, type) still name the id when it is a
+    valid one, so that they can be published to its subscribers.
+    """
     if len(parts) == 0:
         raise ProtocolError(Reason.BAD_MULTIPART, "empty message")
-    obj = _parse_header(parts[0])
+    obj = parse_header(parts[0])
+    readable = readable_id(obj)
     if "v" not in obj:
-        raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing")
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'v' is missing", acquisition=readable)
     if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(Reason.BAD_VERSION, f"version {obj['v']!r} is not supported; this is v1")
+        raise ProtocolError(
+            Reason.BAD_VERSION,
+            f"version {short(obj['v'])} is not supported; this is v1",
+            acquisition=readable,
+        )
     if "type" not in obj:
-        raise ProtocolError(Reason.MISSING_FIELD, "required field 'type' is missing")
+        raise ProtocolError(Reason.MISSING_FIELD, "required field 'type' is missing", acquisition=readable)
     kind = obj["type"]
     if kind not in ("frame", "start", "end"):
-        raise ProtocolError(Reason.UNKNOWN_TYPE, f"type {kind!r} is not one of 'frame', 'start', 'end'")
+        raise ProtocolError(
+            Reason.UNKNOWN_TYPE,
+            f"type {short(kind)} is not one of 'frame', 'start', 'end'",
+            acquisition=readable,
+        )
     if "acquisition" not in obj:
         raise ProtocolError(Reason.MISSING_FIELD, "required field 'acquisition' is missing")
     acquisition = validate_acquisition_id(obj["acquisition"])
@@ -235,7 +229,7 @@ def _decode_full(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage | S
     except ValidationError as exc:
         raise _model_error(exc, acquisition) from None
     _check_layout(header)
-    return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes))
+    return FrameMessage(header, _wrap_buffer(header, parts[1], max_frame_bytes, max_frame_pixels))
 
 
 _FRAME_HEADER_TO_JSON = FrameHeader.__pydantic_serializer__.to_json
@@ -271,7 +265,7 @@ class _FrameHeaderWire(msgspec.Struct, frozen=True):  # unknown fields are ignor
     v: Literal[1]
     acquisition: str
     index: _IndexWire
-    shape: _Shape  # with dtype: what _check_layout checks, but for the channel limit
+    shape: _Shape  # with dtype: what _check_layout checks, but for the side and channel limits
     dtype: DtypeName
     timestamp: float | msgspec.UnsetType | None = msgspec.UNSET
     channels: _ChannelsWire | msgspec.UnsetType | None = msgspec.UNSET
@@ -320,13 +314,31 @@ def _frame_header_fast(part: Any) -> _FrameHeaderWire | None:
         wire = _FRAME_HEADER_WIRE.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
-    if not is_acquisition_id(wire.acquisition) or (len(wire.shape) == 3 and wire.shape[2] > MAX_CHANNELS):
+    shape = wire.shape
+    if (
+        not is_acquisition_id(wire.acquisition)
+        or shape[0] < MIN_FRAME_SIDE
+        or shape[1] < MIN_FRAME_SIDE
+        or (len(shape) == 3 and shape[2] > MAX_CHANNELS)
+    ):
+        return None
+    if wire.metadata and too_deep(bytes(raw), wire.metadata, 2):  # the full path names the reason
         return None
     return wire
 
 
-def _wrap_buffer(header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int) -> np.ndarray:
+def _wrap_buffer(
+    header: FrameHeader | _FrameHeaderWire, part: Any, max_frame_bytes: int, max_frame_pixels: int | None
+) -> np.ndarray:
     """The pixels of ``part`` as a read-only array view, for a header whose layout is checked."""
+    shape = header.shape
+    if max_frame_pixels is not None and shape[0] * shape[1] > max_frame_pixels:
+        raise _frame_error(
+            header,
+            Reason.TOO_LARGE,
+            f"frame of {shape[0]}x{shape[1]} = {shape[0] * shape[1]} pixels exceeds the limit of "
+            f"{max_frame_pixels} pixels (ingest.max_frame_pixels)",
+        )
     view = memoryview(part)
     declared = header.nbytes
     if declared > max_frame_bytes or view.nbytes > max_frame_bytes:

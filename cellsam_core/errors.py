@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "ImageFormatError",
+    "ImageTooLargeError",
     "StaleFrameError",
     "TrackingError",
     "UnknownModelError",
@@ -25,6 +26,21 @@ class CellSAMError(Exception):
 
 class ImageFormatError(CellSAMError, ValueError):
     """An input image has a shape, dtype or values the model cannot take (e.g. 4+ channels, NaN)."""
+
+
+class ImageTooLargeError(ImageFormatError):
+    """An input image has more pixels than the caller allows (found in its header, before decoding).
+
+    Attributes
+    ----------
+    pixels, limit : int
+        Pixels of one plane (``H * W``) of the image, and the most allowed.
+    """
+
+    def __init__(self, message: str, *, pixels: int, limit: int) -> None:
+        self.pixels = pixels
+        self.limit = limit
+        super().__init__(message)
 
 
 class CellTableError(CellSAMError, ValueError):

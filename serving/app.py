@@ -217,15 +217,29 @@ class Ingress:
 
     @http_app.post("/segment")
     async def segment(self, request: Request, format: str = "tiff") -> Response:
-        """Segment one image: same answer as ``cellsam-stream segment``."""
-        from cellsam_core.errors import ImageFormatError
+        """Segment one image: same answer as ``cellsam-stream segment``.
+
+        The body is refused before it is decoded when it is larger than ``ingest.max_frame_bytes`` or its
+        header declares more than ``ingest.max_frame_pixels`` pixels per plane (413), and when its format
+        or dtype is not one the ZeroMQ path takes either (415).
+        """
+        from cellsam_core.errors import ImageFormatError, ImageTooLargeError
         from cellsam_core.io import decode_image_bytes, encode_labels_bytes
 
         if format not in ("tiff", "npy"):
             raise HTTPException(status_code=400, detail="format must be 'tiff' or 'npy'")
+        ingest = self.config.ingest
+        limit = ingest.max_frame_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(status_code=413, detail=_too_large_body(int(declared), limit))
         body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(status_code=413, detail=_too_large_body(len(body), limit))
         try:
-            image = decode_image_bytes(body, name="request body")
+            image = decode_image_bytes(body, name="request body", max_pixels=ingest.max_frame_pixels)
+        except ImageTooLargeError as exc:
+            raise HTTPException(status_code=413, detail=f"{exc} (ingest.max_frame_pixels)") from exc
         except ImageFormatError as exc:
             raise HTTPException(status_code=415, detail=str(exc)) from exc
         try:
@@ -239,6 +253,10 @@ class Ingress:
             media_type=media,
             headers={"X-Cell-Count": str(decoded.segmentation.n_cells)},
         )
+
+
+def _too_large_body(size: int, limit: int) -> str:
+    return f"request body of {size} bytes exceeds the limit of {limit} bytes (ingest.max_frame_bytes)"
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

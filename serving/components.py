@@ -39,7 +39,8 @@ def frame_listener(
         live=ingest.live,
         max_frame_bytes=ingest.max_frame_bytes,
         rcvhwm=ingest.rcvhwm,
-        max_time_points=ingest.max_time_points,
+        limits=ingest.limits(),
+        max_acquisitions=max(1024, ingest.max_open_acquisitions),
         retain_buffers=ingest.retain_buffers,
         **_secured(curve, "ingest"),
     )

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from acquisition.layout import DEFAULT_MAX_TIME_POINTS
+from acquisition.limits import (
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_FRAME_PIXELS,
+    DEFAULT_MAX_OPEN_ACQUISITIONS,
+    DEFAULT_MAX_POSITIONS,
+    DEFAULT_MAX_TIME_POINTS,
+    DEFAULT_MAX_Z_PLANES,
+    Limits,
+)
 from cellsam_core.stacks import ZPolicy
 from cellsam_core.tracking_config import TrackerConfig
 from serving.addresses import ALL_INTERFACES, LOOPBACK, is_loopback_host, parse_endpoint
@@ -121,13 +129,63 @@ class IngestSettings(BaseModel):
         DEFAULT_MAX_TIME_POINTS,
         ge=1,
         description="Frames with a time index at or beyond this are rejected (out_of_range), declared or "
-        "not: one frame at t = 2**63 must not grow an acquisition's store to that length.",
+        "not: one frame at t = 2**63 must not grow an acquisition's store to that length. A start "
+        "declaring more time points is rejected too.",
+    )
+    max_positions: int = Field(
+        DEFAULT_MAX_POSITIONS,
+        ge=1,
+        description="Most stage positions (p) of an acquisition, declared or not: a store creates one "
+        "series per position when it is opened. Frames at or beyond it, and starts declaring more, are "
+        "rejected (out_of_range).",
+    )
+    max_z_planes: int = Field(
+        DEFAULT_MAX_Z_PLANES,
+        ge=1,
+        description="Most z planes of an acquisition, declared or not (out_of_range beyond).",
+    )
+    max_channels: int = Field(
+        DEFAULT_MAX_CHANNELS,
+        ge=1,
+        description="Most channels sent as separate frames (sizes.c) a start may declare (out_of_range "
+        "beyond). A single (H, W, C) buffer carries at most 16.",
+    )
+    max_frame_pixels: int = Field(
+        DEFAULT_MAX_FRAME_PIXELS,
+        ge=1,
+        description="Most pixels per frame plane (H * W), on ZeroMQ (too_large beyond) and POST /segment "
+        "(413, refused from the image header before decoding).",
+    )
+    max_open_acquisitions: int = Field(
+        DEFAULT_MAX_OPEN_ACQUISITIONS,
+        ge=1,
+        description="Acquisitions open at once (started or sent a frame, neither ended nor idle-closed); "
+        "a start or frame opening one more is rejected (too_many_acquisitions).",
+    )
+    idle_timeout_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description="Close an open acquisition that received nothing for this long (or for twice its "
+        "declared time_interval_s, if longer): its store is closed and its summary published as after "
+        "'end'; a later frame re-opens it. null: never.",
     )
     retain_buffers: bool = Field(
         True,
         description="On glibc, keep freed frame buffers in the heap for the next frames (process-wide "
         "malloc thresholds) instead of returning them to the kernel between frames.",
     )
+
+    def limits(self) -> Limits:
+        """The :class:`~acquisition.limits.Limits` these settings give the frame listener."""
+        return Limits(
+            max_time_points=self.max_time_points,
+            max_positions=self.max_positions,
+            max_z_planes=self.max_z_planes,
+            max_channels=self.max_channels,
+            max_frame_pixels=self.max_frame_pixels,
+            max_open_acquisitions=self.max_open_acquisitions,
+            idle_timeout_s=self.idle_timeout_s,
+        )
 
 
 class AssemblySettings(BaseModel):

@@ -127,5 +127,10 @@ class Ledger:
 
     @property
     def active(self) -> int:
-        """Acquisitions not closed yet."""
-        return sum(1 for entry in self._acquisitions.values() if not entry.closed)
+        """Acquisitions opened (started, sent a frame or ended) and not closed yet: an id that only ever
+        had messages rejected (e.g. ``too_many_acquisitions``) was never opened."""
+        return sum(
+            1
+            for e in self._acquisitions.values()
+            if not e.closed and (e.received or e.declaration is not None or e.ended)
+        )

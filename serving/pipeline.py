@@ -268,6 +268,10 @@ class StreamPipeline:
         m.accepted.inc()
         m.bytes_received.inc(frame.nbytes)
         entry = self.ledger[frame.acquisition]
+        if entry.closed:  # closed for idleness (the source re-opened it): as a new `start` does
+            entry = self.ledger.reopen(frame.acquisition)
+            entry.declaration = frame.declaration
+            self._specs.pop(frame.acquisition, None)
         entry.received += 1
         m.acquisitions_active.set(self.ledger.active)
         z_policy = self._z_policy(frame)

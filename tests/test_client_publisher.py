@@ -87,7 +87,7 @@ def test_sender_roundtrip_with_control_messages() -> None:
 def test_sender_converts_big_endian_arrays() -> None:
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:
-            image = np.arange(12, dtype=">i4").reshape(3, 4)
+            image = np.arange(20, dtype=">i4").reshape(4, 5)
             with FrameSender(endpoint=listener.endpoint, acquisition="be") as tx:
                 tx.send(image)
             frame = await next_frame(listener)
@@ -232,7 +232,7 @@ def test_rejections_from_the_listener_are_published(publisher: ResultPublisher) 
                 push: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PUSH)
                 push.connect(listener.endpoint)
                 header = b'{"type":"frame","v":1,"acquisition":"rej","index":{"t":4},'
-                header += b'"shape":[2,2],"dtype":"uint8"}'
+                header += b'"shape":[4,4],"dtype":"uint8"}'
                 push.send_multipart([b"garbage", b""])  # no id: counted, not published
                 push.send_multipart([header, b"abc"])  # size_mismatch for a known id: published
                 push.close(linger=1000)

@@ -116,16 +116,16 @@ def test_garbage_never_kills_the_listener() -> None:
 def test_an_internal_error_on_one_message_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     # The listener's own guarantee that replaced "callback errors are contained": whatever goes wrong
     # while handling one message becomes a rejection (reason `internal`), and the next message is read.
-    import acquisition.source
+    import acquisition.intake
 
-    real_decode = acquisition.source.decode_message
+    real_decode = acquisition.intake.decode_message
 
     def flaky_decode(parts: Any, **kwargs: Any) -> Any:
         if bytes(parts[0]) == b"boom":
             raise RuntimeError("decoder bug")
         return real_decode(parts, **kwargs)
 
-    monkeypatch.setattr(acquisition.source, "decode_message", flaky_decode)
+    monkeypatch.setattr(acquisition.intake, "decode_message", flaky_decode)
 
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:
@@ -146,8 +146,8 @@ def test_frames_of_an_unstarted_acquisition_use_defaults() -> None:
     async def main() -> None:
         async with FrameListener(endpoint=ANY_PORT) as listener:
             sock = push_socket(listener.endpoint)
-            sock.send_multipart(frame_parts("never-started", shape=(3, 3)))
-            sock.send_multipart(frame_parts("two-channel", shape=(3, 3, 2)))
+            sock.send_multipart(frame_parts("never-started", shape=(4, 4)))
+            sock.send_multipart(frame_parts("two-channel", shape=(4, 4, 2)))
             one, two = await listener.get(), await listener.get()
             sock.close()
             assert isinstance(one, Frame) and isinstance(two, Frame)
@@ -169,7 +169,7 @@ def test_start_declares_channels_and_end_closes() -> None:
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=0)
                 tx.end()
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=1)  # after end: rejected
-                tx.start()  # re-opens
+                tx.start(sizes={"t": 2})  # re-opens, laid out as before (its store exists)
                 tx.send(np.zeros((4, 4, 2), np.uint8), t=1)
             # The first `end`, then the `end` sent on leaving the block.
             events = await events_until_end(listener, "exp")

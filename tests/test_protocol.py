@@ -70,6 +70,7 @@ class Case:
     parts: list[bytes]
     expected: str  # a Reason value, or "frame" / "start" / "end" for valid messages
     max_frame_bytes: int = 1 << 20
+    max_frame_pixels: int | None = None
 
 
 CASES = [
@@ -127,6 +128,20 @@ CASES = [
     Case("not_utf8", [b"\xff\xfe{}", PIXELS], Reason.BAD_JSON),
     Case("json_array", [b"[1, 2]", PIXELS], Reason.BAD_JSON),
     Case("json_nan", [b'{"v": 1, "type": "frame", "x": NaN}', PIXELS], Reason.BAD_JSON),
+    Case(
+        "json_number_overflow", [header(timestamp=1).replace(b": 1}", b": 1e400}"), PIXELS], Reason.BAD_JSON
+    ),
+    Case("json_nested_too_deep", [b"[" * 20_000 + b"]" * 20_000, PIXELS], Reason.BAD_JSON),
+    Case(
+        "metadata_nested_too_deep",
+        [header(metadata={"x": 1}).replace(b"1}", b"[" * 100 + b"]" * 100 + b"}"), PIXELS],
+        Reason.BAD_JSON,
+    ),
+    Case(
+        "metadata_nested_at_limit",
+        [header(metadata={"x": 1}).replace(b"1}", b"[" * 62 + b"]" * 62 + b"}"), PIXELS],
+        "frame",
+    ),
     # version, type, id
     Case("version_2", [header(v=2), PIXELS], Reason.BAD_VERSION),
     Case("version_string", [header(v="1"), PIXELS], Reason.BAD_VERSION),
@@ -154,6 +169,9 @@ CASES = [
     Case("shape_rank_1", [header(shape=[24]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_rank_4", [header(shape=[1, 4, 6, 1]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_zero", [header(shape=[0, 6]), b""], Reason.BAD_SHAPE),
+    Case("shape_one_by_one", [header(shape=[1, 1]), PIXELS[:2]], Reason.BAD_SHAPE),
+    Case("shape_three_rows", [header(shape=[3, 8]), PIXELS], Reason.BAD_SHAPE),
+    Case("shape_smallest", [header(shape=[4, 4]), PIXELS[:32]], "frame"),
     Case("shape_string_dims", [header(shape=["4", 6]), PIXELS], Reason.BAD_SHAPE),
     Case("shape_too_many_channels", [header(shape=[1, 1, 17], dtype="uint8"), bytes(17)], Reason.BAD_SHAPE),
     Case("dtype_complex", [header(dtype="complex64"), PIXELS], Reason.BAD_DTYPE),
@@ -164,12 +182,21 @@ CASES = [
     Case("timestamp_string", [header(timestamp="now"), PIXELS], Reason.BAD_FIELD),
     Case("channels_bad", [header(channels={"names": 3}), PIXELS], Reason.BAD_FIELD),
     Case("start_zero_size", [control("start", sizes={"t": 0})], Reason.BAD_FIELD),
+    Case("start_pixel_size_text", [control("start", pixel_size_um="abc")], Reason.BAD_FIELD),
+    Case("start_shape_rank_1", [control("start", shape=[64])], Reason.BAD_SHAPE),
+    Case("start_shape_negative", [control("start", shape=[64, -1])], Reason.BAD_SHAPE),
+    Case("start_shape_too_small", [control("start", shape=[2, 64])], Reason.BAD_SHAPE),
+    Case("start_dtype_bool", [control("start", dtype="bool")], Reason.BAD_DTYPE),
+    Case("start_dtype_big_endian", [control("start", dtype=">u2")], Reason.BAD_DTYPE),
+    Case("start_channels_disagree", [control("start", shape=[8, 8, 3], sizes={"c": 2})], Reason.BAD_FIELD),
     Case("end_negative_frames", [control("end", frames=-1)], Reason.BAD_FIELD),
     # size and values
     Case("buffer_short", [header(), PIXELS[:-2]], Reason.SIZE_MISMATCH),
     Case("buffer_long", [header(), PIXELS + b"\0\0"], Reason.SIZE_MISMATCH),
     Case("declared_too_large", [header(shape=[4096, 4096]), PIXELS], Reason.TOO_LARGE),
     Case("buffer_too_large", [header(), bytes(64)], Reason.TOO_LARGE, max_frame_bytes=47),
+    Case("too_many_pixels", [header(), PIXELS], Reason.TOO_LARGE, max_frame_pixels=23),
+    Case("pixels_at_limit", [header(), PIXELS], "frame", max_frame_pixels=24),
     Case("frame_at_limit", [header(), PIXELS], "frame", max_frame_bytes=48),
     Case(
         "float_nan",
@@ -187,7 +214,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_decode(case: Case) -> None:
     if case.expected in ("frame", "start", "end"):
-        message = decode_message(case.parts, max_frame_bytes=case.max_frame_bytes)
+        message = decode_message(
+            case.parts, max_frame_bytes=case.max_frame_bytes, max_frame_pixels=case.max_frame_pixels
+        )
         expected_type = {"frame": FrameMessage, "start": StartMessage, "end": EndMessage}[case.expected]
         assert isinstance(message, expected_type)
         if isinstance(message, FrameMessage):
@@ -196,9 +225,29 @@ def test_decode(case: Case) -> None:
             assert not message.data.flags.writeable
     else:
         with pytest.raises(ProtocolError) as info:
-            decode_message(case.parts, max_frame_bytes=case.max_frame_bytes)
+            decode_message(
+                case.parts, max_frame_bytes=case.max_frame_bytes, max_frame_pixels=case.max_frame_pixels
+            )
         assert info.value.reason == case.expected
         assert str(case.expected) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "acquisition"),
+    [
+        (header(v=2), "exp-1"),
+        (header(v=DROP), "exp-1"),
+        (header(type="stop"), "exp-1"),
+        (header(type=DROP), "exp-1"),
+        (header(v=2, acquisition="../x"), None),
+        (header(type=["frame"], acquisition=7), None),
+    ],
+)
+def test_rejections_before_the_id_check_name_a_valid_id(raw: bytes, acquisition: str | None) -> None:
+    """So that they are published to the acquisition's subscribers, like every later rejection."""
+    with pytest.raises(ProtocolError) as info:
+        decode_message([raw, PIXELS])
+    assert info.value.acquisition == acquisition
 
 
 def test_every_input_reason_has_a_case() -> None:
@@ -210,6 +259,7 @@ def test_every_input_reason_has_a_case() -> None:
         Reason.OUT_OF_RANGE,
         Reason.UNDECLARED_CHANNEL,
         Reason.LAYOUT_CONFLICT,
+        Reason.TOO_MANY_ACQUISITIONS,
     }
     assert set(Reason) - listener_only <= covered
 
@@ -234,7 +284,7 @@ def test_decode_wraps_buffer_without_copy() -> None:
 
 
 def test_encode_decode_roundtrip() -> None:
-    image = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    image = np.arange(4 * 5 * 2, dtype=np.float32).reshape(4, 5, 2)
     h = frame_header(
         image.shape, image.dtype, acquisition="a.b_c-1", index={"t": 5, "c": 1}, metadata={"k": [1, 2]}
     )
@@ -247,12 +297,12 @@ def test_encode_decode_roundtrip() -> None:
 
 
 def test_encode_converts_big_endian_and_non_contiguous() -> None:
-    big = np.arange(12, dtype=">u2").reshape(3, 4)
+    big = np.arange(20, dtype=">u2").reshape(4, 5)
     h = frame_header(big.shape, big.dtype, acquisition="x")
     message = decode_message([encode_frame(h, big)[0], encode_frame(h, big)[1].tobytes()])
     assert isinstance(message, FrameMessage)
     np.testing.assert_array_equal(message.data, big)
-    strided = np.arange(24, dtype=np.uint8).reshape(4, 6)[:, ::2]
+    strided = np.arange(48, dtype=np.uint8).reshape(4, 12)[:, ::2]
     h2 = frame_header(strided.shape, strided.dtype, acquisition="x")
     assert encode_frame(h2, strided)[1].flags.c_contiguous
 
@@ -422,13 +472,15 @@ def _outcome(decode: Any) -> Any:
 def test_fast_frame_path_gives_the_full_paths_result_whenever_it_takes_a_header() -> None:
     taken = 0
     for raw in _header_variants():
-        full = _outcome(lambda raw=raw: _decode_full([raw, PIXELS], DEFAULT_MAX_FRAME_BYTES))
+        full = _outcome(lambda raw=raw: _decode_full([raw, PIXELS], DEFAULT_MAX_FRAME_BYTES, None))
         header = _frame_header_fast(raw)
         if header is None:  # left to the full path: always allowed
             continue
         taken += 1
         # Taking a header the full path rejects (bad version, missing index, NaN, ...) fails here.
-        fast = _outcome(lambda h=header: FrameMessage(h, _wrap_buffer(h, PIXELS, DEFAULT_MAX_FRAME_BYTES)))
+        fast = _outcome(
+            lambda h=header: FrameMessage(h, _wrap_buffer(h, PIXELS, DEFAULT_MAX_FRAME_BYTES, None))
+        )
         assert fast == full, raw[:200]
         assert _outcome(lambda raw=raw: decode_message([raw, PIXELS])) == full
     assert taken >= 20  # the valid variants above do take the fast path

@@ -5,6 +5,7 @@ One Ray instance and one Serve application for the whole module (Ray takes ~15 s
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.request
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
+import tifffile
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -77,7 +79,7 @@ def service(tmp_path_factory):
 
     config = {
         "model": {"name": "tiny", "weights": str(weights)},
-        "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 4},
+        "ingest": {"endpoint": "tcp://127.0.0.1:*", "max_concurrent": 4, "max_frame_pixels": 1 << 20},
         "results": {"endpoint": "tcp://127.0.0.1:*"},
         "output": {"directory": str(root / "out")},
         "metrics": {"port": 0},
@@ -182,6 +184,14 @@ def test_http_segment_matches_cli_path_and_health(service, reference_model):
     assert int(headers["x-cell-count"]) == segment(frame, reference_model).n_cells
     status, body, _ = service.post("/segment", b"definitely not an image")
     assert status == 415
+    # Refused before decoding: a few KB of zlib TIFF declaring 1025 x 1024 pixels (over the limit).
+    bomb = io.BytesIO()
+    tifffile.imwrite(bomb, np.zeros((1025, 1024), np.uint8), compression="zlib")
+    status, body, _ = service.post("/segment", bomb.getvalue())
+    assert status == 413 and b"ingest.max_frame_pixels" in body and b"1049600 pixels" in body, body
+    # The dtype rules of the ZeroMQ path: a bool NPY is refused as it would be on the wire.
+    status, body, _ = service.post("/segment", encode_labels_bytes(frame > frame.mean(), "npy"))
+    assert status == 415 and b"bool" in body, body
     health = json.loads(service.get("/healthz"))
     assert health["status"] == "ok"
     from cellsam_core.select import file_sha256

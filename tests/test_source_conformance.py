@@ -20,6 +20,7 @@ import zmq
 
 from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
+from acquisition.limits import Limits
 from acquisition.listener import FrameListener
 from acquisition.protocol import EndMessage, Index, StartMessage
 from acquisition.source import (
@@ -58,12 +59,12 @@ def end(acq: str = "a", **fields: Any) -> list[Any]:
 
 
 def raw_header(**fields: Any) -> bytes:
-    """A frame header as JSON, ``fields`` over a valid (2, 2) uint16 one of acquisition ``a``, t=3."""
+    """A frame header as JSON, ``fields`` over a valid (4, 4) uint16 one of acquisition ``a``, t=3."""
     base: dict[str, Any] = {"type": "frame", "v": 1, "acquisition": "a", "index": {"t": 3}}
-    return json.dumps(base | {"shape": [2, 2], "dtype": "uint16"} | fields).encode()
+    return json.dumps(base | {"shape": [4, 4], "dtype": "uint16"} | fields).encode()
 
 
-PIXELS = np.arange(4, dtype="<u2").tobytes()  # a valid (2, 2) uint16 buffer
+PIXELS = np.arange(16, dtype="<u2").tobytes()  # a valid (4, 4) uint16 buffer
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,11 @@ MAX_FRAME_BYTES = 1024  # the limit of the rejection tests' sources
 REJECTIONS = [
     Rejection("bad_json", [b"{not json", PIXELS], "bad_json"),
     Rejection("json_not_an_object", [b"[1, 2]", PIXELS], "bad_json"),
-    Rejection("bad_version", [raw_header(v=2), PIXELS], "bad_version"),
-    Rejection("version_not_an_int", [raw_header(v=True), PIXELS], "bad_version"),
-    Rejection("unknown_type", [raw_header(type="stop"), PIXELS], "unknown_type"),
+    Rejection("bad_version", [raw_header(v=2), PIXELS], "bad_version", "a"),
+    Rejection("version_not_an_int", [raw_header(v=True), PIXELS], "bad_version", "a"),
+    Rejection("unknown_type", [raw_header(type="stop"), PIXELS], "unknown_type", "a"),
+    Rejection("unknown_type_bad_id", [raw_header(type="stop", acquisition="../a"), PIXELS], "unknown_type"),
+    Rejection("nested_too_deep", [b"[" * 20_000 + b"]" * 20_000, PIXELS], "bad_json"),
     Rejection(
         "missing_index",
         [json.dumps({"type": "frame", "v": 1, "acquisition": "a"}).encode(), PIXELS],
@@ -100,9 +103,10 @@ REJECTIONS = [
     Rejection("size_mismatch", [raw_header(), PIXELS[:-1]], "size_mismatch", "a", Index(t=3)),
     Rejection("bad_dtype", [raw_header(dtype="complex64"), PIXELS * 2], "bad_dtype", "a", Index(t=3)),
     Rejection("bad_shape", [raw_header(shape=[4]), PIXELS], "bad_shape", "a", Index(t=3)),
+    Rejection("frame_too_small", [raw_header(shape=[1, 16]), PIXELS[:32]], "bad_shape", "a", Index(t=3)),
     Rejection(
         "nan_in_float_frame",
-        [raw_header(dtype="float32"), np.array([[0.0, np.nan], [1.0, 2.0]], "<f4").tobytes()],
+        [raw_header(dtype="float32"), np.array([0.0, np.nan] + [1.0] * 14, "<f4").tobytes()],
         "non_finite",
         "a",
         Index(t=3),
@@ -146,6 +150,7 @@ class LayoutCase:
     declaration: dict[str, Any] | None  # the start's fields; None: no start
     frames: list[list[Any]]
     outcome: list[str]  # "ok" or the rejection reason, one per frame
+    declared: str = "started"  # what became of the start: "started" or its rejection reason
 
 
 LAYOUT_CASES = [
@@ -186,10 +191,50 @@ LAYOUT_CASES = [
         ["ok", "out_of_range", "out_of_range"],
     ),
     LayoutCase(
-        "a declared time extent does not lift the ceiling",
+        "no declaration beyond the time ceiling",
         {"sizes": {"t": 10**12}},
         [chan("L", None, t=9_999_999), chan("L", None, t=10**9)],
         ["ok", "out_of_range"],
+        declared="out_of_range",
+    ),
+    LayoutCase(
+        "positions at the service's ceiling, undeclared",
+        None,
+        [chan("L", None, p=4096), chan("L", None, p=4095), chan("L", None, p=0)],
+        ["out_of_range", "ok", "ok"],
+    ),
+    LayoutCase(
+        "z at the service's ceiling, undeclared",
+        None,
+        [chan("L", None, z=4096), chan("L", None, z=3)],
+        ["out_of_range", "ok"],
+    ),
+    LayoutCase(
+        "no declaration beyond the position ceiling",
+        {"sizes": {"p": 4097}},
+        [chan("L", None, p=1)],
+        ["ok"],
+        declared="out_of_range",
+    ),
+    LayoutCase(
+        "no declaration beyond the channel ceiling",
+        {"sizes": {"c": 65}},
+        [chan("L", 1)],
+        ["undeclared_channel"],
+        declared="out_of_range",
+    ),
+    LayoutCase(
+        "no declaration of frames beyond the pixel ceiling",
+        {"shape": (8192, 8193)},
+        [chan("L", None)],
+        ["ok"],
+        declared="too_large",
+    ),
+    LayoutCase(
+        "a declared (H, W, C) shape fixes the channel count",
+        {"shape": (4, 5, 3)},
+        [chan("L", None, shape=(4, 5, 2)), chan("L", None, shape=(4, 5, 3))],
+        ["layout_conflict", "ok"],
     ),
     LayoutCase(
         "z beyond the declared z",
@@ -200,7 +245,7 @@ LAYOUT_CASES = [
     LayoutCase(
         "shape conflicting with the first frame",
         None,
-        [chan("L", None), chan("L", None, shape=(5, 4)), chan("L", None, shape=(1, 1))],
+        [chan("L", None), chan("L", None, shape=(5, 4)), chan("L", None, shape=(4, 4))],
         ["ok", "layout_conflict", "layout_conflict"],
     ),
     LayoutCase(
@@ -351,7 +396,7 @@ class SourceConformance:
 
     def make_source(self, **options: Any) -> FrameSource:
         """The source under test; ``options``: ``max_queued``, ``live``, ``max_frame_bytes``,
-        ``max_notices``."""
+        ``max_notices``, ``limits``."""
         raise NotImplementedError
 
     def make_feed(self, source: FrameSource) -> Feed:
@@ -397,7 +442,7 @@ class SourceConformance:
             frame("b", 0),
             end("a", frames=2),
             frame("a", 2),
-            start("a"),
+            start("a", sizes={"t": 4}),
             frame("a", 3),
         ]
 
@@ -432,7 +477,7 @@ class SourceConformance:
             start("a", sizes={"t": 3}, channels=declared, metadata={"objective": "20x"}),
             frame("a", 0, shape=(4, 5, 2)),
             frame("a", 1, shape=(4, 5, 2), channels=own),
-            start("a", channels={"nuclear": 0}),
+            start("a", sizes={"t": 3}, channels={"nuclear": 0}),
             frame("a", 2, shape=(4, 5, 2)),
             frame("b", 0, shape=(4, 5)),
             frame("c", 0, shape=(4, 5, 2)),
@@ -511,12 +556,12 @@ class SourceConformance:
                 await self.fed(source, feed, [*messages, *case.frames])
                 events = [await source.get() for _ in range(len(messages) + len(case.frames))]
                 got = [
-                    "ok" if isinstance(e, Frame) else e.reason
+                    "started" if isinstance(e, Started) else "ok" if isinstance(e, Frame) else e.reason
                     for e in events
-                    if isinstance(e, (Frame, Rejected))
+                    if isinstance(e, (Frame, Rejected, Started))
                 ]
-                assert got == case.outcome
-                for event in events:
+                assert got == ([case.declared] if messages else []) + case.outcome
+                for event in events[len(messages) :]:
                     if isinstance(event, Rejected):
                         assert event.acquisition == "L" and event.index is not None and event.detail
                     if isinstance(event, Frame):
@@ -550,16 +595,16 @@ class SourceConformance:
         assert looked_up == ["L"]  # the store is asked once, when the acquisition is first seen
 
     def test_an_internal_error_on_one_message_is_a_rejection(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import acquisition.source
+        import acquisition.intake
 
-        real_decode = acquisition.source.decode_message
+        real_decode = acquisition.intake.decode_message
 
         def flaky_decode(parts: Any, **kwargs: Any) -> Any:
             if bytes(parts[0]) == b"boom":
                 raise RuntimeError("decoder bug")
             return real_decode(parts, **kwargs)
 
-        monkeypatch.setattr(acquisition.source, "decode_message", flaky_decode)
+        monkeypatch.setattr(acquisition.intake, "decode_message", flaky_decode)
 
         async def main() -> None:
             async with self.opened() as (source, feed):
@@ -602,6 +647,104 @@ class SourceConformance:
                 assert reopened.declaration is not None and reopened.declaration.sizes.t == 12
                 assert source.stats.rejected == {"acquisition_ended": 2}
                 assert (source.stats.started, source.stats.ended) == (2, 2)
+
+        run(main())
+
+    def test_a_redeclaration_must_keep_the_store_its_frames_fixed(self) -> None:
+        messages = [
+            start("r", sizes={"t": 4}),
+            start("r", sizes={"t": 8}, shape=(4, 5)),  # no frame yet: anything goes
+            frame("r", 0),
+            start("r", sizes={"t": 8}, metadata={"run": 2}),  # the same store
+            start("r", sizes={"t": 9}),
+            start("r", sizes={"t": 8}, dtype="uint8"),
+            start("r", sizes={"t": 8, "c": 2}),
+            frame("r", 1),
+            end("r"),
+            start("r"),  # re-opening after `end` is a re-declaration too
+            start("r", sizes={"t": 8}),
+            frame("r", 2),
+        ]
+
+        async def main() -> None:
+            async with self.opened() as (source, feed):
+                await self.send_all(feed, messages)
+                events = [await source.get() for _ in messages]
+                got = [e.reason if isinstance(e, Rejected) else type(e).__name__ for e in events]
+                conflict = "layout_conflict"
+                assert got == [
+                    *("Started", "Started", "Frame", "Started"),
+                    *(conflict, conflict, conflict),
+                    *("Frame", "Ended", conflict, "Started", "Frame"),
+                ]
+                last = frames_in(events)[-1]
+                assert last.declaration is not None and last.declaration.sizes.t == 8
+                rejected = events[4]
+                assert isinstance(rejected, Rejected) and rejected.acquisition == "r"
+                assert "t=9" in rejected.detail and "t=8" in rejected.detail
+
+        run(main())
+
+    def test_open_acquisitions_are_capped_and_end_frees_a_slot(self) -> None:
+        messages = [
+            frame("a", 0),
+            start("b"),
+            frame("a", 1),  # already open: fine
+            frame("c", 0),
+            start("c"),
+            end("a"),
+            frame("c", 1),
+            frame("a", 2),  # ended, not re-opened
+        ]
+
+        async def main() -> None:
+            async with self.opened(limits=Limits(max_open_acquisitions=2)) as (source, feed):
+                await self.send_all(feed, messages)
+                events = [await source.get() for _ in messages]
+                got = [e.reason if isinstance(e, Rejected) else type(e).__name__ for e in events]
+                full = "too_many_acquisitions"
+                assert got == ["Frame", "Started", "Frame", full, full, "Ended", "Frame", "acquisition_ended"]
+                refused = events[3]
+                assert isinstance(refused, Rejected)
+                assert (refused.acquisition, refused.index) == ("c", Index(t=0))
+                assert "ingest.max_open_acquisitions" in refused.detail
+                assert source.stats.open_acquisitions == 2
+                assert source.stats.rejected == {full: 2, "acquisition_ended": 1}
+
+        run(main())
+
+    def test_idle_acquisitions_are_reported_ended_and_a_frame_reopens_them(self) -> None:
+        async def until_idle(source: FrameSource, acquisition: str) -> list[SourceEvent]:
+            """Events up to ``acquisition``'s idle close (a stalled test machine may close others too)."""
+            events: list[SourceEvent] = []
+            while True:
+                event = await source.get()
+                events.append(event)
+                idle = isinstance(event, Ended) and event.idle and event.acquisition == acquisition
+                if idle and frames_in(events):
+                    return events
+
+        def busy(events: list[SourceEvent]) -> list[str]:
+            return [type(e).__name__ for e in events if not (isinstance(e, Ended) and e.idle)]
+
+        async def main() -> None:
+            limits = Limits(idle_timeout_s=0.05, max_open_acquisitions=1)
+            async with self.opened(limits=limits) as (source, feed):
+                await self.send_all(feed, [start("i", sizes={"t": 3}), frame("i", 0)])
+                events = await until_idle(source, "i")  # nothing else arrives: the source closes it
+                assert busy(events) == ["Started", "Frame"]
+                idle = events[-1]
+                assert isinstance(idle, Ended) and idle.message.frames is None
+                assert source.stats.idle_closed >= 1 and source.stats.open_acquisitions == 0
+                # Its slot is free (another acquisition opens), and a frame re-opens it as it was.
+                await self.send_all(feed, [frame("j", 0), end("j"), frame("i", 1)])
+                events = await until_idle(source, "i")
+                assert busy(events) == ["Frame", "Ended", "Frame"]
+                again = frames_in(events)[-1]
+                assert again.acquisition == "i" and again.index.t == 1
+                assert again.declaration is not None and again.declaration.sizes.t == 3
+                assert again.layout is not None and again.layout.t == 3
+                assert not source.stats.rejected
 
         run(main())
 
@@ -805,7 +948,7 @@ class SourceConformance:
             async with self.opened(max_queued=8) as (source, feed):
                 assert source.stats == SourceStats()
                 messages = [start("st"), frame("st", 0), frame("st", 1), [b"x"], end("st")]
-                messages += [frame("st", 2), [raw_header(v=3), PIXELS], frame("st", 3, shape=(2, 3))]
+                messages += [frame("st", 2), [raw_header(v=3), PIXELS], frame("st", 3, shape=(4, 6))]
                 await self.fed(source, feed, messages)
                 assert source.queue_depth == 2
                 assert source.stats.as_dict() == {
@@ -814,6 +957,8 @@ class SourceConformance:
                     "bytes_accepted": 4 * 5 * 2 * 2,
                     "started": 1,
                     "ended": 1,
+                    "idle_closed": 0,
+                    "open_acquisitions": 0,
                     "rejected": {"bad_json": 1, "acquisition_ended": 2, "bad_version": 1},
                     "dropped": {},
                     "queue_depth": 2,
