@@ -291,10 +291,33 @@ CASES = [
         "start_after_frames_changes_shape", frame(), start(shape=[8, 8]), expect=["frame", "layout_conflict"]
     ),
     case(
-        "redeclared_sizes",
+        "redeclared_more_time_points",
         start(sizes={"t": 5}),
         frame(),
         start(sizes={"t": 10}),
+        frame(t=7),
+        expect=["start", "frame", "start", "frame"],
+    ),
+    case(
+        "redeclared_fewer_time_points",
+        start(sizes={"t": 5}),
+        frame(),
+        start(sizes={"t": 3}),
+        frame(t=4),
+        expect=["start", "frame", "layout_conflict", "frame"],
+    ),
+    case(
+        "redeclared_positions",
+        start(sizes={"t": 5}),
+        frame(),
+        start(sizes={"t": 5, "p": 2}),
+        expect=["start", "frame", "layout_conflict"],
+    ),
+    case(
+        "redeclared_pixel_size",
+        start(sizes={"t": 5}, pixel_size_um=0.5),
+        frame(),
+        start(sizes={"t": 5}, pixel_size_um=0.25),
         expect=["start", "frame", "layout_conflict"],
     ),
     case(
@@ -302,7 +325,7 @@ CASES = [
         start(sizes={"t": 5}),
         frame(),
         end(),
-        start(sizes={"t": 6}),
+        start(sizes={"t": 4}),
         frame(t=1),
         expect=["start", "frame", "end", "layout_conflict", "acquisition_ended"],
     ),

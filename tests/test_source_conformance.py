@@ -656,13 +656,14 @@ class SourceConformance:
             start("r", sizes={"t": 8}, shape=(4, 5)),  # no frame yet: anything goes
             frame("r", 0),
             start("r", sizes={"t": 8}, metadata={"run": 2}),  # the same store
-            start("r", sizes={"t": 9}),
-            start("r", sizes={"t": 8}, dtype="uint8"),
-            start("r", sizes={"t": 8, "c": 2}),
-            frame("r", 1),
+            start("r", sizes={"t": 9}),  # more time points: extends it
+            start("r", sizes={"t": 5}),  # fewer: a conflict
+            start("r", sizes={"t": 9}, dtype="uint8"),
+            start("r", sizes={"t": 9, "c": 2}),
+            frame("r", 8),
             end("r"),
-            start("r"),  # re-opening after `end` is a re-declaration too
-            start("r", sizes={"t": 8}),
+            start("r"),  # re-opening after `end`: leaving everything out changes nothing
+            start("r", sizes={"t": 9}),
             frame("r", 2),
         ]
 
@@ -673,15 +674,17 @@ class SourceConformance:
                 got = [e.reason if isinstance(e, Rejected) else type(e).__name__ for e in events]
                 conflict = "layout_conflict"
                 assert got == [
-                    *("Started", "Started", "Frame", "Started"),
+                    *("Started", "Started", "Frame", "Started", "Started"),
                     *(conflict, conflict, conflict),
-                    *("Frame", "Ended", conflict, "Started", "Frame"),
+                    *("Frame", "Ended", "Started", "Started", "Frame"),
                 ]
                 last = frames_in(events)[-1]
-                assert last.declaration is not None and last.declaration.sizes.t == 8
-                rejected = events[4]
+                assert last.declaration is not None and last.declaration.sizes.t == 9
+                rejected = events[5]
                 assert isinstance(rejected, Rejected) and rejected.acquisition == "r"
-                assert "t=9" in rejected.detail and "t=8" in rejected.detail
+                assert "sizes.t: 9 -> 5" in rejected.detail
+                assert "dtype: uint16 -> uint8" in events[6].detail  # type: ignore[union-attr]
+                assert "sizes.c: 1 -> 2" in events[7].detail  # type: ignore[union-attr]
 
         run(main())
 
