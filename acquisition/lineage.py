@@ -40,7 +40,7 @@ import networkx as nx
 
 from acquisition.errors import TrackFileError
 
-__all__ = ["GeffLineageWriter", "read_lineage", "to_geff_graph"]
+__all__ = ["GeffLineageWriter", "from_geff_graph", "read_lineage", "to_geff_graph"]
 
 _VERSION_DIGITS = 12
 
@@ -81,6 +81,40 @@ def to_geff_graph(
         for node, d in graph.nodes(data=True)
     )
     out.add_edges_from(graph.edges())
+    return out
+
+
+def from_geff_graph(graph: nx.DiGraph, *, pixel_size_um: float | None) -> nx.DiGraph:
+    """Inverse of :func:`to_geff_graph`: the lineage graph in pixels and frames, as
+    :func:`cellsam_core.lineage.lineage_graph` makes it (``t`` from ``frame``; floats are equal up to
+    rounding of the unit conversion), e.g. to extend with :class:`cellsam_core.lineage.LineageBuilder`.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph
+        As :func:`read_lineage` returns it (node properties of the module docstring).
+    pixel_size_um : float or None
+        The pixel size it was written with (time needs none: ``frame`` holds the time index).
+    """
+    px = float(pixel_size_um) if pixel_size_um is not None else 1.0
+    out = nx.DiGraph()
+    out.add_nodes_from(
+        (
+            int(node),
+            {
+                "t": int(d["frame"]),
+                "y": float(d["y"]) / px,
+                "x": float(d["x"]) / px,
+                "track_id": int(d["track_id"]),
+                "parent_track_id": int(d["parent_track_id"]),
+                "lineage_id": int(d["lineage_id"]),
+                "label": int(d["label"]),
+                "area": float(d["area"]) / (px * px),
+            },
+        )
+        for node, d in graph.nodes(data=True)
+    )
+    out.add_edges_from((int(a), int(b)) for a, b in graph.edges())
     return out
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidFrameError",
     "InvalidIdentifierError",
     "SinkError",
+    "StoreNotFoundError",
 ]
 
 
@@ -41,6 +42,10 @@ class AcquisitionClosedError(SinkError, RuntimeError):
 
 class IncompatibleStoreError(SinkError, FileExistsError):
     """The output path already holds something that is not a compatible store for this acquisition."""
+
+
+class StoreNotFoundError(SinkError, FileNotFoundError):
+    """No store of the acquisition exists where one was expected (to attach to or to re-track)."""
 
 
 class FrameNotWrittenError(SinkError, KeyError):

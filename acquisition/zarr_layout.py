@@ -24,7 +24,9 @@ __all__ = [
     "CELLSAM_KEY",
     "DONE_IMAGE",
     "DONE_LABELS",
+    "DONE_TRACKS",
     "HIGH_PERCENTILE",
+    "LABEL_IMAGES",
     "LAYOUT_VERSION",
     "LOW_PERCENTILE",
     "NGFF_VERSION",
@@ -38,6 +40,7 @@ __all__ = [
     "label_z_placement",
     "labels_group_attrs",
     "level_shape",
+    "lineage_path",
     "merge_ranges",
     "omero_attrs",
     "plate_grid",
@@ -45,18 +48,25 @@ __all__ = [
     "position_path",
     "root_attrs",
     "table_name",
+    "tracker_state_path",
     "well_attrs",
 ]
 
 NGFF_VERSION = "0.5"
 #: Version of our own layout (plate of positions, `cellsam/` groups, `done`, cell tables); bump on
-#: incompatible change. 3: positions moved from ``{p}`` to plate wells ``{row}/{column}/0``.
+#: incompatible change. 3: positions moved from ``{p}`` to plate wells ``{row}/{column}/0``. Tracking
+#: (``labels/tracks``, ``cellsam/tracked``, ``cellsam/tracker``, ``cellsam/lineage``) was added to layout 3
+#: compatibly: a store without it still opens, and its first tracked frame adds it.
 LAYOUT_VERSION = 3
 #: Key of our metadata in a group's attributes (next to `ome`).
 CELLSAM_KEY = "cellsam"
-#: Bits of the `done` array: labels and cell table complete; raw image stored too.
+#: Bits of the `done` array: labels and cell table complete; raw image stored too; tracked (track
+#: labels, tracked cell table and tracker state written).
 DONE_LABELS = 1
 DONE_IMAGE = 2
+DONE_TRACKS = 4
+#: The label images of each position (``{position}/labels/{name}``): cell labels, track labels.
+LABEL_IMAGES = ("cells", "tracks")
 #: Percentiles of each frame's pixels that bound the display window (robust to hot pixels and dust).
 LOW_PERCENTILE = 0.1
 HIGH_PERCENTILE = 99.9
@@ -97,6 +107,17 @@ def downsample(plane: NDArray[Any], level: int) -> NDArray[Any]:
 def table_name(t: int, z: int) -> str:
     """Name of a frame's cell table array inside ``{position}/cellsam/cells`` (``z``: its label plane)."""
     return f"t{t:06d}_z{z:04d}"
+
+
+def tracker_state_path(position: str, z: int) -> str:
+    """Group (in the store) whose attributes hold the tracker state of label plane ``z`` of a position."""
+    return f"{position}/cellsam/tracker/z{z:04d}"
+
+
+def lineage_path(p: int, z: int) -> str:
+    """Path (in the store) of the GEFF lineage of position ``p``, label plane ``z``: a symbolic link to its
+    current version (`acquisition.lineage.GeffLineageWriter`)."""
+    return f"{CELLSAM_KEY}/lineage/p{p:04d}_z{z:04d}.geff"
 
 
 def plate_grid(n_positions: int) -> tuple[int, int]:
@@ -336,13 +357,23 @@ def image_group_attrs(
     }
 
 
-def labels_group_attrs() -> dict[str, Any]:
+def labels_group_attrs(names: Sequence[str] = LABEL_IMAGES) -> dict[str, Any]:
     """Attributes of ``{position}/labels``: the label images it holds."""
-    return {"ome": {"version": NGFF_VERSION, "labels": ["cells"]}}
+    return {"ome": {"version": NGFF_VERSION, "labels": list(names)}}
 
 
-def label_image_attrs(spec: AcquisitionSpec) -> dict[str, Any]:
-    """Attributes of ``{position}/labels/cells``: multiscale (t, z, y, x) label image, ``image-label``.
+#: What the values of each label image are (``cellsam.values`` of its attributes).
+_LABEL_VALUES = {
+    "cells": "cell labels, per frame",
+    "tracks": "track ids (cellsam_core.tracking): one id per track across frames, 0 = background",
+}
+
+
+def label_image_attrs(spec: AcquisitionSpec, name: str = "cells") -> dict[str, Any]:
+    """Attributes of ``{position}/labels/{name}``: multiscale (t, z, y, x) label image, ``image-label``.
+
+    ``cells`` holds each frame's cell labels, ``tracks`` the same cells numbered by track (a cell keeps
+    its value from frame to frame); both share shape, chunks, axes and scales.
 
     No ``colors``: NGFF viewers then colour every label value with their own label colormap and keep 0
     transparent (napari-ome-zarr turns a ``colors`` list into the only colours it shows, so a list that
@@ -356,10 +387,10 @@ def label_image_attrs(spec: AcquisitionSpec) -> dict[str, Any]:
     return {
         "ome": {
             "version": NGFF_VERSION,
-            "multiscales": [{"name": "cells", **_multiscale(spec, with_channel=False)}],
+            "multiscales": [{"name": name, **_multiscale(spec, with_channel=False)}],
             "image-label": {"source": {"image": "../../"}},
         },
-        CELLSAM_KEY: {"z_policy": spec.z_policy.model_dump(mode="json")},
+        CELLSAM_KEY: {"z_policy": spec.z_policy.model_dump(mode="json"), "values": _LABEL_VALUES[name]},
     }
 
 

@@ -9,7 +9,12 @@ Concurrency model (threads of one process and processes sharing the output direc
   exclusive `flock` on ``{output}/.{id}.ome.zarr.locks/store.lock``, after re-reading the metadata,
   so no update is lost; frame writes hold the same lock shared, so they never race a trim.
 - A frame is marked in the ``done`` array after its labels, image and cell table are on disk, and the
-  mark is cleared before a rewrite, so ``done`` implies intact data even across SIGKILL.
+  mark is cleared before a rewrite, so ``done`` implies intact data even across SIGKILL. Its tracking
+  (track labels, tracked cell table, tracker state) gets its own ``done`` bit, set after those parts and
+  cleared before they are rewritten; a frame's writes (frame or tracking) hold its frame lock (the
+  shard's lock, or one of `_FRAME_LOCKS` striped locks), so the two never interleave.
+- Tracking added to a store made before it had any (``labels/tracks`` ...) is created under the
+  exclusive lock by the first `write_tracks` or `write_lineage` (`_ensure_tracking`).
 - The display range (``omero`` windows) only widens: a frame whose range the root already covers
   writes nothing; otherwise the writer takes ``window.lock`` exclusively, merges its range into the
   root's freshly read one (min of lows, max of highs: order and repetition do not matter) and rewrites
@@ -25,10 +30,9 @@ import shutil
 import threading
 import uuid
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -46,7 +50,11 @@ from acquisition.sink import (
     PreparedFrame,
     StoredAcquisition,
     StoreState,
+    check_lineage_graph,
+    check_plane,
+    check_same_cells,
     prepare_frame,
+    prepare_tracks,
 )
 from acquisition.sink_errors import (
     AcquisitionClosedError,
@@ -54,12 +62,15 @@ from acquisition.sink_errors import (
     FrameNotWrittenError,
     IncompatibleStoreError,
     InvalidFrameError,
+    StoreNotFoundError,
 )
 from acquisition.spec import AcquisitionSpec, Codec, check_frame_index, spec_differences, spec_extends
 from acquisition.zarr_layout import (
     CELLSAM_KEY,
     DONE_IMAGE,
     DONE_LABELS,
+    DONE_TRACKS,
+    LABEL_IMAGES,
     LAYOUT_VERSION,
     IntensityRange,
     channel_colors,
@@ -70,26 +81,47 @@ from acquisition.zarr_layout import (
     label_image_attrs,
     labels_group_attrs,
     level_shape,
+    lineage_path,
     merge_ranges,
     omero_attrs,
     position_path,
     root_attrs,
-    table_name,
     well_attrs,
 )
+from acquisition.zarr_tracks import (
+    CELLS_GROUP,
+    ROOT_GROUP_ATTRS,
+    TRACKED_GROUP,
+    TRACKER_GROUP,
+    read_lineage_graph,
+    read_state,
+    read_table,
+    write_lineage_graph,
+    write_state,
+    write_table,
+)
 from cellsam_core.cells import CELL_COLUMNS, CellTable
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["ZarrLabelSink", "open_position"]
 
 
 _HINT = "move it away or choose another acquisition id"
+#: Striped lock files that serialise the writes of one frame (its labels and its tracking) without
+#: sharding; with sharding the shard's lock does.
+_FRAME_LOCKS = 64
+#: What each bit of a position's ``cellsam/done`` means (its attributes).
+_DONE_BITS = {"labels": DONE_LABELS, "image": DONE_IMAGE, "tracks": DONE_TRACKS}
 
 
 def open_position(store: str | os.PathLike[str], p: int) -> zarr.Group:
     """Open position ``p`` of the label store at ``store`` (``{output}/{acquisition}.ome.zarr``), read-only.
 
-    The group holds the image (``"0"``, ``"1"``, ... per level), ``labels/cells/{level}`` and
-    ``cellsam/done``; its path (``"A/1/0"``, ...) comes from the root's ``cellsam.positions``.
+    The group holds the image (``"0"``, ``"1"``, ... per level), ``labels/cells/{level}``,
+    ``labels/tracks/{level}`` and ``cellsam/done``; its path (``"A/1/0"``, ...) comes from the root's
+    ``cellsam.positions``.
 
     Raises
     ------
@@ -121,6 +153,37 @@ def _compressors(codec: Codec, level: int) -> Any:
     return BloscCodec(cname="zstd", clevel=level)
 
 
+def _chunking(spec: AcquisitionSpec, level: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(h, w)``, chunk ``(cy, cx)`` and shard ``(sy, sx)`` of level ``level``'s planes."""
+    opts = spec.storage
+    h, w = level_shape(spec.frame_shape, level)
+    cy, cx = (h, w) if opts.chunk_yx is None else (min(opts.chunk_yx[0], h), min(opts.chunk_yx[1], w))
+    # Shards span whole frames in y/x: one shard = shard_t frames of one z plane.
+    return (h, w), (cy, cx), (-(-h // cy) * cy, -(-w // cx) * cx)
+
+
+def _create_label_image(labels_group: zarr.Group, spec: AcquisitionSpec, name: str, t_size: int) -> None:
+    """Create ``labels/{name}``: its group and one (t, z', y, x) uint32 array per level."""
+    opts = spec.storage
+    image = labels_group.create_group(name, attributes=label_image_attrs(spec, name))
+    for level in range(opts.levels):
+        (h, w), (cy, cx), (sy, sx) = _chunking(spec, level)
+        image.create_array(
+            str(level),
+            shape=(t_size, spec.label_z, h, w),
+            chunks=(1, 1, cy, cx),
+            shards=None if opts.shard_t is None else (opts.shard_t, 1, sy, sx),
+            dtype="uint32",
+            fill_value=0,
+            compressors=_compressors(opts.label_codec, opts.compression_level),
+            dimension_names=("t", "z", "y", "x"),
+        )
+
+
+def _exists(store: Path, node: str) -> bool:
+    return (store / node / "zarr.json").is_file()
+
+
 @dataclass
 class _Series:
     """Array handles of one position; ``t_alloc`` is the t extent their metadata had when read."""
@@ -143,6 +206,8 @@ class _Store:
     generation: int
     series: dict[int, _Series] = field(default_factory=dict)
     mutex: threading.Lock = field(default_factory=threading.Lock)
+    #: Every position has its tracking arrays and groups, and the root its lineage group.
+    tracking: bool = False
 
     @property
     def lock_file(self) -> Path:
@@ -263,7 +328,7 @@ class ZarrLabelSink:
                     series = store.series[p]
                 if t >= series.t_alloc:
                     continue
-                with self._shard_lock(store, p, t, z):
+                with self._frame_lock(store, p, t, z):
                     self._write_frame(store, series, t, z, frame)
                 if seen is not None and not covers(state.get("intensity_range"), seen):
                     self._widen_windows(store, seen)
@@ -310,22 +375,21 @@ class ZarrLabelSink:
 
     def read_cells(self, frame_id: FrameId) -> CellTable:
         store, series, (_, t, z) = self._done_frame(frame_id)
-        table = zarr.open_array(
-            store.zstore, path=f"{series.path}/cellsam/cells/{table_name(t, z)}", mode="r"
-        )
-        meta = table.attrs.get(CELLSAM_KEY)
-        columns = meta.get("columns") if isinstance(meta, dict) else None
-        names = [str(c) for c in columns] if isinstance(columns, list) else list(CELL_COLUMNS)
-        return CellTable.from_array(np.asarray(table[...]), names, pixel_size_um=store.spec.pixel_size_um)
+        # Once tracked, the table written with the tracking replaces the frame's own.
+        group = TRACKED_GROUP if _done_at(series, t, z) & DONE_TRACKS else CELLS_GROUP
+        return read_table(store.zstore, series.path, group, t, z, store.spec.pixel_size_um)
 
     def progress(self, acquisition: str) -> StoreState:
         store = self._store(acquisition)
         state = self._root_state(store)
         done: list[FrameId] = []
+        tracked: list[FrameId] = []
         for p in range(store.spec.sizes.p):
             done_path = f"{store.position(p)}/cellsam/done"
             values = np.asarray(zarr.open_array(store.zstore, path=done_path, mode="r")[...])
             done += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(values & DONE_LABELS)]
+            is_tracked = (values & DONE_LABELS).astype(bool) & (values & DONE_TRACKS).astype(bool)
+            tracked += [FrameId(acquisition, p, int(t), int(z)) for t, z in np.argwhere(is_tracked)]
         done_keys = {(f.p, f.t, f.z) for f in done}
         failed = []
         for key, why in (state.get("failed") or {}).items():
@@ -340,7 +404,148 @@ class ZarrLabelSink:
             closed=bool(state["closed"]),
             summary=state["summary"],
             failed=tuple(sorted(failed, key=lambda f: (f.frame.p, f.frame.t, f.frame.z))),
+            tracked=tuple(tracked),
         )
+
+    # -- tracking -----------------------------------------------------------------------------
+
+    def attach(self, acquisition: str) -> AcquisitionSpec:
+        """Open the existing store of ``acquisition`` for reading and tracking, leaving it as it is.
+
+        Unlike `open_acquisition` it needs no spec (the stored one is used and returned) and does not
+        reopen a closed acquisition: frame writes stay refused, tracking (`write_tracks`,
+        `write_lineage`) is allowed. This is how ``cellsam-stream track`` re-tracks a finished store.
+
+        Raises
+        ------
+        StoreNotFoundError
+            There is no store of ``acquisition`` in the output directory.
+        IncompatibleStoreError
+            What is there is not a label store of this layout.
+        """
+        acq = validate_acquisition_id(acquisition)
+        path = self.store_path(acq)
+        if not (path.exists() or path.is_symlink()):
+            raise StoreNotFoundError(f"no store of acquisition {acq!r} at {path}")
+        spec = self._parse_spec(path, self._read_meta(path))
+        lock_dir = self._output / f".{acq}.ome.zarr.locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        store = _Store(spec=spec, path=path, lock_dir=lock_dir, zstore=LocalStore(path), generation=0)
+        with _flock(store.lock_file, exclusive=False):
+            self._reload(store)
+        with self._mutex:
+            self._stores[acq] = store
+        return spec
+
+    def write_tracks(
+        self, frame_id: FrameId, track_labels: NDArray[Any], cells: CellTable, state: Mapping[str, Any]
+    ) -> None:
+        store = self._store(frame_id.acquisition)
+        tracks = prepare_tracks(store.spec, frame_id, track_labels, cells, state)
+        p, t, z = tracks.key
+        not_done = f"frame {frame_id!r} is not done: write it before its tracks"
+        if not self._done_value(frame_id) & DONE_LABELS:  # also loads arrays grown by other processes
+            raise FrameNotWrittenError(not_done)
+        while True:
+            self._ensure_tracking(store, p, t)
+            with _flock(store.lock_file, exclusive=False):
+                if self._root_state(store)["generation"] != store.generation:
+                    self._reload(store)  # another process trimmed the arrays: cached shapes are stale
+                    continue
+                with store.mutex:
+                    series = store.series[p]
+                if "tracks/0" not in series.arrays or t >= series.arrays["tracks/0"].shape[0]:
+                    continue  # grown by a writer that does not know tracks: _ensure_tracking catches up
+                with self._frame_lock(store, p, t, z):
+                    bits = _done_at(series, t, z)
+                    if not bits & DONE_LABELS:  # rewritten meanwhile by a writer that failed
+                        raise FrameNotWrittenError(not_done)
+                    stored = read_table(
+                        store.zstore, series.path, CELLS_GROUP, t, z, store.spec.pixel_size_um
+                    )
+                    check_same_cells(frame_id, stored, tracks.cells)
+                    done = series.arrays["done"]
+                    done[t, z] = bits & ~DONE_TRACKS  # never a half-replaced tracking marked done
+                    for level in range(store.spec.storage.levels):
+                        series.arrays[f"tracks/{level}"][t, z] = downsample(tracks.track_labels, level)
+                    write_table(store.zstore, series.path, TRACKED_GROUP, t, z, tracks.cells)
+                    with _flock(store.lock_dir / f"tracker-p{p}-z{z}.lock", exclusive=True):
+                        write_state(store.path, series.path, z, t, tracks.state)
+                    done[t, z] = bits | DONE_TRACKS
+                return
+
+    def is_tracked(self, frame_id: FrameId) -> bool:
+        bits = self._done_value(frame_id)
+        return bool(bits & DONE_LABELS and bits & DONE_TRACKS)
+
+    def read_tracks(self, frame_id: FrameId) -> NDArray[np.uint32]:
+        if not self.is_tracked(frame_id):
+            raise FrameNotWrittenError(f"frame {frame_id!r} is not tracked")
+        _, series, (_, t, z) = self._done_frame(frame_id)
+        return np.asarray(series.arrays["tracks/0"][t, z], dtype=np.uint32)
+
+    def tracker_state(self, acquisition: str, p: int, z: int) -> Mapping[str, Any] | None:
+        store = self._store(acquisition)
+        p, z = check_plane(store.spec, acquisition, p, z)
+        return read_state(store.path, store.position(p), z)
+
+    def write_lineage(self, acquisition: str, p: int, z: int, graph: nx.DiGraph) -> None:
+        store = self._store(acquisition)
+        p, z = check_plane(store.spec, acquisition, p, z)
+        check_lineage_graph(graph)
+        self._ensure_tracking(store, p, 0)
+        with (
+            _flock(store.lock_file, exclusive=False),
+            _flock(store.lock_dir / f"lineage-p{p}-z{z}.lock", exclusive=True),
+        ):
+            write_lineage_graph(store.path, store.spec, p, z, graph)
+
+    def read_lineage(self, acquisition: str, p: int, z: int) -> nx.DiGraph | None:
+        store = self._store(acquisition)
+        p, z = check_plane(store.spec, acquisition, p, z)
+        return read_lineage_graph(store.path, store.spec, p, z)
+
+    def _ensure_tracking(self, store: _Store, p: int, t: int) -> None:
+        """Make sure the store holds its tracking nodes and position ``p``'s track arrays reach ``t``.
+
+        Stores made before tracking lack them; a writer that does not know tracks grows the other
+        arrays alone. Both are repaired here under the exclusive lock (cheap checks first).
+        """
+        with store.mutex:
+            series = store.series[p]
+            ready = store.tracking
+        tracks = series.arrays.get("tracks/0")
+        if ready and tracks is not None and t < tracks.shape[0]:
+            return
+        with _flock(store.lock_file, exclusive=True):
+            spec = store.spec
+            for q in range(spec.sizes.p):
+                base = store.position(q)
+                cells = zarr.open_array(store.zstore, path=f"{base}/labels/cells/0", mode="r")
+                if not _exists(store.path, f"{base}/labels/tracks"):
+                    labels = zarr.open_group(store.zstore, path=f"{base}/labels", mode="r+", zarr_format=3)
+                    _create_label_image(labels, spec, "tracks", cells.shape[0])
+                    labels.attrs["ome"] = labels_group_attrs()["ome"]
+                for level in range(spec.storage.levels):
+                    array = zarr.open_array(store.zstore, path=f"{base}/labels/tracks/{level}", mode="r+")
+                    if array.shape[0] < cells.shape[0]:
+                        array.resize((cells.shape[0], *array.shape[1:]))
+                ours = zarr.open_group(store.zstore, path=f"{base}/cellsam", mode="r+", zarr_format=3)
+                ours.attrs[CELLSAM_KEY] = {"done_bits": _DONE_BITS}
+                for group in (TRACKED_GROUP, TRACKER_GROUP):
+                    if not _exists(store.path, f"{base}/{group}"):
+                        attributes = (
+                            {CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}} if group == TRACKED_GROUP else {}
+                        )
+                        zarr.create_group(store.zstore, path=f"{base}/{group}", attributes=attributes)
+            if not _exists(store.path, CELLSAM_KEY):
+                zarr.create_group(store.zstore, path=CELLSAM_KEY, attributes=ROOT_GROUP_ATTRS)
+            lineage = str(Path(lineage_path(0, 0)).parent)
+            if not _exists(store.path, lineage):
+                zarr.create_group(store.zstore, path=lineage)
+            self._reload(store)
+        with store.mutex:
+            store.tracking = True
 
     # -- creation and checks ------------------------------------------------------------------
 
@@ -359,15 +564,8 @@ class ZarrLabelSink:
                 rows[row] = root.create_group(row)
             well = rows[row].create_group(column, attributes=well_attrs())
             image_group = well.create_group(field_name, attributes=image_group_attrs(spec, p))
-            labels_group = image_group.create_group("labels", attributes=labels_group_attrs())
-            cells_group = labels_group.create_group("cells", attributes=label_image_attrs(spec))
             for level in range(opts.levels):
-                h, w = level_shape(spec.frame_shape, level)
-                cy, cx = (
-                    (h, w) if opts.chunk_yx is None else (min(opts.chunk_yx[0], h), min(opts.chunk_yx[1], w))
-                )
-                # Shards span whole frames in y/x: one shard = shard_t frames of one z plane.
-                sy, sx = -(-h // cy) * cy, -(-w // cx) * cx
+                (h, w), (cy, cx), (sy, sx) = _chunking(spec, level)
                 image_group.create_array(
                     str(level),
                     shape=(t0, sizes.c, sizes.z, h, w),
@@ -378,20 +576,10 @@ class ZarrLabelSink:
                     compressors=_compressors(opts.image_codec, opts.compression_level),
                     dimension_names=("t", "c", "z", "y", "x"),
                 )
-                cells_group.create_array(
-                    str(level),
-                    shape=(t0, label_z, h, w),
-                    chunks=(1, 1, cy, cx),
-                    shards=None if opts.shard_t is None else (opts.shard_t, 1, sy, sx),
-                    dtype="uint32",
-                    fill_value=0,
-                    compressors=_compressors(opts.label_codec, opts.compression_level),
-                    dimension_names=("t", "z", "y", "x"),
-                )
-            ours = image_group.create_group(
-                "cellsam",
-                attributes={CELLSAM_KEY: {"done_bits": {"labels": DONE_LABELS, "image": DONE_IMAGE}}},
-            )
+            labels_group = image_group.create_group("labels", attributes=labels_group_attrs())
+            for name in LABEL_IMAGES:
+                _create_label_image(labels_group, spec, name, t0)
+            ours = image_group.create_group("cellsam", attributes={CELLSAM_KEY: {"done_bits": _DONE_BITS}})
             # One chunk per frame: concurrent writers of different frames never share a done chunk.
             ours.create_array(
                 "done",
@@ -402,7 +590,10 @@ class ZarrLabelSink:
                 compressors=None,
                 dimension_names=("t", "z"),
             )
-            ours.create_group("cells", attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}})
+            for group in ("cells", "tracked"):
+                ours.create_group(group, attributes={CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}})
+            ours.create_group("tracker")
+        root.create_group(CELLSAM_KEY, attributes=ROOT_GROUP_ATTRS).create_group("lineage")
         os.rename(tmp, path)
 
     @classmethod
@@ -453,9 +644,12 @@ class ZarrLabelSink:
             for p in range(spec.sizes.p):
                 base = position_path(p, spec.sizes.p)
                 paths = [f"{base}/{k}" for k in range(spec.storage.levels)]
-                paths += [f"{base}/labels/cells/{k}" for k in range(spec.storage.levels)]
+                for name in LABEL_IMAGES:
+                    paths += [f"{base}/labels/{name}/{k}" for k in range(spec.storage.levels)]
                 paths.append(f"{base}/cellsam/done")
                 for array_path in paths:
+                    if not _exists(Path(str(zstore.root)), array_path):
+                        continue  # no tracks yet (a store from before tracking): made to size later
                     array = zarr.open_array(zstore, path=array_path, mode="r+")
                     if array.shape[0] < spec.sizes.t:
                         array.resize((spec.sizes.t, *array.shape[1:]))
@@ -498,6 +692,8 @@ class ZarrLabelSink:
         levels = range(store.spec.storage.levels)
         paths = {f"image/{k}": f"{base}/{k}" for k in levels}
         paths |= {f"labels/{k}": f"{base}/labels/cells/{k}" for k in levels}
+        if all(_exists(store.path, f"{base}/labels/tracks/{k}") for k in levels):
+            paths |= {f"tracks/{k}": f"{base}/labels/tracks/{k}" for k in levels}
         paths["done"] = f"{base}/cellsam/done"
         arrays = {name: zarr.open_array(store.zstore, path=path, mode="r+") for name, path in paths.items()}
         return _Series(path=base, arrays=arrays, t_alloc=arrays["done"].shape[0])
@@ -534,11 +730,14 @@ class ZarrLabelSink:
 
     # -- frames -------------------------------------------------------------------------------
 
-    def _shard_lock(self, store: _Store, p: int, t: int, z: int) -> Any:
-        """With sharding, one writer at a time per shard (shards are read-modify-written whole)."""
+    @staticmethod
+    def _frame_lock(store: _Store, p: int, t: int, z: int) -> Any:
+        """One writer at a time per frame: with sharding per shard (shards are read-modify-written
+        whole), otherwise per stripe of frames, so a frame's tracking never interleaves with a rewrite."""
         shard_t = store.spec.storage.shard_t
         if shard_t is None:
-            return nullcontext()
+            stripe = (p * 7919 + t * 104729 + z) % _FRAME_LOCKS
+            return _flock(store.lock_dir / f"frame-{stripe:02d}.lock", exclusive=True)
         return _flock(store.lock_dir / f"shard-p{p}-t{t // shard_t}-z{z}.lock", exclusive=True)
 
     @staticmethod
@@ -553,17 +752,8 @@ class ZarrLabelSink:
                 arrays[f"image/{level}"][where] = downsample(frame.image, level)
         for level in range(store.spec.storage.levels):
             arrays[f"labels/{level}"][t, z] = downsample(frame.labels, level)
-        rows = frame.cells.to_array()
-        zarr.create_array(
-            store.zstore,
-            name=f"{series.path}/cellsam/cells/{table_name(t, z)}",
-            data=rows,
-            chunks=(max(len(rows), 1), len(frame.cells.column_names)),
-            compressors=ZstdCodec(level=3),
-            dimension_names=("cell", "column"),
-            attributes={CELLSAM_KEY: {"columns": list(frame.cells.column_names)}},
-            overwrite=True,
-        )
+        write_table(store.zstore, series.path, CELLS_GROUP, t, z, frame.cells)
+        # No tracks bit: a rewritten frame is tracked again from its new labels.
         done[t, z] = DONE_LABELS | (DONE_IMAGE if frame.image is not None else 0)
 
     # -- display window -----------------------------------------------------------------------

@@ -25,7 +25,9 @@ from acquisition.sink_errors import (
 from acquisition.spec import AcquisitionSpec, Sizes, StorageOptions, StoredAcquisition
 from acquisition.zarr_sink import ZarrLabelSink
 from cellsam_core.cells import CellTable
+from cellsam_core.lineage import LineageBuilder, lineage_graph
 from cellsam_core.stacks import ZPolicy
+from cellsam_core.tracking import PARENT_COLUMN, TRACK_COLUMN, OnlineTracker, TrackedFrame, TrackerConfig
 from tests.sink_frames import SHAPE, frame_cells, frame_image, frame_labels
 
 
@@ -75,6 +77,47 @@ BAD_INPUTS = [
     BadInput("p out of range", (2, 0, 0), _GOOD, None, None, InvalidIdentifierError),
     BadInput("z out of range", (0, 0, 2), _GOOD, None, None, InvalidIdentifierError),
     BadInput("negative t", (0, -1, 0), _GOOD, None, None, InvalidIdentifierError),
+]
+
+
+class BadTracks(NamedTuple):
+    name: str
+    frame: tuple[int, int, int]
+    track_labels: Any
+    cells: Any
+    state: Any
+    error: type[Exception]
+
+
+def _tracked_cells(p: int, t: int, z: int) -> CellTable:
+    n = len(frame_cells(p, t, z))
+    return frame_cells(p, t, z).with_measurements(
+        {TRACK_COLUMN: np.arange(n) + 1, PARENT_COLUMN: np.zeros(n)}
+    )
+
+
+_TRACKS = frame_labels(0, 1, 0)
+_STATE = OnlineTracker().state().model_dump(mode="json")
+BAD_TRACKS = [
+    BadTracks("wrong shape", (0, 1, 0), _TRACKS[:32], _tracked_cells(0, 1, 0), _STATE, InvalidFrameError),
+    BadTracks(
+        "int32", (0, 1, 0), _TRACKS.astype(np.int32), _tracked_cells(0, 1, 0), _STATE, InvalidFrameError
+    ),
+    BadTracks("a list", (0, 1, 0), _TRACKS.tolist(), _tracked_cells(0, 1, 0), _STATE, InvalidFrameError),
+    BadTracks("no track columns", (0, 1, 0), _TRACKS, frame_cells(0, 1, 0), _STATE, InvalidFrameError),
+    BadTracks(
+        "cells of another frame", (0, 1, 0), _TRACKS, _tracked_cells(1, 2, 1), _STATE, InvalidFrameError
+    ),
+    BadTracks("cells not a table", (0, 1, 0), _TRACKS, {"label": [1]}, _STATE, InvalidFrameError),
+    BadTracks(
+        "state not JSON", (0, 1, 0), _TRACKS, _tracked_cells(0, 1, 0), {"x": object()}, InvalidFrameError
+    ),
+    BadTracks(
+        "state with NaN", (0, 1, 0), _TRACKS, _tracked_cells(0, 1, 0), {"x": np.nan}, InvalidFrameError
+    ),
+    BadTracks("state a list", (0, 1, 0), _TRACKS, _tracked_cells(0, 1, 0), [1, 2], InvalidFrameError),
+    BadTracks("p out of range", (2, 1, 0), _TRACKS, _tracked_cells(0, 1, 0), _STATE, InvalidIdentifierError),
+    BadTracks("frame not written", (0, 2, 0), _TRACKS, _tracked_cells(0, 1, 0), _STATE, FrameNotWrittenError),
 ]
 
 
@@ -378,6 +421,202 @@ class SinkConformance:
         self.write(sink, spec, 0, 30, 0)
         self.assert_frame(sink, spec, 0, 30, 0)
 
+    # -- tracking ----------------------------------------------------------------------------------
+
+    def track(
+        self, sink: LabelSink, spec: AcquisitionSpec, p: int, z: int, ts: range, tracker: OnlineTracker
+    ) -> list[TrackedFrame]:
+        """Write frames ``ts`` of (p, z), link them as stored, and store their tracking."""
+        frames = []
+        for t in ts:
+            self.write(sink, spec, p, t, z)
+            frame_id = FrameId(spec.acquisition, p, t, z)
+            frame = tracker.link(t, sink.read_labels(frame_id), sink.read_cells(frame_id))
+            sink.write_tracks(
+                frame_id, frame.track_labels, frame.cells, tracker.state().model_dump(mode="json")
+            )
+            frames.append(frame)
+        return frames
+
+    def assert_tracked(
+        self, sink: LabelSink, spec: AcquisitionSpec, p: int, z: int, frame: TrackedFrame
+    ) -> None:
+        frame_id = FrameId(spec.acquisition, p, frame.t, z)
+        assert sink.is_done(frame_id) and sink.is_tracked(frame_id)
+        tracks = sink.read_tracks(frame_id)
+        assert tracks.dtype == np.uint32
+        np.testing.assert_array_equal(tracks, frame.track_labels)
+        cells = sink.read_cells(frame_id)
+        assert cells.equals(frame.cells)
+        assert cells.column_names[-2:] == (TRACK_COLUMN, PARENT_COLUMN)
+        np.testing.assert_array_equal(sink.read_labels(frame_id), frame_labels(p, frame.t, z))  # untouched
+
+    def test_tracking_round_trips(self, sink: LabelSink, spec: AcquisitionSpec, tmp_path: Path) -> None:
+        config = TrackerConfig(max_distance=40)
+        tracker = OnlineTracker(config)
+        frames = self.track(sink, spec, 1, 1, range(4), tracker)
+        assert any(frame.track_ids.size for frame in frames)
+        self.write(sink, spec, 0, 0, 0)  # done, never tracked
+        untracked = FrameId(spec.acquisition, 0, 0, 0)
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            for frame in frames:
+                self.assert_tracked(reader, spec, 1, 1, frame)
+            assert not reader.is_tracked(untracked) and reader.is_done(untracked)
+            with pytest.raises(FrameNotWrittenError):
+                reader.read_tracks(untracked)
+            assert not reader.read_cells(untracked).measurements  # its own table, no track columns
+            assert not reader.is_tracked(FrameId(spec.acquisition, 1, 9, 1))  # never written
+            progress = reader.progress(spec.acquisition)
+            assert progress.tracked == tuple(FrameId(spec.acquisition, 1, t, 1) for t in range(4))
+            assert len(progress.done) == 5
+            state = reader.tracker_state(spec.acquisition, 1, 1)
+            assert state == tracker.state().model_dump(mode="json")
+            assert reader.tracker_state(spec.acquisition, 0, 0) is None
+            assert reader.tracker_state(spec.acquisition, 1, 0) is None
+            assert state is not None
+            resumed = OnlineTracker.resume(config, state)
+            assert resumed.next_t == 4 and resumed.next_track_id == tracker.next_track_id
+
+    def test_write_tracks_is_idempotent_and_a_rewrite_untracks(
+        self, sink: LabelSink, spec: AcquisitionSpec, tmp_path: Path
+    ) -> None:
+        tracker = OnlineTracker(TrackerConfig(max_distance=40))
+        (first, second) = self.track(sink, spec, 0, 1, range(2), tracker)
+        frame_id = FrameId(spec.acquisition, 0, 1, 1)
+        state = tracker.state().model_dump(mode="json")
+        sink.write_tracks(frame_id, second.track_labels, second.cells, state)  # again: one result
+        self.assert_tracked(sink, spec, 0, 1, second)
+        assert sink.progress(spec.acquisition).tracked == (FrameId(spec.acquisition, 0, 0, 1), frame_id)
+
+        self.write(sink, spec, 0, 1, 1)  # the frame again (a retry): its tracking is gone
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            assert reader.is_done(frame_id) and not reader.is_tracked(frame_id)
+            with pytest.raises(FrameNotWrittenError):
+                reader.read_tracks(frame_id)
+            assert reader.read_cells(frame_id).equals(frame_cells(0, 1, 1))
+            assert reader.progress(spec.acquisition).tracked == (FrameId(spec.acquisition, 0, 0, 1),)
+            self.assert_tracked(reader, spec, 0, 1, first)
+        sink.write_tracks(frame_id, second.track_labels, second.cells, state)
+        self.assert_tracked(sink, spec, 0, 1, second)
+
+    @pytest.mark.parametrize("case", BAD_TRACKS, ids=[c.name for c in BAD_TRACKS])
+    def test_bad_tracks_refused(self, sink: LabelSink, spec: AcquisitionSpec, case: BadTracks) -> None:
+        self.write(sink, spec, 0, 1, 0)
+        self.write(sink, spec, 1, 1, 0)
+        good = FrameId(spec.acquisition, 0, 1, 0)
+        sink.write_tracks(good, _TRACKS, _tracked_cells(0, 1, 0), {"t": 1})
+        with pytest.raises(case.error) as info:
+            sink.write_tracks(
+                FrameId(spec.acquisition, *case.frame), case.track_labels, case.cells, case.state
+            )
+        assert isinstance(info.value, SinkError)
+        # Nothing changed: the good frame keeps its tracking and state, the other stays untracked.
+        assert sink.progress(spec.acquisition).tracked == (good,)
+        np.testing.assert_array_equal(sink.read_tracks(good), _TRACKS)
+        assert sink.read_cells(good).equals(_tracked_cells(0, 1, 0))
+        assert sink.tracker_state(spec.acquisition, 0, 0) == {"t": 1}
+        assert sink.tracker_state(spec.acquisition, 1, 0) is None
+
+    @pytest.mark.parametrize("where", [(2, 0), (0, 2), (-1, 0)])
+    def test_plane_out_of_range_refused(
+        self, sink: LabelSink, spec: AcquisitionSpec, where: tuple[int, int]
+    ) -> None:
+        p, z = where
+        for call in (
+            lambda: sink.tracker_state(spec.acquisition, p, z),
+            lambda: sink.read_lineage(spec.acquisition, p, z),
+            lambda: sink.write_lineage(spec.acquisition, p, z, lineage_graph([])),
+        ):
+            with pytest.raises(InvalidIdentifierError):
+                call()
+
+    def test_tracker_state_of_the_latest_frame_wins(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        for t in range(4):
+            self.write(sink, spec, 1, t, 0)
+        put = lambda t, state: sink.write_tracks(  # noqa: E731
+            FrameId(spec.acquisition, 1, t, 0), frame_labels(1, t, 0), _tracked_cells(1, t, 0), state
+        )
+        put(2, {"linked": 2})
+        put(3, {"linked": 3})
+        put(1, {"linked": "retried 1"})  # an earlier frame again: the state stays the latest frame's
+        assert sink.tracker_state(spec.acquisition, 1, 0) == {"linked": 3}
+        put(3, {"linked": "retried 3"})  # the same frame again replaces it
+        assert sink.tracker_state(spec.acquisition, 1, 0) == {"linked": "retried 3"}
+        assert sink.tracker_state(spec.acquisition, 1, 1) is None
+        assert len(sink.progress(spec.acquisition).tracked) == 3
+
+    def test_tracking_after_close(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        self.write(sink, spec, 0, 3, 1)
+        sink.close_acquisition(spec.acquisition)
+        frame_id = FrameId(spec.acquisition, 0, 3, 1)
+        sink.write_tracks(frame_id, frame_labels(0, 3, 1), _tracked_cells(0, 3, 1), {"t": 3})
+        sink.write_lineage(spec.acquisition, 0, 1, lineage_graph([]))
+        assert sink.is_tracked(frame_id) and sink.progress(spec.acquisition).closed
+        with pytest.raises(AcquisitionClosedError):
+            self.write(sink, spec, 0, 4, 1)
+
+    def test_lineage_round_trips(self, sink: LabelSink, tmp_path: Path) -> None:
+        spec = make_spec("lineage", pixel_size_um=0.325, time_interval_s=30.0)
+        sink.open_acquisition(spec)
+        assert sink.read_lineage("lineage", 1, 0) is None
+        tracker = OnlineTracker(TrackerConfig(max_distance=40))
+        frames = self.track(sink, spec, 1, 0, range(6), tracker)  # t = 4 has no cells
+        graph = lineage_graph(frames)
+        assert graph.number_of_nodes() > 0 and graph.number_of_edges() > 0
+        sink.write_lineage("lineage", 1, 0, graph)
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            back = reader.read_lineage("lineage", 1, 0)
+            assert back is not None
+            assert_same_lineage(back, graph)
+            assert (
+                reader.read_lineage("lineage", 0, 0) is None and reader.read_lineage("lineage", 1, 1) is None
+            )
+            LineageBuilder(back)  # a restart extends what it reads
+        shorter = lineage_graph(frames[:2])
+        sink.write_lineage("lineage", 1, 0, shorter)  # replaced, not merged
+        for reader in self.readers(sink, tmp_path):
+            reader.open_acquisition(spec)
+            back = reader.read_lineage("lineage", 1, 0)
+            assert back is not None
+            assert_same_lineage(back, shorter)
+        sink.write_lineage("lineage", 0, 1, lineage_graph([]))
+        empty = sink.read_lineage("lineage", 0, 1)
+        assert empty is not None and empty.number_of_nodes() == 0
+
+    @pytest.mark.parametrize("bad", ["a graph", "a node without attributes"])
+    def test_bad_lineage_refused(self, sink: LabelSink, spec: AcquisitionSpec, bad: str) -> None:
+        import networkx as nx
+
+        graph: Any = "not a graph"
+        if bad == "a node without attributes":
+            graph = nx.DiGraph()
+            graph.add_node(1, t=0)
+        with pytest.raises(InvalidFrameError):
+            sink.write_lineage(spec.acquisition, 0, 0, graph)
+        assert sink.read_lineage(spec.acquisition, 0, 0) is None
+
+    def test_tracking_from_threads(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
+        planes = [(p, z) for p in range(2) for z in range(2)]
+        trackers = {plane: OnlineTracker(TrackerConfig(max_distance=40)) for plane in planes}
+        with ThreadPoolExecutor(4) as pool:
+            results = dict(
+                zip(
+                    planes,
+                    pool.map(lambda pz: self.track(sink, spec, *pz, range(5), trackers[pz]), planes),
+                    strict=True,
+                )
+            )
+        for (p, z), frames in results.items():
+            for frame in frames:
+                self.assert_tracked(sink, spec, p, z, frame)
+            assert sink.tracker_state(spec.acquisition, p, z) == trackers[p, z].state().model_dump(
+                mode="json"
+            )
+        assert len(sink.progress(spec.acquisition).tracked) == 20
+
     def test_concurrent_writes_from_threads(self, sink: LabelSink, spec: AcquisitionSpec) -> None:
         frames = [(p, t, z) for p in range(2) for t in range(12) for z in range(2)]
         with ThreadPoolExecutor(4) as pool:
@@ -385,6 +624,19 @@ class SinkConformance:
         for frame in frames:
             self.assert_frame(sink, spec, *frame)
         assert len(sink.progress(spec.acquisition).done) == len(frames)
+
+
+def assert_same_lineage(back: Any, graph: Any) -> None:
+    """Same nodes, edges and attributes (floats up to the rounding of a unit conversion)."""
+    assert set(back.nodes) == set(graph.nodes) and set(back.edges) == set(graph.edges)
+    for node, data in graph.nodes(data=True):
+        got = back.nodes[node]
+        assert set(got) == set(data)
+        for key, value in data.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-12), key
+            else:
+                assert got[key] == value and isinstance(got[key], int), key
 
 
 class TestMemorySink(SinkConformance):

@@ -1,9 +1,9 @@
 """The label store as readers see it: ome-zarr-py's `Reader`, ome-zarr-models, napari (napari-ome-zarr).
 
 One store is written through the real `ZarrLabelSink` (2 channels, 2 named positions with stage
-coordinates, 3 z planes, 2 levels, physical sizes, data far below the dtype's maximum) and read back
-the way each reader does; the display-window rule (robust range, merged across frames, threads and
-processes) is tested on its own below.
+coordinates, 3 z planes, 2 levels, physical sizes, data far below the dtype's maximum, every frame tracked
+and a lineage) and read back the way each reader does; the display-window rule (robust range, merged
+across frames, threads and processes) is tested on its own below.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from acquisition.zarr_layout import (
     position_path,
 )
 from acquisition.zarr_sink import ZarrLabelSink
+from cellsam_core.lineage import lineage_graph
 from cellsam_core.stacks import ZPolicy
-from tests.sink_frames import SHAPE, frame_labels, varied_image, write_frame, write_frames_worker
+from cellsam_core.tracking import TrackedFrame, TrackerConfig, track_sequence
+from tests.sink_frames import SHAPE, frame_cells, frame_labels, varied_image, write_frame, write_frames_worker
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -66,12 +68,30 @@ SCALE = [30.0, 1.5, 0.325, 0.325]
 UNITS = ["second", "micrometer", "micrometer", "micrometer"]
 
 
+def tracked(p: int, z: int) -> list[TrackedFrame]:
+    """The tracked frames t = 0, 1 of (p, z)."""
+    tables = [frame_cells(p, t, z) for t in range(2)]
+    return list(
+        track_sequence(
+            [frame_labels(p, t, z) for t in range(2)], TrackerConfig(max_distance=100), tables=tables
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sink = ZarrLabelSink(tmp_path_factory.mktemp("readers"))
     sink.open_acquisition(SPEC)
     for frame in FRAMES:
         write_frame(sink, SPEC, *frame, image_fn=varied_image)
+    for p in range(2):
+        for z in range(3):
+            frames = tracked(p, z)
+            for frame in frames:
+                sink.write_tracks(
+                    FrameId(SPEC.acquisition, p, frame.t, z), frame.track_labels, frame.cells, {}
+                )
+            sink.write_lineage(SPEC.acquisition, p, z, lineage_graph(frames))
     return sink.store_path(SPEC.acquisition)
 
 
@@ -126,7 +146,7 @@ def test_ome_zarr_reader_opens_the_root_as_a_plate_of_the_positions(store: Path)
 @pytest.mark.parametrize("p", [0, 1])
 def test_ome_zarr_reader_opens_each_position_with_its_labels(store: Path, p: int) -> None:
     nodes = {node.zarr.basename(): node for node in Reader(parse_url(str(positions(store)[p])))()}
-    image, cells = nodes["0"], nodes["cells"]
+    image, cells, tracks = nodes["0"], nodes["cells"], nodes["tracks"]
     assert [d.shape for d in image.data] == [(2, 2, 3, *SHAPE), (2, 2, 3, 32, 32)]
     np.testing.assert_array_equal(image.data[0][1, :, 2].compute(), varied_image(p, 1, 2, 2))
     assert [a.get("unit") for a in image.metadata["axes"]] == ["second", None, *UNITS[1:]]
@@ -143,6 +163,14 @@ def test_ome_zarr_reader_opens_each_position_with_its_labels(store: Path, p: int
         [30.0, 1.5, 0.65, 0.65],
     ]
     assert cells.metadata["color"] == {}  # no colours listed: the viewer's label colormap shows every cell
+    # The track labels: the same cells numbered by track, same shapes and scales.
+    assert [d.shape for d in tracks.data] == [d.shape for d in cells.data]
+    for z in range(3):
+        for frame in tracked(p, z):
+            np.testing.assert_array_equal(tracks.data[0][frame.t, z].compute(), frame.track_labels)
+            np.testing.assert_array_equal(tracks.data[1][frame.t, z].compute(), frame.track_labels[::2, ::2])
+    assert tracks.metadata["coordinateTransformations"] == cells.metadata["coordinateTransformations"]
+    assert tracks.metadata["color"] == {}
 
 
 # -- ome-zarr-models -------------------------------------------------------------------------------
@@ -160,9 +188,10 @@ def test_ome_zarr_models_validate_every_group(store: Path) -> None:
         image = Image.from_zarr(group)  # type: ignore[arg-type]
         assert [d.path for d in image.ome_attributes.multiscales[0].datasets] == ["0", "1"]
         labels = Labels.from_zarr(group["labels"])  # type: ignore[index, arg-type]
-        assert labels.label_paths == ["cells"]
-        image_label = ImageLabel.from_zarr(group["labels/cells"]).ome_attributes.image_label  # type: ignore[index, arg-type]
-        assert image_label is not None and image_label.colors is None
+        assert labels.label_paths == ["cells", "tracks"]
+        for name in labels.label_paths:
+            image_label = ImageLabel.from_zarr(group[f"labels/{name}"]).ome_attributes.image_label  # type: ignore[index, arg-type]
+            assert image_label is not None and image_label.colors is None
         omero = Omero.model_validate(attrs(path)["ome"]["omero"])
         assert [c.color for c in omero.channels] == list(COLORS)
 
@@ -195,6 +224,16 @@ def test_metadata_napari_reads_shows_every_channel_and_cell(store: Path) -> None
         assert label["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == SCALE
 
 
+def test_zarr_lists_the_whole_store_with_tracking_and_lineage(store: Path) -> None:
+    """Every folder in the store is a Zarr node (the lineage's version folders too): listing it all
+    raises no warning (warnings are errors in the tests)."""
+    names = {name for name, _ in zarr.open_group(store, mode="r").members(max_depth=None)}
+    for p in range(2):
+        base = position_path(p, 2)
+        assert {f"{base}/labels/tracks/0", f"{base}/cellsam/tracked/t000001_z0002"} <= names
+        assert {f"cellsam/lineage/p{p:04d}_z0002.geff", f"cellsam/lineage/p{p:04d}_z0002.geff/nodes"} <= names
+
+
 def test_positions_and_stage_coordinates_are_kept(store: Path) -> None:
     expected = [
         {"index": 0, "path": "A/1/0", "name": "B3 field 1", "x_um": 1250.5, "y_um": -310.25, "z_um": 42.0},
@@ -211,14 +250,20 @@ def test_napari_plugin_loads_the_root_and_each_position(store: Path) -> None:
     napari_reader = pytest.importorskip("napari_ome_zarr._reader")
     components = pytest.importorskip("napari.components")
     windows = expected_windows()
-    for path, width in [(store, 128), *((p, 64) for p in positions(store))]:
+    # The track labels napari shows at (t, z) = (1, 2): the root's wells side by side, or one position.
+    track_rows = [np.concatenate([tracked(p, 2)[1].track_labels for p in range(2)], axis=-1)]
+    track_rows += [tracked(p, 2)[1].track_labels for p in range(2)]
+    for (path, width), track_row in zip(
+        [(store, 128), *((p, 64) for p in positions(store))], track_rows, strict=True
+    ):
         reader = napari_reader.napari_get_reader(str(path))
         assert reader is not None
         viewer = components.ViewerModel()  # headless: no window, no Qt
         for data, meta, kind in reader():
             getattr(viewer, f"add_{kind}")(data, **meta)  # what napari does with a reader's layers
         images = [layer for layer in viewer.layers if type(layer).__name__ == "Image"]
-        (labels,) = [layer for layer in viewer.layers if type(layer).__name__ == "Labels"]
+        # Both label images, in the order the labels group lists them: cells, then tracks.
+        labels, tracks = [layer for layer in viewer.layers if type(layer).__name__ == "Labels"]
         # napari-ome-zarr >= 0.11 prefixes a default image name ("image: DAPI"); 0.10 does not.
         assert [layer.name.split(": ")[-1] for layer in images] == ["DAPI", "GFP"]
         for layer, color, (low, high) in zip(images, COLORS, windows, strict=True):
@@ -233,6 +278,12 @@ def test_napari_plugin_loads_the_root_and_each_position(store: Path) -> None:
         assert values[0] == 0 and len(values) > 2
         alpha = labels.colormap.map(values)[:, 3]
         assert alpha[0] == 0 and (alpha[1:] > 0).all()  # background transparent, every cell coloured
+        assert list(tracks.scale) == SCALE and tracks.data[0].shape == (2, 3, 64, width)
+        np.testing.assert_array_equal(np.asarray(tracks.data[0][1, 2]), track_row)
+        values = np.unique(track_row)
+        assert values[0] == 0 and len(values) > 2
+        alpha = tracks.colormap.map(values)[:, 3]
+        assert alpha[0] == 0 and (alpha[1:] > 0).all()  # every track coloured
 
 
 # -- a projection store -----------------------------------------------------------------------------
@@ -292,7 +343,7 @@ def test_ome_zarr_models_validate_a_projection_store(projection_store: tuple[str
     for p in range(2):
         group = root[position_path(p, 2)]
         Image.from_zarr(group)  # type: ignore[arg-type]
-        assert Labels.from_zarr(group["labels"]).label_paths == ["cells"]  # type: ignore[index, arg-type]
+        assert Labels.from_zarr(group["labels"]).label_paths == ["cells", "tracks"]  # type: ignore[index, arg-type]
         label = ImageLabel.from_zarr(group["labels/cells"])  # type: ignore[index, arg-type]
         transforms = label.ome_attributes.multiscales[0].datasets[0].coordinateTransformations
         assert [t.type for t in transforms] == ["scale", "translation"]
@@ -312,9 +363,10 @@ def test_napari_plugin_loads_a_projection_store(projection_store: tuple[str, Pat
         for data, meta, kind in reader():
             getattr(viewer, f"add_{kind}")(data, **meta)
         images = [layer for layer in viewer.layers if type(layer).__name__ == "Image"]
-        (labels,) = [layer for layer in viewer.layers if type(layer).__name__ == "Labels"]
+        labels, tracks = [layer for layer in viewer.layers if type(layer).__name__ == "Labels"]
         assert [layer.name.split(": ")[-1] for layer in images] == ["DAPI", "GFP"]
         assert all(layer.data[0].shape == (2, 3, 64, width) for layer in images)
+        assert tracks.data[0].shape == (2, 1, 64, width) and not np.asarray(tracks.data[0][1, 0]).any()
         # napari-ome-zarr takes each dataset's first transform (the scale) and no translation.
         assert labels.data[0].shape == (2, 1, 64, width)
         assert list(labels.scale) == [30.0, LABEL_Z[name][0], 0.325, 0.325]
