@@ -399,11 +399,11 @@ class StreamPipeline:
 
     async def _ensure_open(self, frame: Frame) -> AcquisitionSpec:
         spec = self._specs.get(frame.acquisition)
-        if spec is not None:
+        if spec is not None and self._current(spec, frame):
             return spec
         async with self._sink_lock:
             cached = self._specs.get(frame.acquisition)
-            if cached is not None:
+            if cached is not None and self._current(cached, frame):
                 return cached
             opened, done_before = await asyncio.to_thread(self._open, frame)
             entry = self.ledger[frame.acquisition]
@@ -411,6 +411,12 @@ class StreamPipeline:
                 entry.stored_before = done_before
             self._specs[frame.acquisition] = opened
         return opened
+
+    @staticmethod
+    def _current(spec: AcquisitionSpec, frame: Frame) -> bool:
+        """Whether ``spec`` (opened earlier) still holds ``frame``: a later ``start`` may have added time
+        points, which the frame's layout (fixed when it arrived) already has."""
+        return frame.layout is None or frame.layout.t == spec.sizes.t
 
     def _open(self, frame: Frame) -> tuple[AcquisitionSpec, int]:
         """Open (create, resume or extend) a frame's acquisition in the label sink; runs in a thread.

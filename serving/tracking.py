@@ -29,6 +29,7 @@ from acquisition.frames import FrameId
 from acquisition.protocol import Index, ResultIndex, TrackResult
 from acquisition.results import ResultSink
 from acquisition.sink import LabelSink
+from acquisition.sink_errors import FrameNotWrittenError
 from cellsam_core.cells import CellTable
 from cellsam_core.errors import StaleFrameError
 from cellsam_core.lineage import LineageBuilder
@@ -208,6 +209,11 @@ class LiveTracking:
                 await asyncio.to_thread(
                     self.labels.write_tracks, tracked_id, frame.track_labels, frame.cells, state
                 )
+            except FrameNotWrittenError:
+                # The frame is being written again (a duplicate or a retry): that write's own linking
+                # (the same links) stores its tracks after it.
+                log.info("tracking: %s is being rewritten; its tracks follow that write", tracked_id)
+                continue
             except Exception:
                 self.metrics.tracking_errors.inc()
                 log.exception("tracking: storing the tracks of %s failed", tracked_id)
