@@ -15,6 +15,7 @@ from acquisition.errors import ListenerClosedError
 from acquisition.frames import Frame
 from acquisition.protocol import EndMessage, StartMessage
 from acquisition.source import Dropped, Ended, FrameSource, Rejected, SourceEvent, Started
+from cellsam_core.cells import CellTable
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -176,3 +177,13 @@ def python_camera_core(shape: tuple[int, int], fill: Callable[[np.ndarray, int],
     core.setCameraDevice("Camera")
     core.setAutoShutter(False)
     return core
+
+
+def untracked(table: CellTable) -> CellTable:
+    """``table`` without the tracking columns the store adds once a frame is linked (the published
+    result's table is the frame's own, sent before linking)."""
+    names = table.column_names
+    keep = [i for i, name in enumerate(names) if name not in ("track_id", "parent_track_id")]
+    return CellTable.from_array(
+        table.to_array()[:, keep], [names[i] for i in keep], pixel_size_um=table.pixel_size_um
+    )
