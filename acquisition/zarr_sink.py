@@ -114,6 +114,9 @@ _HINT = "move it away or choose another acquisition id"
 _FRAME_LOCKS = 64
 #: What each bit of a position's ``cellsam/done`` means (its attributes).
 _DONE_BITS = {"labels": DONE_LABELS, "image": DONE_IMAGE, "tracks": DONE_TRACKS}
+#: Groups of a position (besides ``labels/tracks``) and of the root that tracking writes to.
+_TRACKING_GROUPS = (TRACKED_GROUP, TRACKER_GROUP)
+_LINEAGE_GROUP = str(Path(lineage_path(0, 0)).parent)
 
 
 def open_position(store: str | os.PathLike[str], p: int) -> zarr.Group:
@@ -206,7 +209,8 @@ class _Store:
     generation: int
     series: dict[int, _Series] = field(default_factory=dict)
     mutex: threading.Lock = field(default_factory=threading.Lock)
-    #: Every position has its tracking arrays and groups, and the root its lineage group.
+    #: Every position has its tracking arrays and groups, and the root its lineage group (as of the
+    #: last reload).
     tracking: bool = False
 
     @property
@@ -526,26 +530,22 @@ class ZarrLabelSink:
                     labels = zarr.open_group(store.zstore, path=f"{base}/labels", mode="r+", zarr_format=3)
                     _create_label_image(labels, spec, "tracks", cells.shape[0])
                     labels.attrs["ome"] = labels_group_attrs()["ome"]
+                    ours = zarr.open_group(store.zstore, path=f"{base}/cellsam", mode="r+", zarr_format=3)
+                    ours.attrs[CELLSAM_KEY] = {"done_bits": _DONE_BITS}
                 for level in range(spec.storage.levels):
                     array = zarr.open_array(store.zstore, path=f"{base}/labels/tracks/{level}", mode="r+")
                     if array.shape[0] < cells.shape[0]:
                         array.resize((cells.shape[0], *array.shape[1:]))
-                ours = zarr.open_group(store.zstore, path=f"{base}/cellsam", mode="r+", zarr_format=3)
-                ours.attrs[CELLSAM_KEY] = {"done_bits": _DONE_BITS}
-                for group in (TRACKED_GROUP, TRACKER_GROUP):
+                for group in _TRACKING_GROUPS:
                     if not _exists(store.path, f"{base}/{group}"):
-                        attributes = (
-                            {CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}} if group == TRACKED_GROUP else {}
-                        )
+                        columns = {CELLSAM_KEY: {"columns": list(CELL_COLUMNS)}}
+                        attributes = columns if group == TRACKED_GROUP else {}
                         zarr.create_group(store.zstore, path=f"{base}/{group}", attributes=attributes)
             if not _exists(store.path, CELLSAM_KEY):
                 zarr.create_group(store.zstore, path=CELLSAM_KEY, attributes=ROOT_GROUP_ATTRS)
-            lineage = str(Path(lineage_path(0, 0)).parent)
-            if not _exists(store.path, lineage):
-                zarr.create_group(store.zstore, path=lineage)
+            if not _exists(store.path, _LINEAGE_GROUP):
+                zarr.create_group(store.zstore, path=_LINEAGE_GROUP)
             self._reload(store)
-        with store.mutex:
-            store.tracking = True
 
     # -- creation and checks ------------------------------------------------------------------
 
@@ -682,9 +682,14 @@ class ZarrLabelSink:
     def _reload(self, store: _Store) -> None:
         generation = self._root_state(store)["generation"]
         series = {p: self._load_series(store, p) for p in range(store.spec.sizes.p)}
+        tracking = _exists(store.path, _LINEAGE_GROUP) and all(
+            "tracks/0" in s.arrays and all(_exists(store.path, f"{s.path}/{g}") for g in _TRACKING_GROUPS)
+            for s in series.values()
+        )
         with store.mutex:
             store.series = series
             store.generation = generation
+            store.tracking = tracking
 
     @staticmethod
     def _load_series(store: _Store, p: int) -> _Series:

@@ -1,7 +1,7 @@
 """Tracking in the Zarr label store: cell tables, tracker state and lineage files (`docs/zarr-layout.md`).
 
-Helpers of `acquisition.zarr_sink.ZarrLabelSink`, which holds the locks: they read and write one node each
-and know nothing of concurrency beyond writing every file atomically.
+Used by `acquisition.zarr_sink.ZarrLabelSink`, which holds the locks: these functions read and write one
+node each and know nothing of concurrency beyond writing every file atomically.
 
 - Cell tables (``{position}/cellsam/cells/t…_z…`` as written with the frame, and the tracked table
   ``{position}/cellsam/tracked/t…_z…`` that replaces it for readers once the frame is tracked): one Zarr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["TrackerConfig"]
@@ -67,6 +69,26 @@ class TrackerConfig(BaseModel):
         description="A track lost while the cell at its predicted centroid continued another track and grew "
         "by at least this factor is reported as merged into it (an under-segmentation), not just lost.",
     )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrackerConfig:
+        """Load a YAML (or JSON) file holding a mapping of these fields (missing ones keep their defaults).
+
+        Raises
+        ------
+        OSError
+            The file cannot be read.
+        yaml.YAMLError
+            It is not YAML.
+        ValueError
+            Its top level is not a mapping, or a field does not validate (pydantic's ``ValidationError``).
+        """
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of tracker settings, got {type(data).__name__}")
+        return cls.model_validate(data)
 
     @model_validator(mode="after")
     def _check_ratio(self) -> TrackerConfig:

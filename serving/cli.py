@@ -320,6 +320,57 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracker_config(args: argparse.Namespace) -> Any:
+    """``--config`` (a TrackerConfig as YAML) with the flags on top; usage errors exit 2."""
+    import yaml
+    from pydantic import ValidationError
+
+    from cellsam_core.tracking_config import TrackerConfig
+    from serving.preflight import PreflightError, UsageError, describe_validation_error
+
+    flags = {"max_distance": args.max_distance, "gap_frames": args.gap_frames, "divisions": args.divisions}
+    try:
+        config = TrackerConfig.from_file(args.config) if args.config is not None else TrackerConfig()
+        return TrackerConfig.model_validate(
+            config.model_dump() | {k: v for k, v in flags.items() if v is not None}
+        )
+    except FileNotFoundError:
+        raise PreflightError(f"tracker configuration {args.config} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.config}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{args.config} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        raise UsageError(f"invalid tracker configuration: {describe_validation_error(exc)}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from acquisition.errors import InvalidAcquisitionIdError
+    from acquisition.retrack import retrack_store
+    from acquisition.sink_errors import InvalidIdentifierError, SinkError
+    from serving.preflight import PreflightError, UsageError
+
+    config = _tracker_config(args)
+    with tqdm(unit="frame", desc="track", disable=args.no_progress) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            summary = retrack_store(args.store, config, positions=args.positions, progress=progress)
+        except (InvalidIdentifierError, InvalidAcquisitionIdError) as exc:
+            raise UsageError(str(exc)) from None
+        except (SinkError, OSError) as exc:
+            raise PreflightError(str(exc)) from None
+    print(summary.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellsam-stream",
@@ -466,6 +517,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="key name, e.g. server or microscope1")
     p.add_argument("--dir", type=Path, default=Path("."), help="directory to write to (default: .)")
     p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser(
+        "track",
+        help="re-track a stored acquisition offline (new track labels, tables, state, lineage)",
+        description="Link the done frames of a label store again, position by position and plane by "
+        "plane, with the live service's linker and the settings given here, and replace the store's "
+        "tracking: labels/tracks, the tracked cell tables, the tracker state and the lineage GEFF "
+        "(docs/zarr-layout.md). A finished acquisition stays closed. Exit code 1 when the store cannot "
+        "be read or written, 2 for bad options.",
+    )
+    p.add_argument("store", type=Path, metavar="STORE", help="the store, OUTPUT/ACQUISITION.ome.zarr")
+    p.add_argument("--config", type=Path, help="tracker settings (a TrackerConfig as YAML; docs/tracking.md)")
+    p.add_argument("--max-distance", type=float, help="largest per-frame move of a cell, pixels (12)")
+    p.add_argument("--gap-frames", type=int, help="frames a lost track may be missing and continue (2)")
+    p.add_argument(
+        "--divisions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="detect divisions (on by default)",
+    )
+    p.add_argument("--positions", type=int, nargs="+", metavar="P", help="positions to re-track (all)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_track)
 
     from acquisition.simulate_command import add_simulate_arguments, run_simulate_command
 

@@ -34,7 +34,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("segment", "sample", "serve", "simulate", "weights"):
+    for command in ("segment", "sample", "serve", "simulate", "track", "weights"):
         assert command in out
 
 

@@ -158,7 +158,7 @@ def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
 
     assert read_json(store / POS[1] / "labels" / "zarr.json")["attributes"]["ome"] == {
         "version": "0.5",
-        "labels": ["cells"],
+        "labels": ["cells", "tracks"],
     }
     label = read_json(store / POS[1] / "labels" / "cells" / "zarr.json")["attributes"]["ome"]
     assert label["image-label"] == {"source": {"image": "../../"}}  # no colours: every label is shown
@@ -183,7 +183,7 @@ def test_ngff_metadata_is_valid_and_carries_pixel_size(tmp_path: Path) -> None:
     assert [well.ome_attributes.well.images[0].path for well in plate.well_groups] == ["0", "0"]
     for path in POS:
         model = Image.from_zarr(root[path])  # type: ignore[arg-type]
-        assert model.labels is not None and model.labels.label_paths == ["cells"]
+        assert model.labels is not None and model.labels.label_paths == ["cells", "tracks"]
 
 
 def test_independent_readers_see_written_frames(tmp_path: Path) -> None:
