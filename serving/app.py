@@ -203,10 +203,11 @@ class Ingress:
         }
 
     @http_app.get("/acquisitions")
-    def acquisitions(self) -> dict[str, Any]:
-        """Status and progress of each acquisition seen since the service started."""
+    async def acquisitions(self) -> dict[str, Any]:
+        """Status and progress of each acquisition seen since the service started: this run's counts,
+        and ``frames_stored`` from its store's done map (the whole acquisition, across restarts)."""
         return {
-            "acquisitions": [entry.as_dict() for entry in self.pipeline.ledger.values()],
+            "acquisitions": await self.pipeline.acquisitions(),
             "listener": self.pipeline.source.stats.as_dict(),
         }
 

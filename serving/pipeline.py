@@ -204,6 +204,22 @@ class StreamPipeline:
             else:
                 self._on_notice(event)
 
+    async def acquisitions(self) -> list[dict[str, Any]]:
+        """Every acquisition's ledger (``AcquisitionLedger.as_dict``) with ``frames_stored``: the frame sets
+        its store holds, read from the store's done map (None for an acquisition with no store yet)."""
+        out = []
+        for entry in self.ledger.values():
+            status = entry.as_dict()
+            status["frames_stored"] = None
+            if entry.acquisition in self._specs:
+                try:
+                    state = await asyncio.to_thread(self.labels.progress, entry.acquisition)
+                    status["frames_stored"] = state.frames_done
+                except Exception as exc:  # a status route must answer even when a store does not
+                    log.warning("progress of %s unreadable: %s", entry.acquisition, exc)
+            out.append(status)
+        return out
+
     @property
     def endpoints(self) -> dict[str, str]:
         return {"ingest": self.source.endpoint, "results": self.results.endpoint}

@@ -141,6 +141,8 @@ def test_a_restarted_service_resumes_an_acquisition_from_its_store_without_a_sta
         await service.source.push(encode_control(EndMessage(acquisition="a", frames=6)))
         summary = await service.summary("a")
         assert (summary.frames_received, summary.frames_ok, summary.frames_stored) == (3, 3, 6)
+        (status,) = await service.pipeline.acquisitions()  # what GET /acquisitions reports
+        assert (status["received"], status["stored_before"], status["frames_stored"]) == (3, 3, 6)
         await service.pipeline.stop(deadline_s=30)
         return service
 
