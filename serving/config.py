@@ -320,11 +320,17 @@ class TrackingSettings(BaseModel):
     linker: TrackerConfig = Field(
         default_factory=TrackerConfig, description="How cells are linked (see docs/tracking.md)."
     )
+    max_wait_s: float = Field(
+        20.0,
+        gt=0,
+        description="How long later frames wait for a missing time point (a frame still being segmented, "
+        "retried or sent late) before it is skipped and tracks are linked across it.",
+    )
     max_held_frames: int = Field(
-        4,
-        ge=0,
-        description="Segmented frames held waiting for an earlier frame that has not arrived; beyond this "
-        "the missing time point is skipped (tracks may be gap-closed across it).",
+        32,
+        ge=1,
+        description="At most this many frames wait for a missing time point, however short the wait: beyond "
+        "it the time point is skipped (bounds the memory held per position).",
     )
     lineage_every: int = Field(
         20, ge=1, description="Rewrite a position's lineage graph (GEFF) every this many linked frames."

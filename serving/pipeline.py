@@ -539,6 +539,8 @@ class StreamPipeline:
             # Feedback first: the microscope gets the result now; the labels are stored right after.
             self._publish_ok(frame_set, seg.labels, cells, latency)
         t0 = time.monotonic()
+        if self.tracking is not None:
+            self.tracking.writing(frame_set.frame_id)
         image = np.moveaxis(pixels, -1, 0) if spec.write_image else None  # (C, [Z,] H, W)
         write = asyncio.ensure_future(
             asyncio.to_thread(self.labels.write, frame_set.frame_id, seg.labels, image=image, cells=cells)

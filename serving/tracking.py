@@ -53,6 +53,7 @@ class _Position:
     committed: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     unwritten: int = 0  # linked frames since the lineage was last written
+    waiting_since: float | None = None  # when frames began to wait for the awaited time point
 
 
 class LiveTracking:
@@ -72,6 +73,13 @@ class LiveTracking:
         self.metrics = metrics
         self._positions: dict[_Key, _Position] = {}
         self._opening: dict[_Key, asyncio.Lock] = {}
+        # Time points this run is writing or wrote and has not linked yet, per position: each is offered
+        # by its own `stored` call, so resuming a position must not offer it from the store as well.
+        self._ours: dict[_Key, set[int]] = {}
+
+    def writing(self, frame_id: FrameId) -> None:
+        """The pipeline is about to store this frame (call before the write; its `stored` follows)."""
+        self._ours.setdefault(self._key(frame_id), set()).add(frame_id.t)
 
     async def stored(
         self, frame_id: FrameId, labels: np.ndarray, cells: CellTable, *, stack: bool = False
@@ -85,6 +93,8 @@ class LiveTracking:
             except StaleFrameError:
                 log.debug("tracking: %s is older than its position's linked frames; not relinked", frame_id)
                 return
+            if linked:
+                position.waiting_since = None  # the awaited frame came
             linked += self._skip_overdue(position)
             self.metrics.stage_seconds.labels(stage="link").observe(time.monotonic() - t0)
             await self._emit(frame_id, position, linked)
@@ -162,7 +172,11 @@ class LiveTracking:
         waiting = sorted(
             f
             for f in self.labels.progress(acquisition).done
-            if f.p == p and f.z == z and f.t >= tracker.next_t and f.t != offering
+            if f.p == p
+            and f.z == z
+            and f.t >= tracker.next_t
+            and f.t != offering
+            and f.t not in self._ours.get(key, ())
         )
         position.committed = tracker.state().model_dump(mode="json")
         linked: list[TrackedFrame] = []
@@ -183,12 +197,24 @@ class LiveTracking:
         return position, linked
 
     def _skip_overdue(self, position: _Position) -> list[TrackedFrame]:
-        """Skip the awaited time point while more frames than allowed wait behind it."""
+        """Skip the awaited time point when frames have waited behind it for ``max_wait_s``, or when more
+        than ``max_held_frames`` wait (it may still be on its way: being segmented, retried, sent late)."""
         linked: list[TrackedFrame] = []
         tracker = position.tracker
-        while len(tracker.pending) > self.settings.max_held_frames:
+        now = time.monotonic()
+        if not tracker.pending:
+            position.waiting_since = None
+            return linked
+        if position.waiting_since is None:
+            position.waiting_since = now
+        settings = self.settings
+        while tracker.pending and (
+            len(tracker.pending) > settings.max_held_frames
+            or now - (position.waiting_since or now) >= settings.max_wait_s
+        ):
             log.info("tracking: t=%d did not come; linking across it", tracker.next_t)
             linked += tracker.skip(tracker.next_t)
+            position.waiting_since = now if tracker.pending else None
         return linked
 
     async def _emit(self, frame_id: FrameId, position: _Position, linked: list[TrackedFrame]) -> None:
@@ -236,6 +262,9 @@ class LiveTracking:
             )
             position.unwritten += 1
         position.committed = after
+        ours = self._ours.get(key)
+        if ours:
+            ours.difference_update([t for t in ours if t < position.tracker.next_t])
         if position.unwritten >= self.settings.lineage_every:
             await self._write_lineage(key, position)
 

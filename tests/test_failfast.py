@@ -78,7 +78,7 @@ CASES = [
     Case("demo_missing_source", ["demo", "--source", "missing.tif"], 1, "missing.tif does not exist"),
     Case("segment_png_output", ["segment", "x.npy", "-o", "out.png"], 2, ".tif, .tiff or .npy"),
     Case("segment_unwritable_output", ["segment", "x.npy", "-o", "a_file/l.tif"], 1, "cannot write"),
-    Case("segment_directory", ["segment", "adir"], 1, "adir is a directory, not a file"),
+    Case("segment_empty_directory", ["segment", "adir"], 1, "adir holds no image"),
     Case("segment_no_gpu", ["segment", "x.npy", "--device", "cuda:7"], 2, "--device cuda:7"),
     Case("segment_bad_device", ["segment", "x.npy", "--device", "banana"], 2, "not a torch device"),
     Case("simulate_bad_frames", ["simulate", "--frames", "0"], 2, "--frames and --positions"),

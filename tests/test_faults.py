@@ -186,7 +186,9 @@ def test_sigkill_of_the_whole_service_then_a_restart_completes_the_acquisition(
     assert stored is not None and not stored.closed
     labels.open_acquisition(stored.spec)
     done = {f.t for f in labels.progress("kl").done}
-    assert 3 <= len(done) < N_FRAMES
+    # Results go out before their labels are written (feedback first): some of the three frames with an
+    # `ok` result may not have reached the store when the service was killed.
+    assert 1 <= len(done) < N_FRAMES
     for t in done:  # the done map promises complete frames
         assert labels.read_labels(FrameId("kl", 0, t, 0)).shape == SHAPE
         np.testing.assert_array_equal(labels.read_image(FrameId("kl", 0, t, 0))[0], frames[t])

@@ -86,7 +86,7 @@ def _stored_tracks(labels: LabelSink, ts: list[int]) -> dict[int, np.ndarray]:
 @pytest.mark.parametrize("order", ["in order", "shuffled"])
 def test_tracks_equal_the_offline_linker_in_any_arrival_order(movie: TrackedMovie, order: str) -> None:
     ts = list(range(N))
-    if order == "shuffled":  # out of order within windows of 4 (at most tracking.max_held_frames held)
+    if order == "shuffled":  # out of order within windows of 4
         rng = random.Random(5)
         windows = [ts[i : i + 4] for i in range(0, N, 4)]
         ts = [t for window in windows for t in rng.sample(window, len(window))]
