@@ -26,12 +26,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["MAX_MMAP_THRESHOLD", "AllocatorTuning", "applied_tuning", "retain_frame_buffers"]
+__all__ = [
+    "MAX_MMAP_THRESHOLD",
+    "AllocatorTuning",
+    "applied_tuning",
+    "limit_malloc_arenas",
+    "retain_frame_buffers",
+]
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 MAX_MMAP_THRESHOLD = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
 """glibc's largest ``M_MMAP_THRESHOLD`` (``DEFAULT_MMAP_THRESHOLD_MAX``): 32 MiB on 64-bit systems."""
 _PAGE = 4096
@@ -107,3 +114,23 @@ def retain_frame_buffers(buffer_bytes: int, *, buffers: int) -> AllocatorTuning 
 def applied_tuning() -> AllocatorTuning | None:
     """The thresholds :func:`retain_frame_buffers` set in this process, or ``None`` if it never did."""
     return _applied
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Let glibc create at most ``arenas`` malloc arenas in this process (``M_ARENA_MAX``).
+
+    A model replica allocates multi-MiB embeddings and masks on whichever worker thread runs the request;
+    by default glibc gives threads up to 8 arenas per core, and each arena's heap fragments on its own,
+    so the process's resident memory creeps up under sustained load (2.6 MiB/min in the Decoder at
+    ~9 frames/s of 512², against 0.9 MiB/min at a higher rate with two arenas; BENCHMARKS.md). Call it
+    before the worker threads start; an explicit ``MALLOC_ARENA_MAX`` in the environment wins. Returns
+    True when the limit was set.
+    """
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_ARENA_MAX, int(arenas)))

@@ -52,8 +52,13 @@ def load_model_for(settings: ModelSettings) -> tuple[Any, Any]:
 
 def _replica_threads() -> None:
     # Ray sets OMP_NUM_THREADS to the replica's CPU share; torch's intra-op pool follows it so that
-    # replicas sharing a node do not oversubscribe its cores.
+    # replicas sharing a node do not oversubscribe its cores. Few malloc arenas keep the resident memory
+    # of a replica flat under sustained load (acquisition.allocator.limit_malloc_arenas).
     import torch
+
+    from acquisition.allocator import limit_malloc_arenas
+
+    limit_malloc_arenas(2)
 
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit() and int(n) > 0:

@@ -6,6 +6,7 @@ The settings are process-wide, so each check runs in a fresh interpreter.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -128,3 +129,14 @@ def test_the_service_settings_reach_the_listener() -> None:
         """
     assert _run(code.format(retain=False)) is None
     assert _run(code.format(retain=True)) == (8 << 20) + 4096
+
+
+@glibc
+@pytest.mark.parametrize(("env", "applied"), [({}, "True"), ({"MALLOC_ARENA_MAX": "4"}, "False")])
+def test_malloc_arenas_are_limited_unless_the_environment_chose(env: dict[str, str], applied: str) -> None:
+    probe = "from acquisition.allocator import limit_malloc_arenas; print(limit_malloc_arenas(2))"
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == applied
