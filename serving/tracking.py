@@ -223,14 +223,14 @@ class LiveTracking:
             return
         key = self._key(frame_id)
         acquisition, p, z = key
-        # Each frame but the last is stored with the state from before this batch (which still has to
-        # link it) and the last with the state after it: whatever point a crash stops this loop at, the
-        # state of the latest stored frame never claims a frame that is not stored, and a resumed tracker
-        # links again from there (the same links, as linking is deterministic).
+        # Every frame is stored with the tracker's state from before this batch (which still has to link
+        # it): the sink may store a frame's state before marking it tracked, so a crash in between must
+        # never leave a state that claims the frame. A resumed tracker links the last batch again (the
+        # same links, as linking is deterministic).
         after = position.tracker.state().model_dump(mode="json")
-        for i, frame in enumerate(linked):
+        for frame in linked:
             tracked_id = FrameId(acquisition, p, frame.t, z)
-            state = after if i == len(linked) - 1 else position.committed
+            state = position.committed
             try:
                 await asyncio.to_thread(
                     self.labels.write_tracks, tracked_id, frame.track_labels, frame.cells, state

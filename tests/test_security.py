@@ -125,7 +125,9 @@ def test_only_allowed_senders_push_frames_and_refusals_are_counted(
                 for sender in (stranger, plain):
                     with pytest.raises(NotConnectedError) as exc:
                         sender.wait_connected(timeout=3)
-                    assert exc.value.refused
+                    # A refused key is reported to the client; a mechanism mismatch (the plain sender)
+                    # only sometimes is: it may just never connect.
+                    assert exc.value.refused or sender is plain
                 # The authenticator refuses the stranger's key on the server, so that refusal is always
                 # counted; a mechanism mismatch (the plain sender) is sometimes seen only by the client,
                 # which drops the connection before the server has read its greeting.
