@@ -40,6 +40,19 @@ def add_training_commands(subparsers: argparse._SubParsersAction[argparse.Argume
     p.set_defaults(func=_run_train)
 
     p = subparsers.add_parser(
+        "prepare-data",
+        help="write synthetic training frames (an .npz for the train recipe's data_files)",
+        description="Generate prepared synthetic training examples (docs/models.md, 'Data').",
+    )
+    p.add_argument("output", type=Path, help=".npz file to write (images uint8 (N,3,S,S), labels int16)")
+    p.add_argument("--frames", type=int, required=True, help="number of examples")
+    p.add_argument("--seed", type=int, required=True, help="seed of the sequence of examples")
+    p.add_argument("--image-size", type=int, default=256, help="model input side (256 for cellsam-nano)")
+    p.add_argument("--modalities", nargs="+", default=None, help="default: the training modalities")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.set_defaults(func=_run_prepare)
+
+    p = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a few annotated frames",
         description="Few-shot fine-tuning of the bundled model (default) or of official-layout weights.",
@@ -88,6 +101,54 @@ def _run_train(args: argparse.Namespace) -> int:
         return _fail(err)
     print(path)
     return 0
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from cellsam_core.training.data import TRAINING_MODALITIES
+
+    if args.frames < 1:
+        return _fail(ValueError(f"--frames must be at least 1, got {args.frames}"))
+    modalities = tuple(args.modalities or TRAINING_MODALITIES)
+    chunk = 25
+    starts = list(range(0, args.frames, chunk))
+    make = partial(_prepare_chunk, seed=args.seed, image_size=args.image_size, modalities=modalities)
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    try:
+        workers = max(1, args.workers or os.cpu_count() or 1)
+        with (
+            ProcessPoolExecutor(workers) as pool,
+            tqdm(total=args.frames, unit="frame", desc="prepare") as bar,
+        ):
+            for part_images, part_labels in pool.map(
+                make, starts, [min(chunk, args.frames - s) for s in starts]
+            ):
+                images.append(part_images)
+                labels.append(part_labels)
+                bar.update(len(part_images))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.output, images=np.concatenate(images), labels=np.concatenate(labels))
+    except (ValueError, OSError) as err:
+        return _fail(err)
+    print(f"wrote {args.frames} examples ({', '.join(modalities)}) to {args.output}")
+    return 0
+
+
+def _prepare_chunk(
+    start: int, n: int, *, seed: int, image_size: int, modalities: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    from cellsam_core.threads import intra_op_threads
+    from cellsam_core.training.data import synthetic_examples
+
+    with intra_op_threads(1):
+        ex = synthetic_examples(n, seed=seed, image_size=image_size, modalities=modalities, start=start)
+    return np.stack([e.image for e in ex]), np.stack([e.labels for e in ex]).astype(np.int16)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:

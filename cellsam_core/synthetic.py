@@ -11,61 +11,28 @@ Modalities
 ``whole_cell``    cytoplasmic fluorescence (nucleus dimmer); labels are whole cells.
 ``multiplexed``   (H, W, 2) image ``[nuclear, whole_cell]``; labels are whole cells.
 ``phase``         phase-contrast-like: dark cell interior with a bright halo; labels are whole cells.
+``bacteria``      phase-contrast rods in dense, aligned colonies.
+``yeast``         brightfield budding yeast (buds are labelled separately).
+``tissue``        (H, W, 2) ``[nuclear, membrane]`` image of densely packed cells; labels are whole cells.
+``dic``           differential interference contrast relief; labels are whole cells.
+
+Geometry and the renderers of the last four live in :mod:`cellsam_core.synthetic_cells`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Literal, get_args
+from dataclasses import fields, replace
 
 import numpy as np
 from scipy import ndimage
-from skimage.draw import ellipse
 
-__all__ = ["MODALITIES", "Modality", "SyntheticCells", "SyntheticMovie", "synthetic_frame"]
+from cellsam_core import synthetic_cells
+from cellsam_core.modalities import MODALITIES, TRANSMITTED, TWO_CHANNEL, Modality
+from cellsam_core.synthetic_cells import SyntheticCells, initial_cells, lut, paint
 
-Modality = Literal["nuclear", "whole_cell", "multiplexed", "phase"]
-MODALITIES: tuple[str, ...] = get_args(Modality)
-
-
-@dataclass(frozen=True, slots=True)
-class SyntheticCells:
-    """Cell geometry at one time point; all arrays have shape (N,).
-
-    ``y, x`` centre (pixels), ``a, b`` semi-axes along / across ``theta`` (radians, skimage's
-    ``rotation``), ``brightness`` relative stain intensity, ``ids`` label values (lineage-stable: a cell
-    keeps its id until it divides; daughters get new ids).
-    """
-
-    y: np.ndarray
-    x: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    theta: np.ndarray
-    brightness: np.ndarray
-    ids: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.ids.size)
-
-
-def _initial_cells(
-    rng: np.random.Generator, shape: tuple[int, int], n_cells: int, radius: tuple[float, float]
-) -> SyntheticCells:
-    h, w = shape
-    r = rng.uniform(radius[0], radius[1], n_cells)
-    elong = rng.uniform(1.0, 1.5, n_cells)
-    return SyntheticCells(
-        y=rng.uniform(0, h, n_cells),
-        x=rng.uniform(0, w, n_cells),
-        a=r * np.sqrt(elong),
-        b=r / np.sqrt(elong),
-        theta=rng.uniform(-math.pi, math.pi, n_cells),
-        brightness=rng.lognormal(0.0, 0.3, n_cells),
-        ids=np.arange(1, n_cells + 1, dtype=np.int64),
-    )
+__all__ = ["MODALITIES", "TWO_CHANNEL", "Modality", "SyntheticCells", "SyntheticMovie", "synthetic_frame"]
 
 
 def _step(
@@ -128,29 +95,6 @@ def _step(
     return merged, np.concatenate(thresholds), next_id
 
 
-def _paint(cells: SyntheticCells, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Label image (H, W) int32: ellipses scaled by ``scale``, drawn in order (later cells win)."""
-    labels = np.zeros(shape, np.int32)
-    for i in range(len(cells)):
-        rr, cc = ellipse(
-            cells.y[i],
-            cells.x[i],
-            max(cells.a[i] * scale, 1.0),
-            max(cells.b[i] * scale, 1.0),
-            shape=shape,
-            rotation=cells.theta[i],
-        )
-        labels[rr, cc] = cells.ids[i]
-    return labels
-
-
-def _lut(cells: SyntheticCells, values: np.ndarray) -> np.ndarray:
-    """Lookup table id -> value (index 0 = background = 0)."""
-    lut = np.zeros(int(cells.ids.max(initial=0)) + 1, np.float32)
-    lut[cells.ids] = values
-    return lut
-
-
 class SyntheticMovie:
     """A reproducible synthetic time-lapse; ``movie[t]`` and iteration give ``(image, labels)``.
 
@@ -162,7 +106,7 @@ class SyntheticMovie:
         Number of time points.
     seed : int
         Seed; the same arguments always give the same movie.
-    modality : {"nuclear", "whole_cell", "multiplexed", "phase"}
+    modality : one of :data:`MODALITIES`
         What the image shows (see module docstring).
     n_cells : int
         Cells at t = 0 (divisions add more).
@@ -183,10 +127,15 @@ class SyntheticMovie:
         Cell geometry of every frame, given instead of simulated (``n_frames`` must equal its length;
         ``n_cells``, ``cell_radius``, ``drift`` and ``growth`` are then unused). Label values are the
         ``ids`` (> 0).
+    elongation : (float, float)
+        Range of the long-to-short axis ratio of round cells (nuclear, whole_cell, multiplexed, phase).
+    texture : (float, float)
+        Relative strength and length scale (pixels) of the intensity texture inside cells (chromatin,
+        cytoplasm granularity); ``(0.25, 2.0)`` by default.
 
     Notes
     -----
-    ``image`` is (H, W) or, for ``multiplexed``, (H, W, 2); ``labels`` is (H, W) int32 with 0 =
+    ``image`` is (H, W) or, for ``multiplexed`` and ``tissue``, (H, W, 2); ``labels`` is (H, W) int32 with 0 =
     background and lineage-stable ids (a cell keeps its value across frames until it divides).
     """
 
@@ -205,6 +154,8 @@ class SyntheticMovie:
         bleach_rate: float = 0.002,
         noise: bool = True,
         cells: Sequence[SyntheticCells] | None = None,
+        elongation: tuple[float, float] = (1.0, 1.5),
+        texture: tuple[float, float] = (0.25, 2.0),
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
@@ -219,6 +170,7 @@ class SyntheticMovie:
         self.dtype = np.dtype(dtype)
         self.bleach_rate = bleach_rate
         self.noise = noise
+        self.texture = (float(texture[0]), float(texture[1]))
         side = min(self.shape)
         radius = cell_radius or (max(4.0, 0.025 * side), max(5.0, 0.045 * side))
         rng = np.random.default_rng([self.seed, 0])
@@ -228,9 +180,9 @@ class SyntheticMovie:
                 raise ValueError(f"cells holds {len(cells)} frames of geometry for n_frames={self.n_frames}")
             self.cells = list(cells)
         else:
-            state = _initial_cells(rng, self.shape, n_cells, radius)
+            state = initial_cells(rng, self.shape, n_cells, radius, modality=modality, elongation=elongation)
             divide_area = state.a * state.b * rng.uniform(1.8, 2.4, len(state))
-            next_id = n_cells + 1
+            next_id = len(state) + 1
             self.cells = [state]
             for _ in range(1, self.n_frames):
                 state, divide_area, next_id = _step(
@@ -266,7 +218,7 @@ class SyntheticMovie:
     def labels(self, t: int) -> np.ndarray:
         """Ground-truth labels of frame ``t`` alone (no image rendered): (H, W) int32, as ``self[t][1]``."""
         cells = self.cells[self._index(t)]
-        return _paint(cells, self.shape, 0.55 if self.modality == "nuclear" else 1.0)
+        return paint(cells, self.shape, 0.55 if self.modality == "nuclear" else 1.0)
 
     def _index(self, t: int) -> int:
         if not -self.n_frames <= t < self.n_frames:
@@ -277,12 +229,13 @@ class SyntheticMovie:
         t = self._index(t)
         rng = np.random.default_rng([self.seed, 1, t])
         cells = self.cells[t]
-        cell_labels = _paint(cells, self.shape, 1.0)
-        nuc_labels = _paint(cells, self.shape, 0.55)
-        texture = ndimage.gaussian_filter(rng.standard_normal(self.shape, dtype=np.float32), 2.0)
-        texture = 1.0 + 0.25 * texture / max(float(texture.std()), 1e-6)
+        cell_labels = paint(cells, self.shape, 1.0)
+        nuc_labels = paint(cells, self.shape, 0.55)
+        strength, scale = self.texture
+        texture = ndimage.gaussian_filter(rng.standard_normal(self.shape, dtype=np.float32), scale)
+        texture = 1.0 + strength * texture / max(float(texture.std()), 1e-6)
         bleach = math.exp(-self.bleach_rate * t)
-        nuc = _lut(cells, cells.brightness)[nuc_labels] * texture
+        nuc = lut(cells, cells.brightness)[nuc_labels] * texture
         if self.modality == "nuclear":
             signal, labels = nuc * bleach, nuc_labels
         elif self.modality == "whole_cell":
@@ -290,31 +243,28 @@ class SyntheticMovie:
         elif self.modality == "multiplexed":
             cyto = self._cytoplasm(cells, cell_labels, nuc_labels, texture)
             signal, labels = np.stack([nuc, 0.7 * cyto], axis=-1) * bleach, cell_labels
+        elif self.modality == "phase":
+            signal, labels = synthetic_cells.phase(cell_labels, texture), cell_labels
         else:
-            signal, labels = self._phase(cell_labels, texture), cell_labels
+            signal = synthetic_cells.render(self.modality, cells, cell_labels, nuc_labels, texture, rng)
+            labels = cell_labels
         return self._camera(signal.astype(np.float32), rng), labels
 
     @staticmethod
     def _cytoplasm(
         cells: SyntheticCells, cell_labels: np.ndarray, nuc_labels: np.ndarray, texture: np.ndarray
     ) -> np.ndarray:
-        cyto = _lut(cells, 0.6 * cells.brightness[::-1])[cell_labels] * texture
+        cyto = lut(cells, 0.6 * cells.brightness[::-1])[cell_labels] * texture
         return np.where(nuc_labels > 0, 0.6 * cyto, cyto)
-
-    @staticmethod
-    def _phase(cell_labels: np.ndarray, texture: np.ndarray) -> np.ndarray:
-        mask = (cell_labels > 0).astype(np.float32)
-        # Boundaries between touching cells read as thin bright lines, as in real phase contrast.
-        edges = ndimage.grey_dilation(cell_labels, size=3) != ndimage.grey_erosion(cell_labels, size=3)
-        soft = ndimage.gaussian_filter(mask, 3.0)
-        halo = np.clip(soft - mask, 0.0, None) * 3.0 + 0.4 * (edges & (mask > 0))
-        return 0.5 + halo - 0.35 * mask * texture
 
     def _camera(self, signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         sigma = (1.0, 1.0, 0.0) if signal.ndim == 3 else 1.0
         optical = ndimage.gaussian_filter(signal, sigma)
         bg = self._background[..., None] if signal.ndim == 3 else self._background
-        expected = self._peak * optical + 60.0 * bg if self.modality != "phase" else self._peak * optical * bg
+        if self.modality in TRANSMITTED:
+            expected = self._peak * optical * bg
+        else:
+            expected = self._peak * optical + 60.0 * bg
         expected = np.clip(expected, 0.0, None)
         counts = expected + 100.0  # camera offset
         if self.noise:
@@ -342,7 +292,8 @@ def synthetic_frame(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image and its labels: ``(image, labels)``; see :class:`SyntheticMovie`.
 
-    ``image`` is (H, W) (``multiplexed``: (H, W, 2)) of ``dtype``; ``labels`` (H, W) int32, 0 = background.
+    ``image`` is (H, W) (``multiplexed``, ``tissue``: (H, W, 2)) of ``dtype``; ``labels`` (H, W) int32,
+    0 = background.
     """
     return SyntheticMovie(shape, 1, seed=seed, modality=modality, n_cells=n_cells, dtype=dtype, noise=noise)[
         0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellsam_core import __version__
+from cellsam_core.modalities import MODALITIES
 
 if TYPE_CHECKING:
     from serving.config import ServiceConfig
@@ -449,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modality",
         default="nuclear",
-        choices=["nuclear", "whole_cell", "multiplexed", "phase"],
-        help="imaging modality to simulate",
+        choices=list(MODALITIES),
+        help="imaging modality to simulate (docs/models.md describes each)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)

@@ -27,8 +27,84 @@ CASES = [
 ]
 
 
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    return ndimage.grey_dilation(labels, size=3) != ndimage.grey_erosion(labels, size=3)
+
+
+def _rim_darker(image: np.ndarray, labels: np.ndarray) -> bool:
+    rim = _boundary(labels) & (labels > 0)
+    outside = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    return bool(image[rim].mean() < image[outside].mean() - 20)
+
+
+def _elongated(image: np.ndarray, labels: np.ndarray) -> bool:
+    """Rods (long/short axis > 2) that are darker than the background (phase contrast)."""
+    from skimage.measure import regionprops
+
+    ratios = [p.axis_major_length / max(p.axis_minor_length, 1.0) for p in regionprops(labels)]
+    inside = ndimage.binary_erosion(labels > 0, iterations=1)
+    outside = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    return bool(np.median(ratios) > 2.0) and bool(image[inside].mean() < image[outside].mean() - 20)
+
+
+def _membranes(image: np.ndarray, labels: np.ndarray) -> bool:
+    membrane = image[..., 1].astype(float)
+    interior = ndimage.binary_erosion(labels > 0, iterations=3)
+    return bool(membrane[_boundary(labels) & (labels > 0)].mean() > membrane[interior].mean() + 50) and bool(
+        (labels > 0).mean() > 0.8
+    )
+
+
+def _relief(image: np.ndarray, labels: np.ndarray) -> bool:
+    inside = ndimage.binary_erosion(labels > 0, iterations=1)
+    outside = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    return bool(image[inside].std() > 3 * image[outside].std())
+
+
+@dataclass(frozen=True)
+class LookCase:
+    modality: str
+    channels: int
+    looks_right: object  # (image, labels) -> bool
+
+
+LOOK_CASES = [
+    LookCase("bacteria", 1, _elongated),
+    LookCase("yeast", 1, _rim_darker),
+    LookCase("tissue", 2, _membranes),
+    LookCase("dic", 1, _relief),
+]
+
+
 def test_cases_cover_every_modality() -> None:
-    assert {c.modality for c in CASES} == set(MODALITIES)
+    assert {c.modality for c in CASES} | {c.modality for c in LOOK_CASES} == set(MODALITIES)
+
+
+@pytest.mark.parametrize("case", LOOK_CASES, ids=[c.modality for c in LOOK_CASES])
+def test_transmitted_and_tissue_modalities(case: LookCase) -> None:
+    image, labels = synthetic_frame((128, 128), seed=5, modality=case.modality, n_cells=30)  # type: ignore[arg-type]
+    assert image.dtype == np.uint16 and labels.shape == (128, 128)
+    assert image.shape == ((128, 128, 2) if case.channels == 2 else (128, 128))
+    assert np.unique(labels[labels > 0]).size >= 15
+    assert case.looks_right(image, labels)  # type: ignore[operator]
+    again, again_labels = synthetic_frame((128, 128), seed=5, modality=case.modality, n_cells=30)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(again, image)
+    np.testing.assert_array_equal(again_labels, labels)
+
+
+def test_yeast_buds_are_their_own_cells() -> None:
+    movie = SyntheticMovie((256, 256), 1, seed=2, modality="yeast", n_cells=40)
+    cells = movie.cells[0]
+    mothers = round(40 / 1.33)
+    assert len(cells) > mothers  # some buds
+    bud_size = cells.a[mothers:] * cells.b[mothers:]
+    assert bud_size.max() < (cells.a[:mothers] * cells.b[:mothers]).max()
+
+
+def test_no_cells_gives_an_empty_label_image() -> None:
+    for modality in MODALITIES:
+        image, labels = synthetic_frame((64, 64), seed=1, modality=modality, n_cells=0)  # type: ignore[arg-type]
+        assert not labels.any() and np.isfinite(image.astype(float)).all()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -127,3 +127,19 @@ def test_finetune_official_architecture_trains_masks_only(tmp_path: Path) -> Non
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("model_cp.mask_decoder.") for k in changed)
     assert not any(k.startswith(("cellfinder.", "model_cp.image_encoder.", "model.")) for k in changed)
+
+
+def test_prepare_data_command_writes_the_sequence_in_parallel_parts(tmp_path: Path) -> None:
+    from serving.cli import main
+
+    out = tmp_path / "data" / "train.npz"
+    args = ["prepare-data", str(out), "--frames", "27", "--seed", "5", "--image-size", "64"]
+    assert main([*args, "--workers", "2", "--modalities", "nuclear", "bacteria", "empty"]) == 0
+    expected = synthetic_examples(27, seed=5, image_size=64, modalities=("nuclear", "bacteria", "empty"))
+    with np.load(out) as data:
+        images, labels = data["images"], data["labels"]
+    assert images.shape == (27, 3, 64, 64) and images.dtype == np.uint8 and labels.dtype == np.int16
+    np.testing.assert_array_equal(images, np.stack([e.image for e in expected]))
+    np.testing.assert_array_equal(labels, np.stack([e.labels for e in expected]))
+    assert not labels[2::3].any() and all(lab.any() for lab in labels[0::3])  # "empty" frames have no cells
+    assert main(["prepare-data", str(out), "--frames", "0", "--seed", "1"]) == 1

@@ -25,7 +25,12 @@ from scipy import ndimage
 from cellsam_core import preprocess
 from cellsam_core.synthetic import MODALITIES, SyntheticMovie
 
+#: What the default model trains on: every synthetic modality but ``dic`` (kept out of training to
+#: show few-shot fine-tuning on a modality the model never saw), plus frames with no cells at all.
+TRAINING_MODALITIES: tuple[str, ...] = (*(m for m in MODALITIES if m != "dic"), "empty")
+
 __all__ = [
+    "TRAINING_MODALITIES",
     "PreparedExample",
     "augment_batch",
     "model_inputs",
@@ -78,16 +83,24 @@ def prepare_example(image: np.ndarray, labels: np.ndarray, image_size: int) -> P
 def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic frame with randomised geometry and photometric augmentation.
 
-    Varies frame size (so cells are seen at several scales after resizing), density, cell radius,
-    brightness, blur, noise and gamma. Returns ``(image float32 (H, W) or (H, W, 2), labels int32 (H, W))``.
+    Varies frame size (so cells are seen at several scales after resizing), density, cell radius and
+    shape, texture, brightness, blur, noise, gamma, illumination ramps and vignetting. ``modality`` is
+    one of :data:`~cellsam_core.synthetic.MODALITIES` or ``"empty"``: a frame of a random modality with
+    no cells at all (background, noise and illumination only), so the detector learns to find nothing.
+    Returns ``(image float32 (H, W) or (H, W, 2), labels int32 (H, W))``.
     """
+    empty = modality == "empty"
+    if empty:
+        modality = str(rng.choice([m for m in TRAINING_MODALITIES if m != "empty"]))
     side = int(rng.choice([256, 256, 320, 384, 512]))
     base = side / 256
     r_lo = float(rng.uniform(4.0, 9.0)) * base
+    if modality == "bacteria":
+        r_lo = float(rng.uniform(3.5, 7.0)) * base
     r_hi = r_lo * float(rng.uniform(1.2, 1.9))
-    # Density: from sparse to crowded (touching, overlapping) fields.
-    area_frac = float(rng.uniform(0.1, 0.65))
-    n_cells = max(1, int(area_frac * side * side / (np.pi * ((r_lo + r_hi) / 2) ** 2)))
+    # Density: from sparse to crowded (touching, overlapping) fields; tissue always fills the field.
+    area_frac = 1.0 if modality == "tissue" else float(rng.uniform(0.1, 0.65))
+    n_cells = 0 if empty else max(1, int(area_frac * side * side / (np.pi * ((r_lo + r_hi) / 2) ** 2)))
     n_frames = int(rng.integers(1, 4))
     movie = SyntheticMovie(
         (side, side),
@@ -97,6 +110,8 @@ def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, n
         n_cells=n_cells,
         cell_radius=(r_lo, r_hi),
         dtype=np.float32,
+        elongation=(1.0, float(rng.uniform(1.3, 2.2))),
+        texture=(float(rng.uniform(0.1, 0.6)), float(rng.uniform(1.0, 3.0))),
     )
     image, labels = movie[n_frames - 1]
     image = image.astype(np.float32)
@@ -110,10 +125,15 @@ def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, n
         scaled = ndimage.gaussian_filter(scaled, sig)
     if rng.random() < 0.4:
         scaled = scaled + rng.normal(0.0, float(rng.uniform(0.005, 0.05)), scaled.shape).astype(np.float32)
+    yy = np.linspace(-1.0, 1.0, side, dtype=np.float32)[:, None]
     if rng.random() < 0.3:
-        yy = np.linspace(-1.0, 1.0, side, dtype=np.float32)[:, None]
         ramp = float(rng.uniform(-0.2, 0.2)) * yy + float(rng.uniform(-0.2, 0.2)) * yy.T
         scaled = scaled + (ramp[..., None] if scaled.ndim == 3 else ramp)
+    if rng.random() < 0.3:
+        # Vignetting: illumination falling off towards the corners.
+        cy, cx = rng.uniform(-0.3, 0.3, 2)
+        falloff = 1.0 - float(rng.uniform(0.1, 0.5)) * ((yy - cy) ** 2 + (yy.T - cx) ** 2) / 2.0
+        scaled = scaled * (falloff[..., None] if scaled.ndim == 3 else falloff)
     return scaled.astype(np.float32), labels
 
 
@@ -122,14 +142,20 @@ def synthetic_examples(
     *,
     seed: int,
     image_size: int,
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] = TRAINING_MODALITIES,
+    start: int = 0,
 ) -> list[PreparedExample]:
-    """``n`` prepared examples, cycling through ``modalities``; the same arguments give the same list."""
-    unknown = [m for m in modalities if m not in MODALITIES]
+    """Examples ``start .. start + n - 1`` of the sequence that cycles through ``modalities``.
+
+    Example ``i`` depends only on ``(seed, i)``, so the same arguments give the same list and a long
+    sequence can be prepared in parts (in parallel) and concatenated.
+    """
+    known = (*MODALITIES, "empty")
+    unknown = [m for m in modalities if m not in known]
     if unknown or not modalities:
-        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+        raise ValueError(f"modalities must be a non-empty subset of {known}, got {list(modalities)}")
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         rng = np.random.default_rng([seed, i])
         image, labels = random_frame(rng, modalities[i % len(modalities)])
         out.append(prepare_example(image, labels, image_size))

@@ -27,9 +27,14 @@ from cellsam_core.checkpoint import load_model, save_model
 from cellsam_core.modeling.cellsam import CellSAM
 from cellsam_core.modeling.nano import DenseDetector, NanoImageEncoder
 from cellsam_core.registry import build_model
-from cellsam_core.synthetic import MODALITIES
 from cellsam_core.training import losses
-from cellsam_core.training.data import PreparedExample, augment_batch, model_inputs, synthetic_examples
+from cellsam_core.training.data import (
+    TRAINING_MODALITIES,
+    PreparedExample,
+    augment_batch,
+    model_inputs,
+    synthetic_examples,
+)
 
 __all__ = ["TrainConfig", "train"]
 
@@ -63,7 +68,9 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(0, description="Seed of the model initialisation, the data and every step.")
     n_examples: int = Field(400, ge=1, description="Synthetic frames generated when no data_files are given.")
-    modalities: tuple[str, ...] = Field(MODALITIES, description="Synthetic modalities to train on.")
+    modalities: tuple[str, ...] = Field(
+        TRAINING_MODALITIES, description="Synthetic modalities to train on ('empty': frames without cells)."
+    )
     data_files: tuple[Path, ...] = Field(
         (),
         description="Prepared examples (.npz with 'images' uint8 (N, 3, S, S) and 'labels' (N, S, S)) "

@@ -1,0 +1,14 @@
+"""Names of the synthetic imaging modalities (a leaf module: importing it loads nothing else)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = ["MODALITIES", "TRANSMITTED", "TWO_CHANNEL", "Modality"]
+
+Modality = Literal["nuclear", "whole_cell", "multiplexed", "phase", "bacteria", "yeast", "tissue", "dic"]
+MODALITIES: tuple[str, ...] = get_args(Modality)
+#: Modalities whose image has two channels ``[nuclear, whole_cell]``.
+TWO_CHANNEL: frozenset[str] = frozenset({"multiplexed", "tissue"})
+#: Transmitted-light modalities: illumination multiplies the signal instead of adding a background.
+TRANSMITTED: frozenset[str] = frozenset({"phase", "bacteria", "yeast", "dic"})
