@@ -7,6 +7,8 @@ depend on it without depending on each other.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["NANO_STRIDE", "ModelConfig", "NanoConfig"]
@@ -84,6 +86,11 @@ class ModelConfig(BaseModel):
     cellfinder_num_classes: int = Field(
         default=2, gt=0, description="Class logits per query (sigmoid scores)."
     )
+    tile_merge: Literal["centre", "reference"] = Field(
+        default="reference",
+        description="Default merge of tiled frames (cellsam_core.tiling): the reference's IoU merge, so "
+        "the labels of the official models stay equal to the reference implementation's.",
+    )
 
     @model_validator(mode="after")
     def _check_divisibility(self) -> ModelConfig:
@@ -149,6 +156,11 @@ class NanoConfig(BaseModel):
         description="Default window (tokens per side) each box's mask is decoded over "
         "(cellsam_core.windows); 32 tokens = the 128-pixel crops of the training recipe. None: whole "
         "embedding.",
+    )
+    tile_merge: Literal["centre", "reference"] = Field(
+        default="centre",
+        description="Default merge of tiled frames (cellsam_core.tiling): each cell whole from the tile "
+        "whose core holds its centre; the reference's IoU merge cuts cells the tiles disagree on at seams.",
     )
 
     @model_validator(mode="after")

@@ -66,6 +66,12 @@ class EncodeOptions(BaseModel):
     overlap: int = Field(56, ge=0, description="Tile overlap in pixels on each side (reference: 56).")
     iou_depth: int = Field(56, ge=0, description="Seam strip half-width used to merge tiles (56).")
     iou_threshold: float = Field(0.5, ge=0, le=1, description="IoU above which seam labels merge.")
+    tile_merge: tiling.TileMerge | None = Field(
+        None,
+        description="How tile labels are merged: 'centre' (each cell whole from the tile whose core holds "
+        "its centre), 'reference' (the reference's IoU merge at tile faces); None takes the model's "
+        "default (cellsam-nano: centre, the official models: reference). See cellsam_core.tiling.",
+    )
     acceleration: Acceleration = Field(
         default_factory=Acceleration,
         description="Fast paths of the two ViT encoders (bf16 autocast, SDPA attention, torch.compile); "
@@ -126,7 +132,8 @@ class ImageEmbedding:
     input_size : int
         Side of the square model input (1024 for ``cellsam_vit_b``).
     plan : TilePlan or None
-        How the frame was tiled, or None when the whole frame was one model input.
+        How the frame was tiled and how :func:`decode` merges the tiles (``plan.merge``), or None when
+        the whole frame was one model input.
     """
 
     sam: torch.Tensor
@@ -208,6 +215,7 @@ def _model_inputs(
         overlap=options.overlap,
         iou_depth=options.iou_depth,
         iou_threshold=options.iou_threshold,
+        merge=options.tile_merge or model.config.tile_merge,
     )
     # Whole-frame min-max per channel first (the reference pipeline does this before tiling), then the
     # per-tile percentile + CLAHE normalisation of the single-image path.
@@ -483,10 +491,14 @@ def decode(
 
         * single model input: the box that prompted the SAM mask the cell comes from, scaled from the
           ``S × S`` model input to the frame;
-        * tiled frame: the detection whose cleaned tile mask supplies the cell's highest-score pixel
-          (pixels of the final image each come from exactly one tile's core), its box scaled from the
-          model input to that tile and shifted by the tile's origin. Tiles wrap periodically at the frame
-          edges, so a box of a cell at the edge may reach outside ``[0, H) × [0, W)``.
+        * tiled frame, centre merge (``EncodeOptions.tile_merge``): the detection whose cleaned tile
+          mask is the cell (each cell comes whole from one tile);
+        * tiled frame, reference merge: the detection whose cleaned tile mask supplies the cell's
+          highest-score pixel (pixels of the final image each come from exactly one tile's core).
+
+        A tile's box is scaled from the model input to that tile and shifted by the tile's origin.
+        Tiles wrap periodically at the frame edges, so a box of a cell at the edge may reach outside
+        ``[0, H) × [0, W)``.
     """
     return decode_batch([embedding], model, options, progress=progress)[0]
 
@@ -646,45 +658,62 @@ def _cells_of_tiles(
     input_size: int,
     min_size: int,
 ) -> tuple[np.ndarray, CellTable]:
-    """Clean up each tile, merge the tiles, and give each cell the detection at its best-score pixel.
+    """Clean up each tile, merge the tiles as ``plan.merge`` says, and give each cell one detection.
 
     ``tile_labels[i]`` is tile ``i``'s composed masks (value ``v`` from ``tile_boxes[i][v - 1]``, XYXY in
     the ``input_size`` model input, scored ``tile_scores[i][v - 1]``), of shape ``tile_sizes[i]``, in
     :meth:`~cellsam_core.tiling.TilePlan.indices` order. Returns the merged uint32 ``(H, W)`` labels and
     their table (see :func:`decode` for the prompt box and score).
     """
-    from scipy import ndimage
-
     cleaned: list[np.ndarray] = []
-    score_maps: list[np.ndarray] = []
-    detection_maps: list[np.ndarray] = []
+    detection_luts: list[np.ndarray] = []
     frame_boxes: list[np.ndarray] = []
     offset = 0
-    for index, labels_i, boxes_i, scores_i, size_i in zip(
-        plan.indices(), tile_labels, tile_boxes, tile_scores, tile_sizes, strict=True
+    for index, labels_i, boxes_i, size_i in zip(
+        plan.indices(), tile_labels, tile_boxes, tile_sizes, strict=True
     ):
         clean_i, kept_i = postprocess.fill_holes_and_remove_small(labels_i, min_size=min_size)
         cleaned.append(clean_i)
-        source = kept_i - 1  # cleaned label k of this tile came from boxes_i[source[k - 1]]
-        score_lut = np.concatenate([[0.0], np.asarray(scores_i, dtype=np.float64)[source]])
-        detection_lut = np.concatenate([[-1], offset + source]).astype(np.int64)
-        score_maps.append(score_lut[clean_i])
-        detection_maps.append(detection_lut[clean_i])
+        # Cleaned label k of this tile came from boxes_i[kept_i[k - 1] - 1], detection offset + that.
+        detection_luts.append(np.concatenate([[-1], offset + kept_i - 1]).astype(np.int64))
         y0, _, x0, _ = plan.core_bounds(index)
         origin = np.array([y0, x0, y0, x0], dtype=np.float64) - plan.overlap
         frame_boxes.append(_frame_boxes(boxes_i, input_size, size_i) + origin)
         offset += len(boxes_i)
+    all_boxes = np.concatenate(frame_boxes)
+    all_scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in tile_scores])
+    if plan.merge == "centre":
+        merged = tiling.merge_tiles_by_centre(cleaned, plan, sequential=True)
+        table = CellTable.from_labels(merged.labels)
+        # Each cell is one tile's cleaned label pasted whole, so its detection is that label's.
+        label = table.label.astype(np.int64)
+        pairs = zip(merged.source_tile[label], merged.source_label[label], strict=True)
+        detection = np.array([detection_luts[t][k] for t, k in pairs], dtype=np.int64)
+        return merged.labels, replace(table, prompt_box=all_boxes[detection], score=all_scores[detection])
+    return _cells_by_best_pixel(cleaned, detection_luts, all_boxes, all_scores, plan)
+
+
+def _cells_by_best_pixel(
+    cleaned: Sequence[np.ndarray],
+    detection_luts: Sequence[np.ndarray],
+    all_boxes: np.ndarray,
+    all_scores: np.ndarray,
+    plan: tiling.TilePlan,
+) -> tuple[np.ndarray, CellTable]:
+    """Reference merge; a cell (maybe stitched from several tiles) takes its best-score pixel's detection."""
+    from scipy import ndimage
+
     labels = tiling.merge_tiles(cleaned, plan, sequential=True)
     table = CellTable.from_labels(labels)
     if len(table) == 0:
         return labels, table
-    score_image = tiling.merge_values(score_maps, plan)
+    score_lut = np.concatenate([[0.0], all_scores])  # detection -1 (background) scores 0
+    detection_maps = [lut[clean] for lut, clean in zip(detection_luts, cleaned, strict=True)]
+    score_image = tiling.merge_values([score_lut[d + 1] for d in detection_maps], plan)
     detection_image = tiling.merge_values(detection_maps, plan)
     # Every labelled pixel comes from a labelled pixel of one tile's core, so it names a detection (>= 0).
     peaks = ndimage.maximum_position(score_image, labels, index=table.label)
     detection = np.array([detection_image[pos] for pos in peaks], dtype=np.int64)
-    all_boxes = np.concatenate(frame_boxes)
-    all_scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in tile_scores])
     return labels, replace(table, prompt_box=all_boxes[detection], score=all_scores[detection])
 
 

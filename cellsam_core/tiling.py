@@ -31,22 +31,33 @@ Where we differ from the reference (inputs it cannot handle, or plain bugs):
   channel; the reference's ``cellsam_pipeline`` indexes ``img[..., i]`` for i = 0..2, which on a 2-D
   image scales columns 0-2 only.
 * Output is uint32 (int32 in the reference); ``sequential=True`` optionally relabels 1..K.
+
+Centre merge (:func:`merge_tiles_by_centre`), our own: where two tiles segment a seam cell differently
+(IoU < ``iou_threshold`` over the strip), the reference merge cuts the cell along the seam into two labels.
+Here each tile instead keeps the cells whose centre of mass lies in its core chunk and pastes each of them
+*whole*, overlap margin included, so no cell is cut at a seam unless it reaches past its tile. The
+setting is :attr:`TilePlan.merge`: ``cellsam_nano`` merges by centre, the official models keep the
+reference's merge (their labels stay equal to the reference's). See ``docs/models.md`` for measured F1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
 __all__ = [
+    "CentreMerge",
+    "TileMerge",
     "TilePlan",
     "extract_tiles",
     "iter_tiles",
     "merge_tiles",
+    "merge_tiles_by_centre",
     "merge_values",
     "needs_tiling",
     "plan_tiles",
@@ -55,6 +66,9 @@ __all__ = [
 #: Frames with a side above this many pixels are tiled by default (the model input is 1024²; beyond ~2x
 #: the stretch to 1024² shrinks cells too much to find them).
 DEFAULT_TILING_THRESHOLD = 2048
+
+TileMerge = Literal["centre", "reference"]
+"""How tile labels are merged: :func:`merge_tiles_by_centre` or the reference's :func:`merge_tiles`."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,9 @@ class TilePlan:
         Chunk length, tile margin and half-width of the strips compared at tile faces (pixels).
     iou_threshold : float
         Two labels meeting at a face are merged when their IoU over the strip is at least this.
+    merge : {"reference", "centre"}
+        Which merge the tiles' labels go through (:func:`merge_tiles` or :func:`merge_tiles_by_centre`);
+        the centre merge ignores ``iou_depth`` and ``iou_threshold``.
     """
 
     shape: tuple[int, int]
@@ -80,8 +97,11 @@ class TilePlan:
     overlap: int = 56
     iou_depth: int = 56
     iou_threshold: float = 0.5
+    merge: TileMerge = "reference"
 
     def __post_init__(self) -> None:
+        if self.merge not in get_args(TileMerge):
+            raise ValueError(f"merge must be one of {get_args(TileMerge)}, got {self.merge!r}")
         if sum(self.row_chunks) != self.shape[0] or sum(self.col_chunks) != self.shape[1]:
             raise ValueError(f"chunks {self.row_chunks} x {self.col_chunks} do not cover shape {self.shape}")
 
@@ -118,8 +138,9 @@ def plan_tiles(
     overlap: int = 56,
     iou_depth: int = 56,
     iou_threshold: float = 0.5,
+    merge: TileMerge = "reference",
 ) -> TilePlan:
-    """Plan the tiling of an ``(H, W)`` image (reference ``segment_wsi`` defaults)."""
+    """Plan the tiling of an ``(H, W)`` image (reference ``segment_wsi`` defaults; see :class:`TilePlan`)."""
     if len(shape_hw) < 2 or min(int(shape_hw[0]), int(shape_hw[1])) <= 0:
         raise ValueError(f"shape_hw must be a positive (H, W), got {tuple(shape_hw)}")
     if block_size < 1 or overlap < 1:
@@ -139,6 +160,7 @@ def plan_tiles(
         overlap=overlap,
         iou_depth=iou_depth,
         iou_threshold=iou_threshold,
+        merge=merge,
     )
 
 
@@ -272,6 +294,118 @@ def _matching_labels(side0: np.ndarray, side1: np.ndarray, plan: TilePlan) -> np
     iou = intersection / union
     keep = (iou >= plan.iou_threshold) & (a_vals[ia] != 0) & (b_vals[ib] != 0)
     return np.stack([a_vals[ia][keep], b_vals[ib][keep]]).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class CentreMerge:
+    """Labels merged by :func:`merge_tiles_by_centre` and where each label came from.
+
+    Attributes
+    ----------
+    labels : np.ndarray
+        uint32 ``(H, W)``, 0 = background.
+    source_tile, source_label : np.ndarray
+        int64 ``(L + 1,)`` with ``L`` the largest label handed out: label ``v`` is the cell
+        ``source_label[v]`` of tile number ``source_tile[v]`` (its position in :meth:`TilePlan.indices`).
+        Row 0 is ``(-1, 0)``. Without ``sequential``, a label that lost all its pixels to other cells is
+        absent from ``labels`` but keeps its row.
+    """
+
+    labels: np.ndarray
+    source_tile: np.ndarray
+    source_label: np.ndarray
+
+
+def merge_tiles_by_centre(
+    tile_labels: Sequence[np.ndarray], plan: TilePlan, *, sequential: bool = False
+) -> CentreMerge:
+    """Merge per-tile label images by cell centre: every cell comes whole from the one tile that owns it.
+
+    A tile owns a cell when the cell's centre of mass, over all its pixels in the tile, lies in the tile's
+    core chunk (half-open: ``y0 <= cy < y1``, ``x0 <= cx < x1``, compared exactly on integer sums). A
+    centre outside the core lies in a neighbour's core, or outside the frame in a periodic margin where
+    the tile across the frame edge sees the same pixels in its core: the tile leaves such cells to that
+    other tile. A cell that every tile leaves to another (tiles that disagree about where it is) is lost.
+    A label is one object: a label found at several places of a tile (e.g. periodic copies in a tile
+    longer than the frame) has the centre of all of them.
+
+    Kept cells are pasted whole, overlap margin included, at their frame position; tile pixels outside
+    the frame (the periodic margins, see :func:`iter_tiles`) are dropped, never wrapped back. Where two
+    pasted cells claim a pixel, the cell from the tile whose core holds the pixel wins (that tile sees it
+    at least ``overlap`` from its own edge); between two tiles that both see the pixel in their margins,
+    the first in :meth:`TilePlan.indices` order wins.
+
+    Parameters
+    ----------
+    tile_labels : sequence of np.ndarray
+        As for :func:`merge_tiles`: non-negative integer ``(h, w)`` labels per tile, in
+        :meth:`TilePlan.indices` order, of :meth:`TilePlan.tile_shape`.
+    plan : TilePlan
+        The plan the tiles were extracted with (its ``iou_depth`` and ``iou_threshold`` are not used).
+    sequential : bool
+        Relabel the result 1..K, dropping labels left without pixels. Otherwise labels are handed out
+        in tile order, then in increasing tile label order, and may have gaps.
+
+    Returns
+    -------
+    CentreMerge
+        The uint32 ``(H, W)`` labels and each label's source tile and tile label.
+    """
+    indices = plan.indices()
+    if len(tile_labels) != len(indices):
+        raise ValueError(f"got {len(tile_labels)} tiles for a plan of {len(indices)}")
+    height, width = plan.shape
+    out = np.zeros(plan.shape, dtype=np.uint32)
+    tiles: list[np.ndarray] = [np.array([-1], dtype=np.int64)]
+    labels: list[np.ndarray] = [np.array([0], dtype=np.int64)]
+    next_id = 1
+    for number, (index, tile) in enumerate(zip(indices, tile_labels, strict=True)):
+        arr = np.asarray(tile)
+        if arr.shape != plan.tile_shape(index) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"tile {index}: expected integer labels of shape {plan.tile_shape(index)}, got "
+                f"{arr.dtype} {arr.shape}"
+            )
+        if arr.size and int(arr.min()) < 0:
+            raise ValueError(f"tile {index} has negative labels; 0 is background, cells are > 0")
+        y0, y1, x0, x1 = plan.core_bounds(index)
+        rows, cols = np.nonzero(arr)
+        values = arr[rows, cols]
+        rows += y0 - plan.overlap  # frame coordinates, outside the frame in the periodic margins
+        cols += x0 - plan.overlap
+        cells, pixel_cell = np.unique(values, return_inverse=True)
+        pixel_cell = pixel_cell.ravel()
+        # Pixel counts and coordinate sums are integers held exactly in float64 (< 2**53), so the
+        # half-open bounds are tested exactly: y0 <= sum / n < y1  <=>  y0 * n <= sum < y1 * n.
+        n = np.bincount(pixel_cell, minlength=cells.size).astype(np.float64)
+        sum_y = np.bincount(pixel_cell, weights=rows, minlength=cells.size)
+        sum_x = np.bincount(pixel_cell, weights=cols, minlength=cells.size)
+        owned = (sum_y >= y0 * n) & (sum_y < y1 * n) & (sum_x >= x0 * n) & (sum_x < x1 * n)
+        inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        rows, cols, pixel_cell = rows[inside], cols[inside], pixel_cell[inside]
+        ids = np.zeros(cells.size, dtype=np.uint32)
+        ids[owned] = np.arange(next_id, next_id + int(owned.sum()), dtype=np.uint32)
+        next_id += int(owned.sum())
+        tiles.append(np.full(int(owned.sum()), number, dtype=np.int64))
+        labels.append(cells[owned].astype(np.int64))
+
+        pixel_id = ids[pixel_cell]
+        pasted = pixel_id > 0
+        rows, cols, pixel_id = rows[pasted], cols[pasted], pixel_id[pasted]
+        free = out[rows, cols] == 0
+        out[rows[free], cols[free]] = pixel_id[free]
+        core = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        out[rows[core], cols[core]] = pixel_id[core]
+
+    source_tile = np.concatenate(tiles)
+    source_label = np.concatenate(labels)
+    if sequential:
+        present = np.bincount(out.ravel(), minlength=next_id) > 0
+        present[0] = True
+        relabel = (np.cumsum(present) - 1).astype(np.uint32)
+        out = relabel[out]
+        source_tile, source_label = source_tile[present], source_label[present]
+    return CentreMerge(labels=out, source_tile=source_tile, source_label=source_label)
 
 
 def merge_values(tile_values: Sequence[np.ndarray], plan: TilePlan) -> np.ndarray:
