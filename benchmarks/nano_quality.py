@@ -7,9 +7,10 @@ with no cells, border objects, and (given annotated real images) real-data F1, w
     python benchmarks/nano_quality.py --thresholds 0.3 0.4 0.5         # calibrate bbox_threshold
 
 Held-out frames: :func:`cellsam_core.training.assess.heldout_frames` (seeds from 900,000; never used in
-training), ``--frames`` per modality, half 256² with 40 cells and half 512² with 80. ``dic`` is held out of
-training altogether. Empty frames: every modality rendered with no cells, plus a flat frame, pure camera
-noise, a gradient and a vignetted field. F1 is at IoU 0.5 (one-to-one matching).
+training), ``--frames`` per modality, half 256² with 40 cells and half 512² with 80 (tissue: 150 and
+600). ``dic`` is held out of training altogether. Empty frames: every modality rendered with no cells,
+plus a flat frame, pure camera noise, a gradient and a vignetted field.
+F1 is at IoU 0.5 (one-to-one matching).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(
-        f"{platform.node()} {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.python_version()}"
     )
     models = [(str(args.weights), load_model(args.weights))]
     if args.baseline and Path(args.weights) != BUNDLED_WEIGHTS:

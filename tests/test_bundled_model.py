@@ -12,12 +12,16 @@ from cellsam_core._cli_training import add_training_commands
 from cellsam_core.checkpoint import BUNDLED_WEIGHTS, load_bundled_model, load_model
 from cellsam_core.modeling.cellsam import CellSAM
 from cellsam_core.registry import NANO_CONFIGS
-from cellsam_core.synthetic import MODALITIES
+from cellsam_core.inference import segment
+from cellsam_core.synthetic import MODALITIES, synthetic_frame
 from cellsam_core.training.assess import evaluate_model, heldout_frames
+from cellsam_core.training.data import TRAINING_MODALITIES
 
-# Measured F1@0.5 on these 2-frame sets: nuclear 0.965, whole_cell 0.930, multiplexed 0.922, phase 0.957
-# (6-frame figures in docs/models.md); the bound keeps a margin below the weakest.
-MIN_F1 = 0.8
+# Lower bounds of F1@0.5 on these 2-frame sets, a margin below what the bundled weights score on them
+# (MEASURED; 6-frame figures in docs/models.md). dic is held out of training: its bound only guards
+# against a collapse.
+MEASURED = MEASURED_PLACEHOLDER
+MIN_F1 = {modality: round(f1 - 0.08, 2) for modality, f1 in MEASURED.items()}
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +40,40 @@ def test_bundled_model_is_cellsam_nano(nano: CellSAM) -> None:
     assert not nano.training
 
 
+def test_every_modality_has_a_bound() -> None:
+    assert set(MIN_F1) == set(MODALITIES) and "dic" not in TRAINING_MODALITIES
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_bundled_model_segments_heldout_frames(nano: CellSAM, modality: str) -> None:
     images, labels = heldout_frames(modality, 2, seed=950_000)
     result = evaluate_model(nano, images, labels)
-    assert result.f1(0.5) >= MIN_F1, result.table()
+    assert result.f1(0.5) >= MIN_F1[modality], result.table()
+
+
+def _empty_frames() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[-1 : 1 : 384j, -1 : 1 : 384j]
+    frames = {
+        m: synthetic_frame((384, 384), seed=21, modality=m, n_cells=0)[0]  # type: ignore[arg-type]
+        for m in MODALITIES
+    }
+    frames["flat"] = np.full((384, 384), 700, np.uint16)
+    frames["camera noise"] = (100 + rng.normal(0, 3, (384, 384))).astype(np.float32)
+    frames["gradient"] = (300 + 200 * xx + rng.normal(0, 5, (384, 384))).astype(np.float32)
+    frames["vignetted"] = (2000 * (1 - 0.4 * (xx**2 + yy**2)) + rng.normal(0, 20, xx.shape)).astype(np.float32)
+    return frames
+
+
+EMPTY = _empty_frames()
+
+
+@pytest.mark.parametrize("name", list(EMPTY))
+def test_no_cells_on_frames_without_cells(nano: CellSAM, name: str) -> None:
+    """Background, camera noise and uneven illumination alone, stretched by the normalisation into full
+    contrast, must not turn into cells."""
+    labels = segment(EMPTY[name], nano).labels
+    assert labels.max() == 0, f"{np.unique(labels).size - 1} cells on a frame without cells ({name})"
 
 
 def test_cli_evaluate_prints_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,22 +13,26 @@ from cellsam_core.inference import DecodeOptions, segment
 from cellsam_core.modeling.cellsam import CellSAM
 from cellsam_core.synthetic import MODALITIES, synthetic_frame
 
-__all__ = ["HELDOUT_SEED", "evaluate_model", "heldout_frames"]
+__all__ = ["HELDOUT_CELLS", "HELDOUT_SEED", "evaluate_model", "heldout_frames"]
 
 #: Seeds of held-out frames start here; training draws its movie seeds from a generator, never these.
 HELDOUT_SEED = 900_000
+#: Cells per held-out frame (256², 512²); packed tissue needs more cells to have cells of the usual size.
+HELDOUT_CELLS: dict[str, tuple[int, int]] = {"tissue": (150, 600)}
 
 
 def heldout_frames(
     modality: str, n: int, *, seed: int = HELDOUT_SEED
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``n`` synthetic frames of ``modality`` that training never saw, alternating 256² (40 cells) and
-    512² (80 cells) fields, with the generator's default cell sizes. Returns ``(images, labels)``."""
+    512² (80 cells) fields (tissue: 150 and 600, so that packed cells have their usual size), with the
+    generator's default cell sizes. Returns ``(images, labels)``."""
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     images, labels = [], []
     for i in range(n):
-        side, cells = (256, 40) if i % 2 == 0 else (512, 80)
+        small, large = HELDOUT_CELLS.get(modality, (40, 80))
+        side, cells = (256, small) if i % 2 == 0 else (512, large)
         img, lab = synthetic_frame((side, side), seed=seed + i, modality=modality, n_cells=cells)  # type: ignore[arg-type]
         images.append(img)
         labels.append(lab)
