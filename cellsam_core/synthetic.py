@@ -15,6 +15,8 @@ Modalities
 ``yeast``         brightfield budding yeast (buds are labelled separately).
 ``tissue``        (H, W, 2) ``[nuclear, membrane]`` image of densely packed cells; labels are whole cells.
 ``dic``           differential interference contrast relief; labels are whole cells.
+``stained``       brightfield nuclear stain (e.g. haematoxylin): dark nuclei on a bright field; labels are
+                  nuclei.
 
 Geometry and the renderers of the last four live in :mod:`cellsam_core.synthetic_cells`.
 """
@@ -29,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from cellsam_core import synthetic_cells
-from cellsam_core.modalities import MODALITIES, TRANSMITTED, TWO_CHANNEL, Modality
+from cellsam_core.modalities import MODALITIES, NUCLEAR_LABELS, TRANSMITTED, TWO_CHANNEL, Modality
 from cellsam_core.synthetic_cells import SyntheticCells, initial_cells, lut, paint
 
 __all__ = ["MODALITIES", "TWO_CHANNEL", "Modality", "SyntheticCells", "SyntheticMovie", "synthetic_frame"]
@@ -132,6 +134,11 @@ class SyntheticMovie:
     texture : (float, float)
         Relative strength and length scale (pixels) of the intensity texture inside cells (chromatin,
         cytoplasm granularity); ``(0.25, 2.0)`` by default.
+    bright_fraction : float
+        Fraction of cells that are small and 2.5–5× brighter than the rest at t = 0, as mitotic or
+        apoptotic nuclei with condensed chromatin are (saturated blobs after normalisation).
+    brightness_spread : float
+        Standard deviation of the log of the cells' stain brightness (0.3).
 
     Notes
     -----
@@ -156,6 +163,8 @@ class SyntheticMovie:
         cells: Sequence[SyntheticCells] | None = None,
         elongation: tuple[float, float] = (1.0, 1.5),
         texture: tuple[float, float] = (0.25, 2.0),
+        bright_fraction: float = 0.0,
+        brightness_spread: float = 0.3,
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
@@ -218,7 +227,7 @@ class SyntheticMovie:
     def labels(self, t: int) -> np.ndarray:
         """Ground-truth labels of frame ``t`` alone (no image rendered): (H, W) int32, as ``self[t][1]``."""
         cells = self.cells[self._index(t)]
-        return paint(cells, self.shape, 0.55 if self.modality == "nuclear" else 1.0)
+        return paint(cells, self.shape, 0.55 if self.modality in NUCLEAR_LABELS else 1.0)
 
     def _index(self, t: int) -> int:
         if not -self.n_frames <= t < self.n_frames:
@@ -247,7 +256,7 @@ class SyntheticMovie:
             signal, labels = synthetic_cells.phase(cell_labels, texture), cell_labels
         else:
             signal = synthetic_cells.render(self.modality, cells, cell_labels, nuc_labels, texture, rng)
-            labels = cell_labels
+            labels = nuc_labels if self.modality in NUCLEAR_LABELS else cell_labels
         return self._camera(signal.astype(np.float32), rng), labels
 
     @staticmethod

@@ -12,6 +12,7 @@ in aligned colonies, round budding yeast, densely packed tissue) and how an imag
 ``tissue``       densely packed cells (polygonal contacts); two channels ``[nuclear, membrane]``.
 ``dic``          differential interference contrast: the derivative of an optical-thickness relief along
                  a shear direction (one side of each cell bright, the other dark).
+``stained``      brightfield image of a nuclear stain: nuclei attenuate the light (dark on bright).
 
 Renderers return a float signal (~0–1.5) that :class:`~cellsam_core.synthetic.SyntheticMovie` blurs and
 passes through its camera model.
@@ -20,7 +21,7 @@ passes through its camera model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -58,6 +59,7 @@ def initial_cells(
     *,
     modality: str = "nuclear",
     elongation: tuple[float, float] = (1.0, 1.5),
+    brightness_spread: float = 0.3,
 ) -> SyntheticCells:
     """Cells at t = 0; ``radius`` is the range of mean radii (geometric mean of the semi-axes)."""
     h, w = shape
@@ -75,9 +77,17 @@ def initial_cells(
         a=r * np.sqrt(elong),
         b=r / np.sqrt(elong),
         theta=rng.uniform(-math.pi, math.pi, n_cells),
-        brightness=rng.lognormal(0.0, 0.3, n_cells),
+        brightness=rng.lognormal(0.0, brightness_spread, n_cells),
         ids=np.arange(1, n_cells + 1, dtype=np.int64),
     )
+
+
+def condense(cells: SyntheticCells, rng: np.random.Generator, fraction: float) -> SyntheticCells:
+    """Make about ``fraction`` of the cells small (0.5–0.8× the radius) and 2.5–5× brighter."""
+    pick = rng.random(len(cells)) < fraction
+    shrink = np.where(pick, rng.uniform(0.5, 0.8, len(cells)), 1.0)
+    boost = np.where(pick, rng.uniform(2.5, 5.0, len(cells)), 1.0)
+    return replace(cells, a=cells.a * shrink, b=cells.b * shrink, brightness=cells.brightness * boost)
 
 
 def _colonies(
@@ -225,6 +235,10 @@ def render(
         return np.stack([nuc, membrane], axis=-1)
     if modality == "dic":
         return _dic(cell_labels, rng)
+    if modality == "stained":
+        # Absorbing dye in transmitted light: Beer-Lambert attenuation by the stained nuclei.
+        stain = lut(cells, cells.brightness)[nuc_labels] * texture
+        return np.exp(-float(rng.uniform(0.6, 1.2)) * stain).astype(np.float32)
     raise ValueError(f"no renderer for modality {modality!r}")
 
 

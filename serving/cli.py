@@ -60,6 +60,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     image, labels = synthetic_frame(
         (args.size, args.size), seed=args.seed, modality=args.modality, n_cells=args.cells
     )
+    if args.invert:
+        image = image.max() - image
     out = Path(args.output)
     import tifffile
 
@@ -454,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="imaging modality to simulate (docs/models.md describes each)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--invert", action="store_true", help="write max - image: dark objects on a bright field"
+    )
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(

@@ -68,11 +68,18 @@ class LookCase:
     looks_right: object  # (image, labels) -> bool
 
 
+def _dark_nuclei(image: np.ndarray, labels: np.ndarray) -> bool:
+    inside = ndimage.binary_erosion(labels > 0, iterations=1)
+    outside = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    return bool(image[inside].mean() < 0.8 * image[outside].mean())
+
+
 LOOK_CASES = [
     LookCase("bacteria", 1, _elongated),
     LookCase("yeast", 1, _rim_darker),
     LookCase("tissue", 2, _membranes),
     LookCase("dic", 1, _relief),
+    LookCase("stained", 1, _dark_nuclei),
 ]
 
 

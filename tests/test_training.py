@@ -10,6 +10,7 @@ import torch
 
 from cellsam_core.checkpoint import BUNDLED_WEIGHTS, load_model, read_state_dict
 from cellsam_core.configs import NanoConfig
+from cellsam_core.io import read_image
 from cellsam_core.training import TrainConfig, finetune, train
 from cellsam_core.training.assess import evaluate_model
 from cellsam_core.training.data import synthetic_examples
@@ -105,7 +106,9 @@ def test_finetune_on_a_few_frames_raises_f1_on_that_style(tmp_path: Path) -> Non
     )
     tuned = load_model(out)
     after = evaluate_model(tuned, [f[0] for f in test_frames], [f[1] for f in test_frames]).f1(0.5)
-    assert after >= before + 0.3, (before, after)
+    # The bundled model already finds most of these nuclei (F1 ~0.7): fine-tuning must at least halve
+    # the error (1 - F1) on the two frames it did not see.
+    assert 1.0 - after <= 0.5 * (1.0 - before) and after >= 0.85, (before, after)
 
 
 def test_finetune_official_architecture_trains_masks_only(tmp_path: Path) -> None:
@@ -143,3 +146,28 @@ def test_prepare_data_command_writes_the_sequence_in_parallel_parts(tmp_path: Pa
     np.testing.assert_array_equal(labels, np.stack([e.labels for e in expected]))
     assert not labels[2::3].any() and all(lab.any() for lab in labels[0::3])  # "empty" frames have no cells
     assert main(["prepare-data", str(out), "--frames", "0", "--seed", "1"]) == 1
+
+
+def test_fewshot_demo_script_runs_end_to_end(tmp_path: Path) -> None:
+    """docs/models.md's few-shot command sequence, at toy size (20 cells, 2 steps) so it never rots."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fewshot-demo.sh"
+    run = subprocess.run(
+        ["bash", str(script), str(tmp_path / "demo"), "inverted", "20", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("10 images,") == 2 and "fine-tuning on 3 frames took" in run.stdout
+    assert (tmp_path / "demo" / "tuned.pt").is_file()
+    image = read_image(tmp_path / "demo" / "img_0.tif")
+    labels = read_image(tmp_path / "demo" / "lab_0.tif")
+    assert labels.any() and image[labels > 0].mean() < image[labels == 0].mean()  # inverted: dark nuclei
+    bad = subprocess.run(["bash", str(script), str(tmp_path / "x"), "nope"], env=env, capture_output=True)
+    assert bad.returncode == 2

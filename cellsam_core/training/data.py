@@ -25,11 +25,14 @@ from scipy import ndimage
 from cellsam_core import preprocess
 from cellsam_core.synthetic import MODALITIES, SyntheticMovie
 
-#: What the default model trains on: every synthetic modality but ``dic`` (kept out of training to
-#: show few-shot fine-tuning on a modality the model never saw), plus frames with no cells at all.
-TRAINING_MODALITIES: tuple[str, ...] = (*(m for m in MODALITIES if m != "dic"), "empty")
+#: Synthetic modalities kept out of training, to measure generalisation and few-shot fine-tuning on
+#: modalities the model never saw.
+HELD_OUT: tuple[str, ...] = ("dic", "stained")
+#: What the default model trains on: every other synthetic modality, plus frames with no cells at all.
+TRAINING_MODALITIES: tuple[str, ...] = (*(m for m in MODALITIES if m not in HELD_OUT), "empty")
 
 __all__ = [
+    "HELD_OUT",
     "TRAINING_MODALITIES",
     "PreparedExample",
     "augment_batch",
@@ -83,8 +86,9 @@ def prepare_example(image: np.ndarray, labels: np.ndarray, image_size: int) -> P
 def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic frame with randomised geometry and photometric augmentation.
 
-    Varies frame size (so cells are seen at several scales after resizing), density, cell radius and
-    shape, texture, brightness, blur, noise, gamma, illumination ramps and vignetting. ``modality`` is
+    Varies frame size and aspect (so cells are seen at several scales and stretches after resizing),
+    density, cell radius and shape, texture, brightness (including a few small, very bright condensed
+    nuclei), blur, noise, gamma, illumination ramps and vignetting. ``modality`` is
     one of :data:`~cellsam_core.synthetic.MODALITIES` or ``"empty"``: a frame of a random modality with
     no cells at all (background, noise and illumination only), so the detector learns to find nothing.
     Returns ``(image float32 (H, W) or (H, W, 2), labels int32 (H, W))``.
@@ -94,16 +98,22 @@ def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, n
         modality = str(rng.choice([m for m in TRAINING_MODALITIES if m != "empty"]))
     side = int(rng.choice([256, 256, 320, 384, 512]))
     base = side / 256
+    # Non-square fields (the model input stretches them to a square, squashing the cells).
+    shape = (side, side)
+    if rng.random() < 0.35:
+        other = int(side * rng.uniform(0.55, 0.9)) // 8 * 8
+        shape = (side, other) if rng.random() < 0.5 else (other, side)
     r_lo = float(rng.uniform(4.0, 9.0)) * base
     if modality == "bacteria":
         r_lo = float(rng.uniform(3.5, 7.0)) * base
     r_hi = r_lo * float(rng.uniform(1.2, 1.9))
     # Density: from sparse to crowded (touching, overlapping) fields; tissue always fills the field.
     area_frac = 1.0 if modality == "tissue" else float(rng.uniform(0.1, 0.65))
-    n_cells = 0 if empty else max(1, int(area_frac * side * side / (np.pi * ((r_lo + r_hi) / 2) ** 2)))
+    area = shape[0] * shape[1]
+    n_cells = 0 if empty else max(1, int(area_frac * area / (np.pi * ((r_lo + r_hi) / 2) ** 2)))
     n_frames = int(rng.integers(1, 4))
     movie = SyntheticMovie(
-        (side, side),
+        shape,
         n_frames,
         seed=int(rng.integers(2**31)),
         modality=modality,  # type: ignore[arg-type]
@@ -112,6 +122,8 @@ def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, n
         dtype=np.float32,
         elongation=(1.0, float(rng.uniform(1.3, 2.2))),
         texture=(float(rng.uniform(0.1, 0.6)), float(rng.uniform(1.0, 3.0))),
+        bright_fraction=float(rng.uniform(0.0, 0.12)),
+        brightness_spread=float(rng.uniform(0.2, 0.6)),
     )
     image, labels = movie[n_frames - 1]
     image = image.astype(np.float32)
@@ -125,14 +137,15 @@ def random_frame(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, n
         scaled = ndimage.gaussian_filter(scaled, sig)
     if rng.random() < 0.4:
         scaled = scaled + rng.normal(0.0, float(rng.uniform(0.005, 0.05)), scaled.shape).astype(np.float32)
-    yy = np.linspace(-1.0, 1.0, side, dtype=np.float32)[:, None]
+    yy = np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[:, None]
+    xx = np.linspace(-1.0, 1.0, shape[1], dtype=np.float32)[None, :]
     if rng.random() < 0.3:
-        ramp = float(rng.uniform(-0.2, 0.2)) * yy + float(rng.uniform(-0.2, 0.2)) * yy.T
+        ramp = float(rng.uniform(-0.2, 0.2)) * yy + float(rng.uniform(-0.2, 0.2)) * xx
         scaled = scaled + (ramp[..., None] if scaled.ndim == 3 else ramp)
     if rng.random() < 0.3:
         # Vignetting: illumination falling off towards the corners.
         cy, cx = rng.uniform(-0.3, 0.3, 2)
-        falloff = 1.0 - float(rng.uniform(0.1, 0.5)) * ((yy - cy) ** 2 + (yy.T - cx) ** 2) / 2.0
+        falloff = 1.0 - float(rng.uniform(0.1, 0.5)) * ((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0
         scaled = scaled * (falloff[..., None] if scaled.ndim == 3 else falloff)
     return scaled.astype(np.float32), labels
 
