@@ -325,7 +325,9 @@ def merge_tiles_by_centre(
     core chunk (half-open: ``y0 <= cy < y1``, ``x0 <= cx < x1``, compared exactly on integer sums). A
     centre outside the core lies in a neighbour's core, or outside the frame in a periodic margin where
     the tile across the frame edge sees the same pixels in its core: the tile leaves such cells to that
-    other tile. A cell that every tile leaves to another (tiles that disagree about where it is) is lost.
+    other tile. So does a tile (no longer than the frame) whose cell has fewer than half of its pixels
+    inside the frame (mostly a periodic copy, or a mask leaking into the wrapped margin). A cell that
+    every tile leaves to another (tiles that disagree about where it is) is lost.
     A label is one object: a label found at several places of a tile (e.g. periodic copies in a tile
     longer than the frame) has the centre of all of them.
 
@@ -382,6 +384,11 @@ def merge_tiles_by_centre(
         sum_x = np.bincount(pixel_cell, weights=cols, minlength=cells.size)
         owned = (sum_y >= y0 * n) & (sum_y < y1 * n) & (sum_x >= x0 * n) & (sum_x < x1 * n)
         inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        if arr.shape[0] <= height and arr.shape[1] <= width:
+            # A cell mostly outside the frame is a periodic copy of one across the frame edge (or a
+            # mask that leaked there): its in-frame pixels would be a fragment away from its box. (A
+            # tile longer than the frame holds its own periodic copies under one label: not there.)
+            owned &= 2 * np.bincount(pixel_cell[inside], minlength=cells.size) >= n
         rows, cols, pixel_cell = rows[inside], cols[inside], pixel_cell[inside]
         ids = np.zeros(cells.size, dtype=np.uint32)
         ids[owned] = np.arange(next_id, next_id + int(owned.sum()), dtype=np.uint32)
