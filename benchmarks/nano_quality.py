@@ -4,7 +4,7 @@ with no cells, border objects, and (given annotated real images) real-data F1, w
     python benchmarks/nano_quality.py                                  # the bundled weights
     python benchmarks/nano_quality.py --weights new.pt --baseline      # and the bundled ones, same run
     python benchmarks/nano_quality.py --real img2d.tif mask2d.tif      # + a real image and its 4x4 mosaic
-    python benchmarks/nano_quality.py --thresholds 0.3 0.4 0.5         # calibrate bbox_threshold
+    python benchmarks/nano_quality.py --min-scores 0 0.4 0.45 0.5     # calibrate the box-score floor
 
 Held-out frames: :func:`cellsam_core.training.assess.heldout_frames` (seeds from 900,000; never used in
 training), ``--frames`` per modality, half 256² with 40 cells and half 512² with 80 (tissue: 150 and
@@ -119,6 +119,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6, help="held-out frames per modality (6)")
     parser.add_argument("--real", nargs=2, action="append", metavar=("IMAGE", "LABELS"))
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.4], help="bbox_threshold values")
+    parser.add_argument(
+        "--min-scores",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="min_box_score values (default: the model's own)",
+    )
     args = parser.parse_args()
 
     print(
@@ -130,8 +137,11 @@ def main() -> None:
         models.append(("bundled", load_model(BUNDLED_WEIGHTS)))
     for name, model in models:
         for threshold in args.thresholds:
-            rows = assess(model, args, DecodeOptions(bbox_threshold=threshold))
-            _print(f"{name}, bbox_threshold {threshold}", rows)
+            for floor in args.min_scores:
+                options = DecodeOptions(bbox_threshold=threshold, min_box_score=floor)
+                rows = assess(model, args, options)
+                floor_name = "the model's" if floor is None else floor
+                _print(f"{name}, bbox_threshold {threshold}, min_box_score {floor_name}", rows)
 
 
 if __name__ == "__main__":

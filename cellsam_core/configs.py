@@ -91,6 +91,13 @@ class ModelConfig(BaseModel):
         description="Default merge of tiled frames (cellsam_core.tiling): the reference's IoU merge, so "
         "the labels of the official models stay equal to the reference implementation's.",
     )
+    min_box_score: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Default floor under the dynamic box-score threshold (DecodeOptions.min_box_score); "
+        "0: the reference's dynamic threshold alone.",
+    )
 
     @model_validator(mode="after")
     def _check_divisibility(self) -> ModelConfig:
@@ -116,6 +123,10 @@ class ModelConfig(BaseModel):
     def grid_size(self) -> int:
         """Side of the ViT token grid, ``image_size // patch_size``."""
         return self.image_size // self.patch_size
+
+
+#: Box-score floor of cellsam-nano, calibrated on held-out synthetic frames (docs/models.md).
+MIN_BOX_SCORE_NANO = 0.45
 
 
 class NanoConfig(BaseModel):
@@ -161,6 +172,14 @@ class NanoConfig(BaseModel):
         default="centre",
         description="Default merge of tiled frames (cellsam_core.tiling): each cell whole from the tile "
         "whose core holds its centre; the reference's IoU merge cuts cells the tiles disagree on at seams.",
+    )
+    min_box_score: float = Field(
+        default=MIN_BOX_SCORE_NANO,
+        ge=0,
+        le=1,
+        description="Default floor under the dynamic box-score threshold, calibrated on held-out frames "
+        "with and without cells (docs/models.md): the dynamic threshold alone drops towards 0.3 on a frame "
+        "without cells and lets the odd illumination bump through.",
     )
 
     @model_validator(mode="after")

@@ -87,6 +87,14 @@ class DecodeOptions(BaseModel):
     bbox_threshold: float = Field(
         0.4, ge=0, le=1, description="Base CellFinder score threshold (dynamic threshold input)."
     )
+    min_box_score: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Boxes scoring below this are dropped whatever the dynamic threshold says; None takes "
+        "the model's default (cellsam-nano: a calibrated 0.45, the official models: 0, the reference's "
+        "dynamic threshold alone).",
+    )
     iou_threshold: float = Field(
         0.5, ge=0, le=1, description="Masks whose predicted IoU is below this are dropped."
     )
@@ -347,8 +355,13 @@ def _detect(
         logits, boxes = plan.call(head, "detect")(finder.to(dtype))
     scores, xyxy = postprocess_detections(logits.float(), boxes.float(), model.image_size)
     out = []
+    floor = options.min_box_score
+    if floor is None:
+        floor = getattr(model.config, "min_box_score", 0.0)
     for s, b in zip(scores.cpu().numpy(), xyxy.cpu().numpy(), strict=True):
         thr = postprocess.dynamic_box_threshold(s, options.bbox_threshold)
+        if floor > 0:
+            thr = max(thr, float(floor))
         kept_scores, kept_boxes = postprocess.select_boxes(s, b, thr)
         out.append((kept_boxes, kept_scores))
     return out

@@ -171,3 +171,10 @@ def test_fewshot_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     assert labels.any() and image[labels > 0].mean() < image[labels == 0].mean()  # inverted: dark nuclei
     bad = subprocess.run(["bash", str(script), str(tmp_path / "x"), "nope"], env=env, capture_output=True)
     assert bad.returncode == 2
+
+
+def test_recipe_of_the_bundled_weights_is_a_valid_config() -> None:
+    recipe = Path(__file__).resolve().parents[1] / "docs" / "recipes" / "cellsam-nano.yaml"
+    cfg = TrainConfig.from_yaml(recipe)
+    assert cfg.model == "cellsam_nano" and cfg.data_files and cfg.steps > max(cfg.lr_drops)
+    assert "dic" not in cfg.modalities and "empty" in cfg.modalities
