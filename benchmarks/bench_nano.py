@@ -32,6 +32,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="frame side in pixels")
     parser.add_argument("--cells", type=int, default=80, help="cells drawn per frame")
     parser.add_argument("--frames", type=int, default=3, help="frames per modality")
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        default=list(MODALITIES),
+        choices=list(MODALITIES),
+        help="synthetic modalities to draw frames from (default: all)",
+    )
     parser.add_argument("--repeat", type=int, default=2, help="timed passes (best one counts)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -39,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_bundled_model()
     frames, truths = [], []
-    for m, modality in enumerate(MODALITIES):
+    for m, modality in enumerate(args.modalities):
         for i in range(args.frames):
             image, labels = synthetic_frame(
                 (args.size, args.size), seed=970_000 + 100 * m + i, modality=modality, n_cells=args.cells
