@@ -456,9 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="imaging modality to simulate (docs/models.md describes each)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--invert", action="store_true", help="write max - image: dark objects on a bright field"
-    )
+    p.add_argument("--invert", action="store_true", help="write max - image: dark objects on a bright field")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
