@@ -104,6 +104,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
+    import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
@@ -122,8 +123,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
     labels: list[np.ndarray] = []
     try:
         workers = max(1, args.workers or os.cpu_count() or 1)
+        # Spawned, not forked: the parent may hold torch (OpenMP) and other threads, which a fork copies
+        # in an undefined state.
+        context = multiprocessing.get_context("spawn")
         with (
-            ProcessPoolExecutor(workers) as pool,
+            ProcessPoolExecutor(workers, mp_context=context) as pool,
             tqdm(total=args.frames, unit="frame", desc="prepare") as bar,
         ):
             for part_images, part_labels in pool.map(
