@@ -15,14 +15,9 @@ from cellsam_core.evaluation import (
     iou_matrix,
     match_instances,
 )
+from tests.label_util import rect_labels
 
-
-def _labels(*boxes: tuple[int, int, int, int, int], shape: tuple[int, int] = (10, 10)) -> np.ndarray:
-    """Label image with rectangles ``(label, y0, y1, x0, x1)`` painted in order."""
-    out = np.zeros(shape, np.int32)
-    for lab, y0, y1, x0, x1 in boxes:
-        out[y0:y1, x0:x1] = lab
-    return out
+_labels = rect_labels
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from cellsam_core.tiling import (
     merge_tiles_by_centre,
     plan_tiles,
 )
+from tests.label_util import rect_labels
 
 
 def _seam_cells(plan: TilePlan, seed: int) -> np.ndarray:
@@ -107,10 +108,7 @@ def _views(plan: TilePlan, frames: list[np.ndarray]) -> list[np.ndarray]:
 
 def _frame(*cells: tuple[int, int, int, int, int]) -> np.ndarray:
     """``(100, 200)`` int32 labels with rectangles ``(label, y0, y1, x0, x1)`` (max exclusive)."""
-    out = np.zeros((100, 200), dtype=np.int32)
-    for value, y0, y1, x0, x1 in cells:
-        out[y0:y1, x0:x1] = value
-    return out
+    return rect_labels(*cells, shape=(100, 200))
 
 
 @dataclass(frozen=True)
