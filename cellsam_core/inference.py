@@ -355,9 +355,7 @@ def _detect(
         logits, boxes = plan.call(head, "detect")(finder.to(dtype))
     scores, xyxy = postprocess_detections(logits.float(), boxes.float(), model.image_size)
     out = []
-    floor = options.min_box_score
-    if floor is None:
-        floor = getattr(model.config, "min_box_score", 0.0)
+    floor = model.config.min_box_score if options.min_box_score is None else options.min_box_score
     for s, b in zip(scores.cpu().numpy(), xyxy.cpu().numpy(), strict=True):
         thr = postprocess.dynamic_box_threshold(s, options.bbox_threshold)
         if floor > 0:
