@@ -7,9 +7,10 @@ with no cells, border objects, and (given annotated real images) real-data F1, w
     python benchmarks/nano_quality.py --min-scores 0 0.4 0.45 0.5     # calibrate the box-score floor
 
 Held-out frames: :func:`cellsam_core.training.assess.heldout_frames` (seeds from 900,000; never used in
-training), ``--frames`` per modality, half 256² with 40 cells and half 512² with 80 (tissue: 150 and
-600). ``dic`` is held out of training altogether. Empty frames: every modality rendered with no cells,
-plus a flat frame, pure camera noise, a gradient and a vignetted field.
+training), ``--frames`` per modality, half 256² with 40 cells and half 512² with 80 (tissue and
+membrane: 150 and 600). ``dic``, ``stained`` and ``membrane`` are held out of training altogether.
+Empty frames: every modality rendered with no cells, plus a flat frame, pure camera noise, a gradient and
+a vignetted field.
 F1 is at IoU 0.5 (one-to-one matching).
 """
 
@@ -31,6 +32,7 @@ from cellsam_core.modalities import MODALITIES
 from cellsam_core.modeling.cellsam import CellSAM
 from cellsam_core.synthetic import synthetic_frame
 from cellsam_core.training.assess import heldout_frames
+from cellsam_core.training.data import HELD_OUT
 
 
 def _f1(truth: list[np.ndarray], pred: list[np.ndarray]) -> tuple[float, float, float]:
@@ -99,7 +101,7 @@ def _print(name: str, rows: dict[str, object]) -> None:
     print(f"{'modality':<14} {'F1@0.5':>7} {'prec':>6} {'recall':>6} {'border objs pred/true':>22}")
     for modality in MODALITIES:
         f1, p, r, border = rows[modality]  # type: ignore[misc]
-        note = "  (held out of training)" if modality == "dic" else ""
+        note = "  (held out of training)" if modality in HELD_OUT else ""
         print(f"{modality:<14} {f1:7.3f} {p:6.3f} {r:6.3f} {border:22.2f}{note}")
     empty: dict[str, int] = rows["empty"]  # type: ignore[assignment]
     print(f"cells found on frames without cells: {sum(empty.values())} in total")

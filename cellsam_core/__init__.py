@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cellsam_core.threads import prefer_passive_wait
+from cellsam_core.threads import gauge as _cpu_gauge
 
 __version__ = "0.1.0"
 
-# Before torch loads OpenMP, unless the user chose: idle workers sleep instead of spinning against the
-# Python work between small tensor calls and against other processes (see cellsam_core.threads).
-prefer_passive_wait()
+# Start measuring what other processes use, so that the first encode already knows how many threads
+# it may take (cellsam_core.threads).
+_cpu_gauge.read()
 
 if TYPE_CHECKING:
     from cellsam_core.cells import CELL_COLUMNS, CellTable

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellsam_core import masks, postprocess, preprocess, tiling, windows
+from cellsam_core import masks, postprocess, preprocess, threads, tiling, windows
 from cellsam_core.acceleration import Acceleration, Plan, set_attention
 from cellsam_core.cells import CellTable
 from cellsam_core.errors import ImageFormatError
 from cellsam_core.modeling.cellfinder import postprocess_detections
 from cellsam_core.modeling.cellsam import CellSAM
-from cellsam_core.threads import intra_op_threads
 
 __all__ = [
     "DecodeOptions",
@@ -75,7 +74,7 @@ class EncodeOptions(BaseModel):
     acceleration: Acceleration = Field(
         default_factory=Acceleration,
         description="Fast paths of the two ViT encoders (bf16 autocast, SDPA attention, torch.compile); "
-        "the defaults are the exact fp32 path on a CPU and bf16 + SDPA on CUDA (cellsam_core.acceleration).",
+        "the defaults are fp32 + SDPA on a CPU and bf16 + SDPA on CUDA (cellsam_core.acceleration).",
     )
 
 
@@ -263,6 +262,20 @@ def encode_batch(
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     device, _ = _model_device_dtype(model)
+    if device.type != "cpu":
+        return _encode_batch(images, model, options, max_batch, device)
+    # As many intra-op threads as other processes leave free (cellsam_core.threads).
+    with threads.intra_op_threads(threads.spare_threads()):
+        return _encode_batch(images, model, options, max_batch, device)
+
+
+def _encode_batch(
+    images: Sequence[np.ndarray],
+    model: CellSAM,
+    options: EncodeOptions,
+    max_batch: int,
+    device: torch.device,
+) -> list[ImageEmbedding]:
     size = model.image_size
     sam = model.sam
     accel = options.acceleration.resolve(device)
@@ -540,9 +553,9 @@ def decode_batch(
     device, _ = _model_device_dtype(model)
     if device.type != "cpu":
         return _decode_batch(embeddings, model, options, device, progress)
-    # Thousands of small tensor calls with NumPy work between them: one intra-op thread is as fast on an
-    # idle CPU and does not stall behind spinning OpenMP workers on a busy one (cellsam_core.threads).
-    with intra_op_threads(1):
+    # Thousands of small tensor calls with NumPy work between them: more threads pay only while other
+    # processes leave the cores free (cellsam_core.threads).
+    with threads.intra_op_threads(threads.spare_threads()):
         return _decode_batch(embeddings, model, options, device, progress)
 
 

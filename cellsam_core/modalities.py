@@ -7,7 +7,16 @@ from typing import Literal, get_args
 __all__ = ["MODALITIES", "NUCLEAR_LABELS", "TRANSMITTED", "TWO_CHANNEL", "Modality"]
 
 Modality = Literal[
-    "nuclear", "whole_cell", "multiplexed", "phase", "bacteria", "yeast", "tissue", "dic", "stained"
+    "nuclear",
+    "whole_cell",
+    "multiplexed",
+    "phase",
+    "bacteria",
+    "yeast",
+    "tissue",
+    "dic",
+    "stained",
+    "membrane",
 ]
 MODALITIES: tuple[str, ...] = get_args(Modality)
 #: Modalities whose image has two channels ``[nuclear, whole_cell]``.

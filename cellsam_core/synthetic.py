@@ -17,8 +17,10 @@ Modalities
 ``dic``           differential interference contrast relief; labels are whole cells.
 ``stained``       brightfield nuclear stain (e.g. haematoxylin): dark nuclei on a bright field; labels are
                   nuclei.
+``membrane``      outlines only (a membrane or cell-wall stain, as in plant tissue) of densely packed cells,
+                  one channel; labels are whole cells.
 
-Geometry and the renderers of the last four live in :mod:`cellsam_core.synthetic_cells`.
+Geometry and the renderers of the last six live in :mod:`cellsam_core.synthetic_cells`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ in aligned colonies, round budding yeast, densely packed tissue) and how an imag
 ``dic``          differential interference contrast: the derivative of an optical-thickness relief along
                  a shear direction (one side of each cell bright, the other dark).
 ``stained``      brightfield image of a nuclear stain: nuclei attenuate the light (dark on bright).
+``membrane``     densely packed cells seen by their outlines only (a plasma-membrane or cell-wall stain,
+                 as in plant tissue): bright boundaries about 3 px wide, faint or dark interiors; one channel.
 
 Renderers return a float signal (~0–1.5) that :class:`~cellsam_core.synthetic.SyntheticMovie` blurs and
 passes through its camera model.
@@ -67,7 +69,7 @@ def initial_cells(
         return _colonies(rng, shape, n_cells, radius)
     if modality == "yeast":
         return _budding(rng, shape, n_cells, radius)
-    if modality == "tissue":
+    if modality in ("tissue", "membrane"):
         return _packed(rng, shape, n_cells)
     r = rng.uniform(radius[0], radius[1], n_cells)
     elong = rng.uniform(elongation[0], elongation[1], n_cells)
@@ -233,6 +235,11 @@ def render(
         membrane = _boundaries(cell_labels, 3).astype(np.float32) * (cell_labels > 0)
         membrane = membrane * (0.7 + 0.3 * texture) + 0.08 * (cell_labels > 0)
         return np.stack([nuc, membrane], axis=-1)
+    if modality == "membrane":
+        # Outlines only (a plasma-membrane or cell-wall stain): bright, uneven boundaries, faint interiors.
+        outline = _boundaries(cell_labels, 3).astype(np.float32)
+        interior = float(rng.uniform(0.0, 0.12))
+        return (outline * (0.6 + 0.4 * texture) + interior * (cell_labels > 0)).astype(np.float32)
     if modality == "dic":
         return _dic(cell_labels, rng)
     if modality == "stained":

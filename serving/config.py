@@ -55,7 +55,7 @@ class AccelerationSettings(BaseModel):
     """Fast paths of the encoder and decoder (:class:`cellsam_core.acceleration.Acceleration`, same fields).
 
     Kept here as plain settings so that loading a configuration does not import torch; the defaults keep
-    the exact fp32 path on a CPU and take bf16 + SDPA on CUDA.
+    fp32 + SDPA on a CPU and bf16 + SDPA on CUDA.
     """
 
     model_config = _FROZEN

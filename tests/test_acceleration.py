@@ -58,7 +58,7 @@ class PlanCase:
 
 
 PLAN_CASES = [
-    PlanCase("defaults on cpu keep the fp32 path", Acceleration(), "cpu", None, False, None),
+    PlanCase("defaults on cpu are fp32 + sdpa", Acceleration(), "cpu", None, True, None),
     PlanCase("defaults on cuda are bf16 + sdpa", Acceleration(), "cuda", torch.bfloat16, True, None),
     PlanCase("explicit on cpu", BF16, "cpu", torch.bfloat16, True, None),
     PlanCase("explicit fp32 on cuda", FP32, "cuda", None, False, None),

@@ -48,7 +48,8 @@ def _elongated(image: np.ndarray, labels: np.ndarray) -> bool:
 
 
 def _membranes(image: np.ndarray, labels: np.ndarray) -> bool:
-    membrane = image[..., 1].astype(float)
+    """Bright outlines in the membrane channel (the second of tissue's, the only one of membrane's)."""
+    membrane = (image[..., 1] if image.ndim == 3 else image).astype(float)
     interior = ndimage.binary_erosion(labels > 0, iterations=3)
     return bool(membrane[_boundary(labels) & (labels > 0)].mean() > membrane[interior].mean() + 50) and bool(
         (labels > 0).mean() > 0.8
@@ -80,6 +81,7 @@ LOOK_CASES = [
     LookCase("tissue", 2, _membranes),
     LookCase("dic", 1, _relief),
     LookCase("stained", 1, _dark_nuclei),
+    LookCase("membrane", 1, _membranes),
 ]
 
 

@@ -18,15 +18,15 @@ __all__ = ["HELDOUT_CELLS", "HELDOUT_SEED", "evaluate_model", "heldout_frames"]
 #: Seeds of held-out frames start here; training draws its movie seeds from a generator, never these.
 HELDOUT_SEED = 900_000
 #: Cells per held-out frame (256², 512²); packed tissue needs more cells to have cells of the usual size.
-HELDOUT_CELLS: dict[str, tuple[int, int]] = {"tissue": (150, 600)}
+HELDOUT_CELLS: dict[str, tuple[int, int]] = {"tissue": (150, 600), "membrane": (150, 600)}
 
 
 def heldout_frames(
     modality: str, n: int, *, seed: int = HELDOUT_SEED
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``n`` synthetic frames of ``modality`` that training never saw, alternating 256² (40 cells) and
-    512² (80 cells) fields (tissue: 150 and 600, so that packed cells have their usual size), with the
-    generator's default cell sizes. Returns ``(images, labels)``."""
+    512² (80 cells) fields (tissue and membrane: 150 and 600, so that packed cells have their usual
+    size), with the generator's default cell sizes. Returns ``(images, labels)``."""
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     images, labels = [], []

@@ -27,7 +27,7 @@ from cellsam_core.synthetic import MODALITIES, SyntheticMovie
 
 #: Synthetic modalities kept out of training, to measure generalisation and few-shot fine-tuning on
 #: modalities the model never saw.
-HELD_OUT: tuple[str, ...] = ("dic", "stained")
+HELD_OUT: tuple[str, ...] = ("dic", "stained", "membrane")
 #: What the default model trains on: every other synthetic modality, plus frames with no cells at all.
 TRAINING_MODALITIES: tuple[str, ...] = (*(m for m in MODALITIES if m not in HELD_OUT), "empty")
 
