@@ -5,8 +5,8 @@
 #
 #   bash scripts/fewshot-demo.sh [WORKDIR] [KIND] [CELLS] [STEPS]
 #
-# KIND: dic (held out of training; default), stained (held out), or inverted (fluorescent nuclei with an
-# inverted lookup table: dark on bright). Defaults: ./fewshot-KIND, 80 cells, 100 steps.
+# KIND: dic (held out of training; default), stained, membrane (both held out), or inverted (fluorescent
+# nuclei with an inverted lookup table: dark on bright). Defaults: ./fewshot-KIND, 80 cells, 100 steps.
 #
 # Any annotated images work the same way: TIFF/PNG images and label images (napari: File > Save Layer
 # on a Labels layer), `cellsam-stream finetune --images ... --labels ... -o tuned.pt`, then
@@ -17,9 +17,9 @@ dir=${1:-fewshot-$kind}
 cells=${3:-80}
 steps=${4:-100}
 case "$kind" in
-  dic | stained) style=(--modality "$kind") ;;
+  dic | stained | membrane) style=(--modality "$kind") ;;
   inverted) style=(--modality nuclear --invert) ;;
-  *) echo "unknown KIND $kind (dic, stained, inverted)" >&2; exit 2 ;;
+  *) echo "unknown KIND $kind (dic, stained, membrane, inverted)" >&2; exit 2 ;;
 esac
 mkdir -p "$dir"
 for i in $(seq 0 12); do

@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from cellsam_core.synthetic import MODALITIES, SyntheticMovie, synthetic_frame
+from cellsam_core.synthetic_cells import paint
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,19 @@ def test_transmitted_and_tissue_modalities(case: LookCase) -> None:
     again, again_labels = synthetic_frame((128, 128), seed=5, modality=case.modality, n_cells=30)  # type: ignore[arg-type]
     np.testing.assert_array_equal(again, image)
     np.testing.assert_array_equal(again_labels, labels)
+
+
+def test_bacteria_rods_touch_but_do_not_cross() -> None:
+    """Rods in a colony lie side by side as in a monolayer: each keeps nearly all of its own area."""
+    movie = SyntheticMovie((256, 256), 1, seed=3, modality="bacteria", n_cells=60)
+    cells = movie.cells[0]
+    labels = paint(cells, (256, 256), 1.0)
+    inside = (cells.y > 10) & (cells.y < 245) & (cells.x > 10) & (cells.x < 245)  # not cut by the edge
+    visible = np.bincount(labels.ravel(), minlength=int(cells.ids.max()) + 1)[cells.ids[inside]]
+    drawn = np.pi * cells.a[inside] * cells.b[inside]
+    assert len(cells) >= 40 and inside.sum() >= 20
+    assert np.median(visible / drawn) > 0.9
+    assert (visible / drawn).min() > 0.6
 
 
 def test_yeast_buds_are_their_own_cells() -> None:
