@@ -300,12 +300,21 @@ def synthetic_frame(
     n_cells: int = 40,
     dtype: np.dtype | type = np.uint16,
     noise: bool = True,
+    cell_radius: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image and its labels: ``(image, labels)``; see :class:`SyntheticMovie`.
 
     ``image`` is (H, W) (``multiplexed``, ``tissue``: (H, W, 2)) of ``dtype``; ``labels`` (H, W) int32,
-    0 = background.
+    0 = background. ``cell_radius`` overrides the default range of cell radii (which scales with the frame).
     """
-    return SyntheticMovie(shape, 1, seed=seed, modality=modality, n_cells=n_cells, dtype=dtype, noise=noise)[
-        0
-    ]
+    movie = SyntheticMovie(
+        shape,
+        1,
+        seed=seed,
+        modality=modality,
+        n_cells=n_cells,
+        dtype=dtype,
+        noise=noise,
+        cell_radius=cell_radius,
+    )
+    return movie[0]

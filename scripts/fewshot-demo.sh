@@ -5,8 +5,10 @@
 #
 #   bash scripts/fewshot-demo.sh [WORKDIR] [KIND] [CELLS] [STEPS]
 #
-# KIND: dic (held out of training; default), stained, membrane (both held out), or inverted (fluorescent
-# nuclei with an inverted lookup table: dark on bright). Defaults: ./fewshot-KIND, 80 cells, 100 steps.
+# KIND: dic (held out of training; default), stained, membrane (both held out), dic-large (DIC at about
+# three times the magnification of the training data: cell radius 40-60 px; 14 cells by default), or
+# inverted (fluorescent nuclei with an inverted lookup table: dark on bright). Defaults: ./fewshot-KIND,
+# 80 cells, 100 steps.
 #
 # Any annotated images work the same way: TIFF/PNG images and label images (napari: File > Save Layer
 # on a Labels layer), `cellsam-stream finetune --images ... --labels ... -o tuned.pt`, then
@@ -14,13 +16,15 @@
 set -euo pipefail
 kind=${2:-dic}
 dir=${1:-fewshot-$kind}
-cells=${3:-80}
-steps=${4:-100}
+default_cells=80
 case "$kind" in
   dic | stained | membrane) style=(--modality "$kind") ;;
+  dic-large) style=(--modality dic --cell-radius 40 60) default_cells=14 ;;
   inverted) style=(--modality nuclear --invert) ;;
-  *) echo "unknown KIND $kind (dic, stained, membrane, inverted)" >&2; exit 2 ;;
+  *) echo "unknown KIND $kind (dic, stained, membrane, dic-large, inverted)" >&2; exit 2 ;;
 esac
+cells=${3:-$default_cells}
+steps=${4:-100}
 mkdir -p "$dir"
 for i in $(seq 0 12); do
   cellsam-stream sample "$dir/img_$i.tif" --labels "$dir/lab_$i.tif" "${style[@]}" --size 512 \

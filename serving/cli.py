@@ -58,7 +58,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from cellsam_core.synthetic import synthetic_frame
 
     image, labels = synthetic_frame(
-        (args.size, args.size), seed=args.seed, modality=args.modality, n_cells=args.cells
+        (args.size, args.size),
+        seed=args.seed,
+        modality=args.modality,
+        n_cells=args.cells,
+        cell_radius=tuple(args.cell_radius) if args.cell_radius else None,
     )
     if args.invert:
         image = image.max() - image
@@ -457,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--invert", action="store_true", help="write max - image: dark objects on a bright field")
+    p.add_argument(
+        "--cell-radius",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="range of cell radii in pixels (default: 2.5-4.5 %% of the image side, as in training)",
+    )
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(

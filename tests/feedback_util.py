@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -80,15 +81,16 @@ class GroundTruthService:
 
 def visible_centre(
     slide: VirtualSlide,
-    label: int,
+    label: int | Sequence[int],
     stage: tuple[float, float],
     mount: tuple[tuple[float, float], ...],
     sensor: tuple[int, int],
 ) -> tuple[float, float]:
-    """Stage (x, y) of the centre of the part of cell ``label`` that the camera saw at ``stage``: each slide
-    pixel of the cell is put into camera pixels by the mounting's unit vectors and kept if on the sensor."""
+    """Stage (x, y) of the centre of the part of cell ``label`` (or of the union of several cells) that the
+    camera saw at ``stage``: each slide pixel of the cell is put into camera pixels by the mounting's unit
+    vectors and kept if on the sensor."""
     col_dir, row_dir = np.asarray(mount[0]), np.asarray(mount[1])
-    rr, cc = np.nonzero(slide.labels == label)
+    rr, cc = np.nonzero(np.isin(slide.labels, np.atleast_1d(label)))
     wx, wy = slide.stage_position(rr, cc)
     offset = np.stack([wx - stage[0], wy - stage[1]], axis=-1) / slide.pixel_size_um
     h, w = sensor

@@ -38,6 +38,16 @@ def test_help_lists_the_commands(capsys):
         assert command in out
 
 
+def test_sample_takes_a_cell_radius_range(tmp_path):
+    from skimage.measure import regionprops
+
+    truth = tmp_path / "truth.tif"
+    args = ["sample", str(tmp_path / "s.tif"), "--size", "256", "--cells", "6", "--labels", str(truth)]
+    assert main([*args, "--modality", "whole_cell", "--cell-radius", "30", "36"]) == 0
+    radii = [np.sqrt(p.area / np.pi) for p in regionprops(tifffile.imread(truth))]
+    assert len(radii) >= 4 and 24 < np.median(radii) <= 37  # default at 256²: radius 6.4-11.5
+
+
 def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["segment"])
