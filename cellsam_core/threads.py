@@ -71,9 +71,11 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 
 def _system_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (everything but idle and I/O wait)."""
+    """CPU seconds all cores spent busy since boot (everything but idle and I/O wait; Linux counts guest
+    time inside user time as well, so it is not added twice)."""
     t = psutil.cpu_times()
-    return float(sum(t)) - float(t.idle) - float(getattr(t, "iowait", 0.0))
+    not_busy = ("idle", "iowait", "guest", "guest_nice")
+    return float(sum(t)) - sum(float(getattr(t, name, 0.0)) for name in not_busy)
 
 
 def _own_seconds() -> float:
