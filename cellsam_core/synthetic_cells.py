@@ -116,23 +116,22 @@ def _colonies(
     angle0 = rng.uniform(-math.pi, math.pi, n_col)
     bend = rng.uniform(-0.02, 0.02, n_col)
     along = np.linspace(-1.0, 1.0, 7)  # points sampled along each rod's axis
-    axes = np.zeros((0, along.size, 2))
-    half_widths = np.zeros(0)
+    axes = np.zeros((n_cells, along.size, 2))  # of the rods placed so far: the first len(kept) rows
     kept: list[tuple[float, float, float, int]] = []
     for i in range(n_cells):
         c = colony[i]
+        half = max(a[i] - b[i], 0.0)
+        placed = [k for *_, k in kept]
         for attempt in range(40):
             off = rng.normal(0.0, 1.0, 2) * spread[c] * (1.0 + attempt / 8)
             y, x = centres[c, 0] + off[0], centres[c, 1] + off[1]
             theta = angle0[c] + bend[c] * (off[0] + off[1]) + rng.normal(0.0, 0.35)
-            half = max(a[i] - b[i], 0.0)
             pts = np.stack([y + along * half * math.sin(theta), x + along * half * math.cos(theta)], -1)
-            if axes.shape[0]:
-                dist = np.linalg.norm(axes[:, :, None, :] - pts[None, None, :, :], axis=-1).min(axis=(1, 2))
-                if np.any(dist < 0.9 * (half_widths + b[i])):
+            if kept:
+                gaps = np.linalg.norm(axes[: len(kept), :, None] - pts[None, None], axis=-1).min(axis=(1, 2))
+                if np.any(gaps < 0.9 * (b[placed] + b[i])):
                     continue
-            axes = np.concatenate([axes, pts[None]])
-            half_widths = np.append(half_widths, b[i])
+            axes[len(kept)] = pts
             kept.append((y, x, theta, i))
             break
     if kept:
